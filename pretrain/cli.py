@@ -1,0 +1,44 @@
+"""The `pretrain` command: one entry point, one subcommand per job.
+
+Each subcommand's arguments are declared next to the code that runs it (a `register`
+function per module); heavy imports happen only when a subcommand runs, so
+`pretrain --help` is instant and never needs an optional package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pretrain import __version__
+from pretrain.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pretrain.data import cli as data_cli
+    from pretrain.model import cli as model_cli
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain",
+        description="Pretrain and continually pretrain small Llama-architecture language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"pretrain {__version__}")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    model_cli.register(subcommands)
+    data_cli.register(subcommands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as err:
+        print(f"pretrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
