@@ -1,0 +1,245 @@
+"""Conversion between our Llama and Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM`.
+
+Weights map one to one except for two fused projections, which are split / concatenated:
+`attn.qkv` <-> `self_attn.{q,k,v}_proj` and `gate_up` <-> `mlp.{gate,up}_proj`. Both sides use
+the same RoPE layout (rotate_half: dimension i pairs with i + head_dim/2), so q/k rows need no
+permutation; Meta's original interleaved checkpoints are permuted by HF's own converter before
+they reach either of us.
+
+MoE experts are written in the per-expert layout of Mixtral checkpoints on the Hub
+(`block_sparse_moe.experts.{e}.w1|w2|w3`: gate, down, up), which transformers 4.x loads as is
+and 5.x converts on load; reading accepts that layout and 5.x's fused in-memory one
+(`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I)).
+
+Nothing here imports `transformers`: config.json is plain JSON and weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pretrain.errors import UserError
+from pretrain.model.config import LlamaConfig
+from pretrain.progress import progress
+
+Tensors = dict[str, torch.Tensor]
+
+
+def hf_config(c: LlamaConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
+    """config.json for `LlamaForCausalLM` (or `MixtralForCausalLM` when the model is a MoE)."""
+    config: dict[str, Any] = {
+        "architectures": ["MixtralForCausalLM" if c.is_moe else "LlamaForCausalLM"],
+        "model_type": "mixtral" if c.is_moe else "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.dim,
+        "intermediate_size": c.mlp_hidden,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_base,  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},  # transformers 5.x
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "torch_dtype": "float32",
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+    }
+    if c.is_moe:
+        config.update(num_local_experts=c.n_experts, num_experts_per_tok=c.moe_top_k, router_jitter_noise=0.0)
+    else:
+        config["mlp_bias"] = False
+    return config
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+    """Our config from an HF config.json dict; refuses features our model does not implement."""
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "mixtral"):
+        raise UserError(f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'mixtral')")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unsupported = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "mlp_bias": bool(hf.get("mlp_bias", False)),
+        f"rope type {rope_type!r}": rope_type != "default",
+    }
+    for feature, present in unsupported.items():
+        if present:
+            raise UserError(f"{source}: {feature} is not supported by pretrain's Llama")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim * n_heads != hf["hidden_size"]:
+        raise UserError(f"{source}: head_dim * num_attention_heads must equal hidden_size")
+    values: dict[str, Any] = {
+        "vocab_size": hf["vocab_size"],
+        "dim": hf["hidden_size"],
+        "n_layers": hf["num_hidden_layers"],
+        "n_heads": n_heads,
+        "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+        "mlp_hidden": hf["intermediate_size"],
+        "max_seq_len": hf.get("max_position_embeddings", 2048),
+        "norm_eps": hf.get("rms_norm_eps", 1e-6),
+        "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    if model_type == "mixtral":
+        values.update(n_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"])
+    return LlamaConfig(**values)
+
+
+def to_hf_state_dict(state: Tensors, c: LlamaConfig) -> Tensors:
+    """Our state dict -> HF names and layout (module docstring). Tensors are views, not copies."""
+    q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    out: Tensors = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(c.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        q, k, v = state[ours + "attn.qkv.weight"].split([q_size, kv_size, kv_size])
+        out |= {
+            hf + "self_attn.q_proj.weight": q,
+            hf + "self_attn.k_proj.weight": k,
+            hf + "self_attn.v_proj.weight": v,
+            hf + "self_attn.o_proj.weight": state[ours + "attn.out_proj.weight"],
+            hf + "input_layernorm.weight": state[ours + "attn_norm.weight"],
+            hf + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
+        }
+        if c.is_moe:
+            moe = hf + "block_sparse_moe."
+            out[moe + "gate.weight"] = state[ours + "mlp.router.weight"]
+            for e in range(c.n_experts):
+                gate, up = state[ours + f"mlp.experts.{e}.gate_up.weight"].chunk(2)
+                out |= {
+                    moe + f"experts.{e}.w1.weight": gate,
+                    moe + f"experts.{e}.w2.weight": state[ours + f"mlp.experts.{e}.down.weight"],
+                    moe + f"experts.{e}.w3.weight": up,
+                }
+        else:
+            gate, up = state[ours + "mlp.gate_up.weight"].chunk(2)
+            out |= {
+                hf + "mlp.gate_proj.weight": gate,
+                hf + "mlp.up_proj.weight": up,
+                hf + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
+            }
+    return out
+
+
+def from_hf_state_dict(hf: Tensors, c: LlamaConfig) -> Tensors:
+    """HF state dict (either MoE layout) -> our names and layout; a clear error on missing keys."""
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise UserError(f"Hugging Face weights have no tensor {key!r}: not a {hf_config(c)['architectures'][0]}?")
+        return hf[key]
+
+    out: Tensors = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    out["lm_head.weight"] = out["tok_embeddings.weight"] if c.tie_embeddings else take("lm_head.weight")
+    for i in range(c.n_layers):
+        ours, prefix = f"layers.{i}.", f"model.layers.{i}."
+        qkv = [take(prefix + f"self_attn.{p}_proj.weight") for p in "qkv"]
+        out |= {
+            ours + "attn.qkv.weight": torch.cat(qkv),
+            ours + "attn.out_proj.weight": take(prefix + "self_attn.o_proj.weight"),
+            ours + "attn_norm.weight": take(prefix + "input_layernorm.weight"),
+            ours + "mlp_norm.weight": take(prefix + "post_attention_layernorm.weight"),
+        }
+        if not c.is_moe:
+            gate, up = take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")
+            out[ours + "mlp.gate_up.weight"] = torch.cat([gate, up])
+            out[ours + "mlp.down.weight"] = take(prefix + "mlp.down_proj.weight")
+        elif prefix + "mlp.experts.gate_up_proj" in hf:  # transformers 5.x fused layout
+            out[ours + "mlp.router.weight"] = take(prefix + "mlp.gate.weight")
+            gate_up, down = take(prefix + "mlp.experts.gate_up_proj"), take(prefix + "mlp.experts.down_proj")
+            for e in range(c.n_experts):
+                out[ours + f"mlp.experts.{e}.gate_up.weight"] = gate_up[e]
+                out[ours + f"mlp.experts.{e}.down.weight"] = down[e]
+        else:  # per-expert layout of Hub checkpoints
+            moe = prefix + "block_sparse_moe."
+            out[ours + "mlp.router.weight"] = take(moe + "gate.weight")
+            for e in range(c.n_experts):
+                w1, w2, w3 = (take(moe + f"experts.{e}.w{n}.weight") for n in (1, 2, 3))
+                out[ours + f"mlp.experts.{e}.gate_up.weight"] = torch.cat([w1, w3])
+                out[ours + f"mlp.experts.{e}.down.weight"] = w2
+    return out
+
+
+def save_hf(
+    out_dir: str | os.PathLike,
+    state: Tensors,
+    c: LlamaConfig,
+    tokenizer_json: str | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer.json) loadable by `from_pretrained`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")}
+    partial = out_dir / "model.safetensors.partial"
+    save_file(tensors, partial, metadata={"format": "pt"})
+    os.replace(partial, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(hf_config(c, bos_id, eos_id), indent=2) + "\n")
+    if tokenizer_json is not None:
+        (out_dir / "tokenizer.json").write_text(tokenizer_json)
+        special = {"bos_token": bos_id, "eos_token": eos_id}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json, special), indent=2))
+    return out_dir
+
+
+def _tokenizer_config(tokenizer_json: str, special_ids: dict[str, int | None]) -> dict[str, Any]:
+    """tokenizer_config.json naming the special tokens, so `AutoTokenizer` finds BOS/EOS."""
+    added = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for name, token_id in special_ids.items():
+        if token_id is not None and token_id in added:
+            config[name] = added[token_id]
+    return config
+
+
+def load_hf(hf_dir: str | os.PathLike) -> tuple[LlamaConfig, Tensors, str | None]:
+    """Read a local HF model directory: (our config, our state dict, tokenizer.json text or None)."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory: {config_path} is missing")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}: invalid JSON ({err})") from None
+    try:
+        config = config_from_hf(hf, str(config_path))
+    except KeyError as err:
+        raise UserError(f"{config_path}: missing field {err}") from None
+    weights: Tensors = {}
+    for path in progress(_weight_files(hf_dir), "reading weights", "file"):
+        weights |= load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    tokenizer_path = hf_dir / "tokenizer.json"
+    tokenizer_json = tokenizer_path.read_text() if tokenizer_path.is_file() else None
+    return config, from_hf_state_dict(weights, config), tokenizer_json
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [hf_dir / f for f in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / name).is_file():
+            return [hf_dir / name]
+    shards = sorted(p for p in hf_dir.iterdir() if re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
+    if shards:
+        return shards
+    raise UserError(f"{hf_dir} has no model.safetensors, sharded safetensors or pytorch_model.bin weights")
