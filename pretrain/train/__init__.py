@@ -1,0 +1,1 @@
+"""Training: the LightningModule, data module, LR schedules, checkpoints, monitoring and `pretrain fit`."""
