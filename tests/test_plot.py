@@ -1,0 +1,230 @@
+"""`pretrain plot`: reading Lightning CSV logs across resumes, and what the figure draws."""
+
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pretrain.errors import UserError
+from pretrain.plot import format_tokens, load_run, plot_runs, register, smooth
+
+TOKENS_PER_STEP = 4096
+
+
+def write_metrics(path: Path, rows: list[dict], partial_line: str = "") -> None:
+    """Write rows the way Lightning's CSVLogger does (sorted header, empty cells), plus an unfinished line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = sorted({key for row in rows for key in row} | {"step"})
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        file.write(partial_line)
+
+
+def train_row(step: int, loss: float, tokens_per_step: int = TOKENS_PER_STEP) -> dict:
+    return {
+        "step": step,
+        "train/loss": loss,
+        "train/lr": 1e-4 * step,
+        "train/tokens_seen": step * tokens_per_step,
+        "train/grad_norm": 1.0,
+    }
+
+
+def val_row(step: int, old: float, new: float) -> dict:
+    return {"step": step, "val/old/loss": old, "val/old/ppl": np.exp(old), "val/new/loss": new}
+
+
+@pytest.fixture
+def resumed_run(tmp_path: Path) -> Path:
+    """Version 0 logs steps 1-10 (val at 5 and 10); version 1 resumes at step 8, its last line cut mid-way."""
+    run = tmp_path / "run-a"
+    v0 = [train_row(step, 10.0 - step * 0.1) for step in range(1, 11)]
+    v0 += [val_row(5, 9.5, 9.7), val_row(10, 9.0, 9.2)]
+    write_metrics(run / "logs/version_0/metrics.csv", v0)
+    v1 = [train_row(step, 5.0 - step * 0.1) for step in range(8, 14)] + [val_row(10, 4.5, 4.7)]
+    write_metrics(run / "logs/version_1/metrics.csv", v1, partial_line="14,3.6,")
+    return run
+
+
+@pytest.fixture
+def other_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run-b"
+    rows = [train_row(step, 8.0 - step * 0.2, tokens_per_step=2048) for step in range(1, 7)] + [
+        val_row(6, 7.0, 7.5)
+    ]
+    write_metrics(run / "logs/version_0/metrics.csv", rows)
+    return run
+
+
+def lines_by_gid(fig) -> dict[str, list]:
+    lines: dict[str, list] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            lines.setdefault(line.get_gid(), []).append(line)
+    return lines
+
+
+def test_later_version_wins_on_overlapping_steps(resumed_run):
+    run = load_run(resumed_run)
+    loss = run.series["train/loss"]
+    assert loss.steps.tolist() == list(range(1, 14))  # the cut-off step-14 line is skipped
+    expected = [10.0 - s * 0.1 for s in range(1, 8)] + [5.0 - s * 0.1 for s in range(8, 14)]
+    np.testing.assert_allclose(loss.values, expected)
+    np.testing.assert_allclose(loss.tokens, loss.steps * TOKENS_PER_STEP)
+    old = run.series["val/old/loss"]
+    assert old.steps.tolist() == [5, 10]
+    np.testing.assert_allclose(old.values, [9.5, 4.5])  # step 10 re-done after the resume
+    assert run.resumes == [(8, 8 * TOKENS_PER_STEP)]
+    assert run.name == "run-a"
+    assert run.val_sources() == ["new", "old"]
+
+
+def test_val_tokens_come_from_train_rows_by_step(tmp_path):
+    rows = [train_row(step, 3.0) for step in (4, 6, 8)] + [val_row(step, 2.0, 2.1) for step in (2, 6, 7, 11)]
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", rows)
+    val = load_run(tmp_path / "r").series["val/old/loss"]
+    # step 6 exact; 7 interpolated; 2 and 11 extrapolated linearly from the nearest train rows
+    np.testing.assert_allclose(val.tokens, np.array([2, 6, 7, 11]) * TOKENS_PER_STEP)
+
+
+def test_one_train_row_extrapolates_from_step_zero(tmp_path):
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", [train_row(10, 3.0), val_row(5, 2.0, 2.1)])
+    assert load_run(tmp_path / "r").series["val/old/loss"].tokens.tolist() == [5 * TOKENS_PER_STEP]
+
+
+def test_versions_are_ordered_numerically(tmp_path):
+    run = tmp_path / "r"
+    write_metrics(run / "logs/version_9/metrics.csv", [train_row(step, 3.0) for step in range(1, 6)])
+    write_metrics(run / "logs/version_10/metrics.csv", [train_row(step, 2.0) for step in range(4, 8)])
+    loss = load_run(run).series["train/loss"]
+    assert loss.steps.tolist() == list(range(1, 8))
+    assert loss.values.tolist() == [3.0] * 3 + [2.0] * 4
+
+
+def test_live_run_with_an_unwritten_new_version_still_loads(tmp_path):
+    run = tmp_path / "r"
+    write_metrics(run / "logs/version_0/metrics.csv", [train_row(step, 3.0) for step in range(1, 4)])
+    (run / "logs/version_1").mkdir()
+    (run / "logs/version_1/metrics.csv").write_text("step,train/lo")  # header being written
+    loaded = load_run(run)
+    assert loaded.series["train/loss"].steps.tolist() == [1, 2, 3]
+    assert loaded.resumes == []
+
+
+def test_plot_draws_exactly_the_logged_values(resumed_run, other_run, tmp_path):
+    out = tmp_path / "plots/loss.png"
+    fig = plot_runs([resumed_run, other_run], out, smoothing=0.5)
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+    lines = lines_by_gid(fig)
+    loss_ax, lr_ax = fig.axes
+    run = load_run(resumed_run)
+    (raw,) = lines["run-a:train/loss:raw"]
+    assert raw.axes is loss_ax
+    np.testing.assert_allclose(raw.get_xdata(), np.arange(1, 14) * TOKENS_PER_STEP)
+    np.testing.assert_allclose(raw.get_ydata(), run.series["train/loss"].values)
+    (smoothed,) = lines["run-a:train/loss:smooth"]
+    np.testing.assert_allclose(smoothed.get_ydata(), smooth(run.series["train/loss"].values, 0.5))
+
+    (old,) = lines["run-a:val/old/loss"]
+    np.testing.assert_allclose(old.get_xdata(), [5 * TOKENS_PER_STEP, 10 * TOKENS_PER_STEP])
+    np.testing.assert_allclose(old.get_ydata(), [9.5, 4.5])
+    (new_b,) = lines["run-b:val/new/loss"]
+    np.testing.assert_allclose(new_b.get_xdata(), [6 * 2048])
+    np.testing.assert_allclose(new_b.get_ydata(), [7.5])
+    assert old.get_linestyle() != lines["run-a:val/new/loss"][0].get_linestyle()
+    assert old.get_color() == raw.get_color() != new_b.get_color()
+
+    (lr,) = lines["run-a:train/lr"]
+    assert lr.axes is lr_ax
+    np.testing.assert_allclose(lr.get_ydata(), 1e-4 * np.arange(1, 14))
+
+    resume_marks = lines["run-a:resume"]
+    assert {mark.axes for mark in resume_marks} == {loss_ax, lr_ax}
+    assert all(list(mark.get_xdata()) == [8 * TOKENS_PER_STEP] * 2 for mark in resume_marks)
+    assert "run-b:resume" not in lines
+    assert lr_ax.get_xlabel() == "tokens seen"
+    legend = [text.get_text() for text in loss_ax.get_legend().get_texts()]
+    assert legend == [
+        f"{run} {curve}" for run in ("run-a", "run-b") for curve in ("train", "val/new", "val/old")
+    ]
+
+
+def test_runs_without_tokens_seen_are_plotted_against_steps(tmp_path):
+    rows = [{"step": step, "train/loss": 2.0} for step in (1, 2, 3)]
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", rows)
+    fig = plot_runs([tmp_path / "r"], tmp_path / "loss.png")
+    assert lines_by_gid(fig)["r:train/loss:raw"][0].get_xdata().tolist() == [1, 2, 3]
+    assert fig.axes[1].get_xlabel() == "step"
+
+
+def test_smooth_is_a_bias_corrected_ema():
+    np.testing.assert_allclose(smooth([4.0, 4.0, 4.0], 0.9), [4.0, 4.0, 4.0])  # no pull toward 0
+    np.testing.assert_allclose(smooth([1.0, 3.0], 0.0), [1.0, 3.0])
+    # weight 0.5: averages 0.5 and 0.5 * 0.5 + 0.5 * 3 = 1.75, corrected by 1 - 0.5 and 1 - 0.25
+    np.testing.assert_allclose(smooth([1.0, 3.0], 0.5), [1.0, 1.75 / 0.75])
+    np.testing.assert_allclose(smooth([np.nan, 2.0, np.inf, 2.0], 0.9), [np.nan, 2.0, 2.0, 2.0])
+    with pytest.raises(UserError, match="smoothing"):
+        smooth([1.0], 1.0)
+
+
+def test_format_tokens():
+    assert [format_tokens(n) for n in (0, 512, 1500, 39_321_600, 2e9, 1.1e12)] == [
+        "0", "512", "1.5K", "39.32M", "2B", "1.1T",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda run: run.mkdir(),  # empty directory
+        lambda run: (run / "logs").mkdir(parents=True),  # no versions
+        lambda run: write_metrics(run / "logs/version_0/metrics.csv", []),  # header only
+        lambda run: None,  # missing directory
+    ],
+    ids=["empty-dir", "no-versions", "header-only", "missing"],
+)
+def test_unusable_run_dirs_raise_user_error_naming_the_path(tmp_path, make):
+    run = tmp_path / "bad-run"
+    make(run)
+    with pytest.raises(UserError, match="bad-run"):
+        load_run(run)
+
+
+def test_header_only_csv_error_names_the_file(tmp_path):
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", [])
+    with pytest.raises(UserError, match=r"version_0[/\\]metrics\.csv"):
+        plot_runs([tmp_path / "r"], tmp_path / "loss.png")
+
+
+def test_plot_subcommand_writes_png_and_prints_a_summary_per_run(resumed_run, other_run, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "curves.png"
+    args = parser.parse_args(["plot", str(resumed_run), str(other_run), "-o", str(out)])
+    assert args.smoothing == 0.9
+    assert args.run(args) == 0
+    assert out.stat().st_size > 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"wrote {out}"
+    assert (
+        printed[1]
+        == "run-a: step 13, 53.25K tokens, train loss 3.7000, val/new loss 4.7000, val/old loss 4.5000"
+    )
+    assert (
+        printed[2]
+        == "run-b: step 6, 12.29K tokens, train loss 6.8000, val/new loss 7.5000, val/old loss 7.0000"
+    )
+
+
+def test_module_import_stays_light():
+    code = "import sys, pretrain.plot; print(sorted({'matplotlib', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
