@@ -16,6 +16,7 @@ from pretrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pretrain import plot
     from pretrain.data import cli as data_cli
     from pretrain.model import cli as model_cli
 
@@ -27,10 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     model_cli.register(subcommands)
     data_cli.register(subcommands)
+    subcommands.add_parser(
+        "fit", add_help=False, help="train from a YAML recipe (LightningCLI; `pretrain fit --help` for options)"
+    )
+    plot.register(subcommands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
+        from pretrain.train.cli import fit
+
+        try:
+            return fit(argv[1:])
+        except UserError as err:
+            print(f"pretrain fit: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,142 @@
+"""`pretrain fit`: LightningCLI over `PretrainModule` + `PretrainDataModule`, with run directories,
+derived batch geometry, and `--resume auto|none|PATH`.
+
+    pretrain fit --config configs/tiny.yaml [--section.key value ...] [--print_config]
+
+Besides the usual `trainer`, `model` and `data` sections, a recipe has:
+- `run_dir`: where logs (`logs/version_<k>/metrics.csv`, one version per launch), checkpoints
+  and the resolved config of each launch go;
+- `max_tokens`: training length in tokens (sets `trainer.max_steps`);
+- `validate_every_steps`: validation cadence in optimizer steps;
+- `resume`: `auto` (default: newest complete checkpoint in the run dir, else start fresh),
+  `none`, or a checkpoint path;
+- `checkpoint`: cadence and retention (`pretrain.train.checkpoints.PeriodicCheckpoint`).
+
+Gradient accumulation is derived: global_batch_tokens / (micro_batch_size * seq_len * devices * num_nodes).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from pretrain.errors import UserError
+from pretrain.train.checkpoints import PeriodicCheckpoint, resolve_resume
+from pretrain.train.data import PretrainDataModule
+from pretrain.train.module import PretrainModule
+from pretrain.train.monitor import TrainingMonitor
+from pretrain.train.progress_bar import StepProgressBar
+
+
+def count_devices(devices: Any, accelerator: Any) -> int:
+    """Devices per node as the Trainer will see them ("auto" -> all GPUs, or 1 CPU process)."""
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    on_gpu = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return torch.cuda.device_count() if on_gpu else 1
+
+
+def next_log_version(run_dir: Path) -> int:
+    versions = [int(m.group(1)) for p in (run_dir / "logs").glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(versions, default=-1) + 1
+
+
+class FitCLI(LightningCLI):
+    def __init__(self, args: Sequence[str] | None) -> None:
+        super().__init__(
+            PretrainModule,
+            PretrainDataModule,
+            run=False,
+            args=list(args) if args is not None else None,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            seed_everything_default=1337,
+            parser_kwargs={"prog": "pretrain fit", "description": __doc__.split("\n\n")[0]},
+            trainer_defaults={"use_distributed_sampler": False, "enable_checkpointing": False},
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default="runs/default", help="run directory")
+        parser.add_argument("--resume", type=str, default="auto", help="auto | none | PATH to a checkpoint")
+        parser.add_argument("--max_tokens", type=int | None, default=None, help="train for this many tokens")
+        parser.add_argument(
+            "--validate_every_steps", type=int | None, default=None, help="validate every N optimizer steps"
+        )
+        parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"dirpath"})
+
+    def before_instantiate_classes(self) -> None:
+        c = self.config
+        trainer, data = c.trainer, c.data
+        devices = count_devices(trainer.devices, trainer.accelerator)
+        world = devices * (trainer.num_nodes or 1)
+        per_step = data.micro_batch_size * data.seq_len * world
+        if data.global_batch_tokens % per_step:
+            raise UserError(
+                f"data.global_batch_tokens ({data.global_batch_tokens:,}) must be a multiple of "
+                f"micro_batch_size x seq_len x devices x num_nodes = {data.micro_batch_size} x {data.seq_len} x "
+                f"{devices} x {trainer.num_nodes} = {per_step:,}"
+            )
+        trainer.accumulate_grad_batches = data.global_batch_tokens // per_step
+        if c.max_tokens is not None:
+            if trainer.max_steps not in (None, -1):
+                raise UserError("give either max_tokens or trainer.max_steps, not both")
+            trainer.max_steps = math.ceil(c.max_tokens / data.global_batch_tokens)
+        if trainer.max_steps in (None, -1):
+            raise UserError("set max_tokens (or trainer.max_steps): the LR schedule needs a training length")
+        trainer.max_epochs = -1  # the data stream is endless (epochs are walked inside it)
+        if c.validate_every_steps:
+            trainer.val_check_interval = c.validate_every_steps * trainer.accumulate_grad_batches
+            trainer.check_val_every_n_epoch = None
+        trainer.default_root_dir = c.run_dir
+        self.world_size = world
+        print(
+            f"global batch: {data.global_batch_tokens:,} tokens = {data.micro_batch_size} sequences x "
+            f"{data.seq_len} tokens x {devices} device(s) x {trainer.num_nodes} node(s) x "
+            f"{trainer.accumulate_grad_batches} accumulation step(s); {trainer.max_steps:,} optimizer steps "
+            f"= {trainer.max_steps * data.global_batch_tokens:,} tokens",
+            file=sys.stderr,
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        run_dir = Path(self.config.run_dir)
+        configured = self._get(self.config_init, "trainer", default={}).get("logger")
+        loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=next_log_version(run_dir))]
+        if isinstance(configured, Logger):
+            loggers.append(configured)
+        elif isinstance(configured, list):
+            loggers.extend(configured)
+        checkpoint = PeriodicCheckpoint(dirpath=run_dir / "checkpoints", **self.config.checkpoint)
+        self.trainer_defaults["callbacks"] = [checkpoint, TrainingMonitor(), StepProgressBar()]
+        return super().instantiate_trainer(logger=loggers, **kwargs)
+
+
+def fit(args: Sequence[str] | None = None) -> int:
+    """Entry point of `pretrain fit`; returns the process exit code."""
+    cli = FitCLI(args)
+    run_dir = Path(cli.config.run_dir)
+    ckpt_path = resolve_resume(cli.config.resume, run_dir / "checkpoints")
+    if ckpt_path is not None:
+        print(f"resuming from {ckpt_path}", file=sys.stderr)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if cli.model.stop_reason:
+        print(f"pretrain fit: stopped: {cli.model.stop_reason}", file=sys.stderr)
+        return 3
+    if cli.trainer.is_global_zero:
+        log_dir = cli.trainer.loggers[0].log_dir
+        print(f"done: checkpoints in {run_dir / 'checkpoints'}, logs in {log_dir}", file=sys.stderr)
+    return 0

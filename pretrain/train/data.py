@@ -1,0 +1,158 @@
+"""`PretrainDataModule`: the shard reader as a LightningDataModule, positioned by the global step.
+
+The training stream is endless (each source walks its own epochs) and positioned by
+"global samples consumed" = global_step x global batch size, so a resumed run, even on a
+different number of devices with the same global batch, reads exactly what an uninterrupted run
+would have read next. Nothing about the data position is stored in checkpoints; what is stored
+is the fingerprint of every source (and of the tokenizer), and resuming on data that changed
+stops with a clear message unless `allow_data_change` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pretrain.errors import UserError
+
+
+@dataclass
+class Source:
+    """A prepared dataset (`pretrain data prepare` output directory) and its share of samples."""
+
+    path: str
+    weight: float = 1.0
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Training mixture and per-source validation over prepared token shards.
+
+    Args:
+        sources: name -> Source(path, weight); weights are normalized to shares of samples.
+        seq_len: tokens per training sequence (windows of seq_len + 1 tokens).
+        global_batch_tokens: tokens per optimizer step over all devices.
+        micro_batch_size: sequences per device per forward/backward.
+        seed: seeds the per-epoch permutations and the mixture.
+        num_workers: DataLoader worker processes per device.
+        val_tokens: cap on validation tokens per source (None: the whole validation split).
+        allow_data_change: resume even if a source's or the tokenizer's fingerprint changed.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, Source],
+        seq_len: int = 2048,
+        global_batch_tokens: int = 2**21,
+        micro_batch_size: int = 8,
+        seed: int = 42,
+        num_workers: int = 2,
+        val_tokens: int | None = None,
+        allow_data_change: bool = False,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise UserError("data.sources is empty: name at least one prepared dataset")
+        if global_batch_tokens % seq_len:
+            raise UserError(f"data.global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len ({seq_len})")
+        self.sources = {name: s if isinstance(s, Source) else Source(**s) for name, s in sources.items()}
+        self.seq_len = seq_len
+        self.global_batch_tokens = global_batch_tokens
+        self.global_batch_size = global_batch_tokens // seq_len
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_tokens = val_tokens
+        self.allow_data_change = allow_data_change
+        self.source_names = list(self.sources)
+        self.val_source_names: list[str] = []
+        self.tokenizer_json: str | None = None
+        self.bos_id: int | None = None
+        self.eos_id: int | None = None
+        self.vocab_size: int | None = None
+        self.fingerprint: str | None = None
+        self._train = None
+
+    def setup(self, stage: str) -> None:
+        from pretrain.data.loader import data_fingerprint, open_sources
+
+        manifests = open_sources(self.sources)
+        first = next(iter(manifests.values()))
+        self.tokenizer_json = first.tokenizer_path.read_text() if first.tokenizer_path.is_file() else None
+        self.eos_id, self.vocab_size = first.eos_id, first.vocab_size
+        self.bos_id = first.data["tokenizer"].get("bos_id")
+        self.fingerprint = data_fingerprint(self.sources)
+
+    def _check_geometry(self) -> tuple[int, int]:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if self.global_batch_size % (world * self.micro_batch_size):
+            raise UserError(
+                f"global batch of {self.global_batch_size} sequences does not split into micro-batches of "
+                f"{self.micro_batch_size} over {world} device(s)"
+            )
+        return rank, world
+
+    def train_dataloader(self) -> DataLoader:
+        from pretrain.data.loader import build_train_dataset
+
+        rank, world = self._check_geometry()
+        self._train = build_train_dataset(
+            self.sources,
+            seq_len=self.seq_len,
+            global_batch_size=self.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            start_sample=self.trainer.global_step * self.global_batch_size,
+        )
+        return self._loader(self._train)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        from pretrain.data.loader import build_val_datasets
+
+        rank, world = self._check_geometry()
+        max_samples = self.val_tokens // self.seq_len if self.val_tokens else None
+        datasets = build_val_datasets(
+            self.sources,
+            seq_len=self.seq_len,
+            micro_batch_size=self.micro_batch_size,
+            rank=rank,
+            world_size=world,
+            max_samples=max_samples,
+        )
+        self.val_source_names = list(datasets)
+        return [self._loader(d) for d in datasets.values()]
+
+    def _loader(self, dataset: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,  # the datasets yield whole micro-batches
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def epochs_at(self, step: int) -> dict[str, float]:
+        """Fractional epochs each source has gone through after `step` optimizer steps."""
+        if self._train is None:
+            return {}
+        return self._train.epochs(step * self.global_batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "sources": {n: vars(s) for n, s in self.sources.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse to resume on data that changed since the checkpoint (unless allowed)."""
+        if state.get("fingerprint") == self.fingerprint or self.allow_data_change:
+            return
+        raise UserError(
+            "the training data changed since this checkpoint was written: "
+            f"checkpoint sources {state.get('sources')} (fingerprint {str(state.get('fingerprint'))[:16]}) vs now "
+            f"{ {n: vars(s) for n, s in self.sources.items()} } (fingerprint {str(self.fingerprint)[:16]}). "
+            "Restore the original data, or pass --data.allow_data_change true to continue on the new data."
+        )

@@ -1,0 +1,274 @@
+"""The training step: `PretrainModule`, a LightningModule around our Llama.
+
+One optimizer step = the micro-batches of one global batch (Lightning accumulates). The loss is
+next-token cross-entropy (+ `moe_aux_loss_coef` x the MoE load-balancing loss). Everything that
+varies over training is a pure function of the optimizer step: the LR (`pretrain.train.schedules`),
+the data position (the data module), and the RNG, which is reseeded from (seed, step, rank) at
+every step, so a resumed run needs no RNG state and reproduces an uninterrupted one exactly.
+
+Parallelism is applied in `configure_model` (the Lightning hook for it): optional activation
+checkpointing and `torch.compile` per transformer block, then, under Lightning's
+`ModelParallelStrategy`, FSDP2 `fully_shard` per block and on the root (hybrid sharding when
+`sharding="hybrid"`: replicate across nodes, shard within a node). The model is built on the
+CPU from the seed, so its initial weights are the same whatever the number of devices.
+
+A step whose gradient norm is not finite is skipped (no parameter or optimizer-state change) and
+counted; after `max_nonfinite_steps` such steps in a row the run saves a checkpoint of the last
+good state and stops with a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from pretrain.errors import UserError
+from pretrain.model import Llama, LlamaConfig, get_preset
+from pretrain.model.attention import document_ids
+from pretrain.train import strategy  # noqa: F401  (registers the `fsdp2` strategy name)
+from pretrain.train.schedules import LRSchedule, WarmupCosine
+
+ACTIVATION_CHECKPOINTING = ("none", "full")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite gradients too many steps in a row."""
+
+
+class PretrainModule(L.LightningModule):
+    """Next-token prediction with a Llama model (see the module docstring).
+
+    Args:
+        model: a preset name (`pretrain model-info` lists them).
+        model_overrides: fields of `LlamaConfig` to change from the preset (e.g. `attention_backend`).
+        lr_schedule: LR as a function of the optimizer step (default: TinyLlama's cosine).
+        weight_decay, betas, eps: AdamW (fused on CUDA).
+        decay_norms_and_embeddings: also apply weight decay to norm gains and the embedding.
+        moe_aux_loss_coef: weight of the MoE load-balancing loss.
+        document_masking: attend only within documents (EOS boundaries) of a packed sequence.
+        activation_checkpointing: "none" or "full" (recompute every block in backward).
+        compile: `torch.compile` each transformer block.
+        sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
+        max_nonfinite_steps: stop after this many consecutive steps with non-finite gradients.
+        seed: seeds the initial weights and the per-step RNG.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        lr_schedule: LRSchedule | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        decay_norms_and_embeddings: bool = False,
+        moe_aux_loss_coef: float = 0.01,
+        document_masking: bool = False,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
+        sharding: str = "full",
+        max_nonfinite_steps: int = 10,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["lr_schedule"])
+        self.config: LlamaConfig = get_preset(model).replace(**(model_overrides or {}))
+        self.lr_schedule = lr_schedule or WarmupCosine(max_lr=4e-4, min_lr=4e-5, warmup_steps=2000)
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
+        if sharding not in ("full", "hybrid"):
+            raise UserError("model.sharding must be 'full' or 'hybrid'")
+        self.model: Llama | None = None
+        self.eos_id: int | None = None  # set by the data module when document masking is on
+        self._step_loss_sum: torch.Tensor | None = None
+        self._step_micro_batches = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.stop_reason: str | None = None
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if data is not None and data.vocab_size is not None:
+            if data.vocab_size > self.config.vocab_size:
+                raise UserError(
+                    f"the data's tokenizer has {data.vocab_size:,} tokens but the model's vocab_size is "
+                    f"{self.config.vocab_size:,}: set model.model_overrides.vocab_size >= {data.vocab_size}"
+                )
+            self.eos_id = data.eos_id
+
+    # ---- model construction and parallelism -------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(self.hparams.seed)
+        with torch.device("cpu"):
+            model = Llama(self.config)
+        torch.set_rng_state(generator_state)
+        for i, block in enumerate(model.layers):
+            if self.hparams.activation_checkpointing == "full":
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+                block = checkpoint_wrapper(block, preserve_rng_state=False)
+            if self.hparams.compile:
+                block.compile(fullgraph=False)
+            model.layers[i] = block
+        if isinstance(self._trainer_strategy(), ModelParallelStrategy):
+            self._fully_shard(model)
+        self.model = model
+
+    def _trainer_strategy(self) -> Any:
+        return self._trainer.strategy if self._trainer is not None else None
+
+    def _fully_shard(self, model: Llama) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.device_mesh["tensor_parallel"].size() > 1:
+            raise UserError(
+                "pretrain shards with FSDP2 only (no tensor parallelism): use `trainer.strategy: fsdp2`, or give "
+                "ModelParallelStrategy data_parallel_size = all ranks and tensor_parallel_size = 1"
+            )
+        mesh = self.device_mesh["data_parallel"]
+        if self.hparams.sharding == "hybrid":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            nodes = self.trainer.num_nodes
+            mesh = init_device_mesh(
+                mesh.device_type, (nodes, mesh.size() // nodes), mesh_dim_names=("replicate", "shard")
+            )
+        bf16 = str(self.trainer.precision).startswith("bf16")
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy else {})
+        for block in model.layers:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+
+    # ---- optimization ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            exempt = param.dim() < 2 or "tok_embeddings" in name
+            (no_decay if exempt and not self.hparams.decay_norms_and_embeddings else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        # lr=1.0: the LambdaLR factor below *is* the absolute learning rate.
+        optimizer = torch.optim.AdamW(
+            groups, lr=1.0, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
+        )
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise UserError("the trainer needs max_steps (or max_tokens) to define the LR schedule")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_schedule(step, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_micro_batches == 0:  # first micro-batch of an optimizer step
+            key = [self.hparams.seed, self.trainer.global_step, self.trainer.global_rank]
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
+        out = self.model(inputs, doc_ids)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        detached = loss.detach()
+        self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
+        self._step_micro_batches += 1
+        if self.config.is_moe:
+            self.log("train/moe_aux_loss", out.aux_loss.detach(), on_step=True, sync_dist=True)
+            return loss + self.hparams.moe_aux_loss_coef * out.aux_loss
+        return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm (correct under FSDP2: the norm is reduced over shards), log it,
+        and skip the step if it is not finite. Runs once per optimizer step."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise UserError("only gradient_clip_algorithm: norm is supported")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if gradient_clip_val:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: reduce over the shards
+            norm = norm.full_tensor()
+        step_loss = self._step_loss_sum / max(self._step_micro_batches, 1)
+        self._step_loss_sum, self._step_micro_batches = None, 0
+        finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(step_loss))
+        self.log("train/loss", step_loss, on_step=True, sync_dist=True)
+        self.log("train/grad_norm", norm, on_step=True)
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        for param in params:  # AdamW leaves parameters without a gradient untouched
+            param.grad = None
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            self.trainer.should_stop = True
+            self.stop_reason = (
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last at step {self.trainer.global_step}); stopped with a checkpoint of the last good state. "
+                "Lower the learning rate or check the data, then resume."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what `export-hf`, `init_from` and `generate` need to use the weights alone."""
+        data = self.trainer.datamodule
+        checkpoint["pretrain"] = {
+            "model_config": self.config.to_dict(),
+            "tokenizer": data.tokenizer_json,
+            "bos_id": data.bos_id,
+            "eos_id": data.eos_id,
+            "global_step": self.trainer.global_step,
+            "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("pretrain", {}).get("model_config")
+        if saved is not None and LlamaConfig.from_dict(saved) != self.config:
+            raise UserError(
+                "the checkpoint's model config differs from this run's model config: "
+                f"checkpoint {saved} vs run {self.config.to_dict()}"
+            )
+        self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        inputs, targets = batch
+        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
+        logits = self.model(inputs, doc_ids).logits
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        source = self.trainer.datamodule.val_source_names[dataloader_idx]
+        sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
+        sums += torch.stack([loss_sum.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64)])
+
+    def on_validation_epoch_end(self) -> None:
+        """Token-weighted mean loss per source over all ranks, and its perplexity."""
+        for source, sums in sorted(self._val_sums.items()):
+            total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+            loss = (total[0] / total[1]).float()
+            self.log(f"val/{source}/loss", loss, add_dataloader_idx=False, rank_zero_only=True)
+            self.log(f"val/{source}/ppl", torch.exp(loss), add_dataloader_idx=False, rank_zero_only=True)
+        self._val_sums.clear()
