@@ -1,0 +1,84 @@
+"""`pretrain data ...`: train-tokenizer, prepare, info."""
+
+from __future__ import annotations
+
+import argparse
+
+from pretrain.data.settings import Settings
+
+
+def register(subcommands: argparse._SubParsersAction) -> None:
+    """Add the `data` command and its subcommands to the `pretrain` parser."""
+    data = subcommands.add_parser("data", help="train a tokenizer, prepare token shards, inspect a dataset")
+    sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS/BOS/PAD tokens")
+    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files, folders or globs")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True, help="where to write tokenizer.json")
+    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    p.set_defaults(run=run_train_tokenizer)
+
+    d = Settings()
+    p = sub.add_parser("prepare", help="tokenize raw text into token shards (parallel, resumable)")
+    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files, folders or globs")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.add_argument("--output", required=True, help="dataset directory to write")
+    p.add_argument(
+        "--text-field", default=d.text_field, help=f"field holding the text (default: {d.text_field})"
+    )
+    p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all CPUs)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help=f"default: {d.val_fraction}")
+    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help=f"default: {d.shard_tokens:,}")
+    p.add_argument("--bos", action="store_true", help="also start every document with BOS")
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first bad record instead of skipping it"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset or unfinished run in --output")
+    p.add_argument(
+        "--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="token dtype (default: auto)"
+    )
+    p.add_argument("--eos-token", help="end-of-document token (default: found by name)")
+    p.add_argument("--bos-token", help="beginning-of-document token (default: found by name)")
+    p.set_defaults(run=run_prepare)
+
+    p = sub.add_parser("info", help="print a prepared dataset's manifest in human form")
+    p.add_argument("dir", help="a dataset directory written by `pretrain data prepare`")
+    p.set_defaults(run=run_info)
+
+
+def run_train_tokenizer(args: argparse.Namespace) -> int:
+    from pretrain.data.tokenizer import train_tokenizer
+
+    info = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field)
+    print(
+        f"wrote {info.path}: vocab {info.vocab_size:,}, eos {info.eos_id}, bos {info.bos_id}, pad {info.pad_id}, "
+        f"fingerprint {info.fingerprint[:16]}"
+    )
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from pretrain.data.prepare import prepare
+
+    settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos)
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.output,
+        settings,
+        num_proc=args.num_proc,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        eos_token=args.eos_token,
+        bos_token=args.bos_token,
+    )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from pretrain.data.shards import describe, load_manifest
+
+    print(describe(load_manifest(args.dir)))
+    return 0

@@ -1,0 +1,391 @@
+"""Raw corpus inputs: find the files, cut them into work units, read each unit's documents.
+
+Formats: JSON lines (`.jsonl`, `.ndjson`, `.json`), JSON arrays (`.json` starting with `[`),
+plain text (`.txt`, one document per file), each optionally `.gz` or `.zst` compressed;
+Parquet (`.parquet`) and `datasets.save_to_disk` folders. A document is the string in the
+text field of a record. JSON is read line by line here, so a bad record is reported with its
+file and line; Parquet is read per row group with pyarrow and save_to_disk folders through
+`datasets` (both imported only when such an input is given).
+
+Work units are fixed slices of the inputs (about UNIT_BYTES of an uncompressed JSON-lines
+file cut at line ends, one Parquet row group, a run of rows of a saved dataset, or a whole
+compressed / text / JSON-array file). They depend only on the files, never on the number of
+worker processes, so the documents of unit u are always the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from pretrain.errors import UserError
+
+UNIT_BYTES = 2**21
+LINE_FORMATS = (".jsonl", ".ndjson", ".json")
+COMPRESSIONS = (".gz", ".zst")
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class Problem(NamedTuple):
+    """A record (or whole file) that could not be used."""
+
+    line: int | None  # 1-based line within the unit, for line-based units; else None
+    where: str  # "row 12", "record 3" or "" (the whole file)
+    reason: str  # category counted in the summary, e.g. "malformed JSON"
+    detail: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A fixed slice of one input: bytes [start, stop) of a JSON-lines file, row groups or rows."""
+
+    file: int
+    kind: str  # "lines", "stream", "text", "parquet", "saved"
+    start: int = 0
+    stop: int = 0
+    subset: str | None = None  # split name inside a saved DatasetDict
+    size: int = 0  # input bytes, for progress
+
+
+def _stem_and_compression(path: Path) -> tuple[str, str]:
+    name = path.name.lower()
+    for ext in COMPRESSIONS:
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    return name, ""
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in SAVED_DATASET_FILES)
+
+
+def is_supported(path: Path) -> bool:
+    stem, _ = _stem_and_compression(path)
+    return stem.endswith((*LINE_FORMATS, ".txt")) or path.name.lower().endswith(".parquet")
+
+
+def expand(patterns: Sequence[str]) -> list[Path]:
+    """Input files and saved datasets for glob patterns, files and folders, in a stable order."""
+    found: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            if not matches:
+                raise UserError(f"{pattern}: no file matches this pattern")
+        else:
+            path = Path(pattern)
+            if not path.exists():
+                raise UserError(f"{pattern}: no such file or directory")
+            matches = [path]
+        for path in matches:
+            if is_saved_dataset(path):
+                found.append(path)
+            elif path.is_dir():
+                inside = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+                if not inside:
+                    raise UserError(
+                        f"{path}: folder holds no supported input file and is no save_to_disk dataset"
+                    )
+                found.extend(inside)
+            elif is_supported(path):
+                found.append(path)
+            elif not glob.has_magic(pattern):
+                raise UserError(
+                    f"{path}: unsupported input type (use .jsonl/.json/.txt, optionally .gz/.zst, "
+                    ".parquet, or a datasets.save_to_disk folder)"
+                )
+    if len(set(found)) != len(found):
+        raise UserError("an input file is given more than once")
+    return found
+
+
+def _open_bytes(path: Path) -> IO[bytes]:
+    _, compression = _stem_and_compression(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(raw)
+    return open(path, "rb")
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with _open_bytes(path) as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _load_saved(path: Path, subset: str | None) -> Any:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    return data[subset] if subset is not None else data
+
+
+def plan(paths: Sequence[Path], text_field: str) -> tuple[list[Unit], list[tuple[int, Problem]]]:
+    """Work units of all inputs, and problems found already (empty files, missing columns)."""
+    units: list[Unit] = []
+    problems: list[tuple[int, Problem]] = []
+    for i, path in enumerate(paths):
+        if is_saved_dataset(path):
+            import datasets
+
+            data = _load_saved(path, None)
+            subsets = sorted(data) if isinstance(data, datasets.DatasetDict) else [None]
+            for subset in subsets:
+                ds = data[subset] if subset is not None else data
+                where = f"split {subset!r}" if subset is not None else ""
+                if text_field not in ds.column_names:
+                    detail = f"missing field {text_field!r} (columns: {', '.join(ds.column_names)})"
+                    problems.append((i, Problem(None, where, "missing field", detail)))
+                    continue
+                if len(ds) == 0:
+                    problems.append((i, Problem(None, where, "empty file", "no rows")))
+                    continue
+                nbytes = max(1, ds.data.nbytes)
+                rows = max(1, len(ds) * UNIT_BYTES // nbytes)
+                for start in range(0, len(ds), rows):
+                    stop = min(len(ds), start + rows)
+                    units.append(Unit(i, "saved", start, stop, subset, nbytes * (stop - start) // len(ds)))
+            continue
+        size = path.stat().st_size
+        if size == 0:
+            problems.append((i, Problem(None, "", "empty file", "empty file")))
+            continue
+        stem, compression = _stem_and_compression(path)
+        if path.name.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+                problems.append(
+                    (i, Problem(None, "", "unreadable file", f"not a readable Parquet file: {err}"))
+                )
+                continue
+            if meta.num_rows == 0:
+                problems.append((i, Problem(None, "", "empty file", "no rows")))
+            for g in range(meta.num_row_groups):
+                units.append(Unit(i, "parquet", g, g + 1, size=meta.row_group(g).total_byte_size))
+        elif stem.endswith(".txt"):
+            units.append(Unit(i, "text", size=size))
+        elif compression or (stem.endswith(".json") and _starts_with_bracket(path)):
+            units.append(Unit(i, "stream", size=size))
+        else:
+            units.extend(Unit(i, "lines", a, b, size=b - a) for a, b in _line_ranges(path, size))
+    return units, problems
+
+
+def _line_ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about UNIT_BYTES, each ending just after a newline (or at the end)."""
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(size, start + UNIT_BYTES))
+            f.readline()
+            stop = min(size, f.tell())
+            yield start, stop
+            start = stop
+
+
+def _text_of(record: Any, text_field: str) -> tuple[str | None, str, str]:
+    """(text, reason, detail): text is None when the record cannot be used."""
+    if not isinstance(record, dict):
+        return None, "not an object", f"expected a JSON object, got {type(record).__name__}"
+    if text_field not in record:
+        keys = ", ".join(list(record)[:8]) or "none"
+        return None, "missing field", f"missing field {text_field!r} (fields: {keys})"
+    return _checked(record[text_field], text_field)
+
+
+def _checked(text: Any, text_field: str) -> tuple[str | None, str, str]:
+    if text is None:
+        return None, "missing field", f"field {text_field!r} is null"
+    if not isinstance(text, str):
+        return None, "not a string", f"field {text_field!r} is {type(text).__name__}, not a string"
+    if not text:
+        return None, "empty text", f"field {text_field!r} is empty"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (
+                None,
+                "undecodable bytes",
+                f"field {text_field!r} holds a lone surrogate at character {err.start}",
+            )
+    return text, "", ""
+
+
+def _json_lines(lines: Iterator[bytes], text_field: str, texts: list[str], problems: list[Problem]) -> int:
+    """Parse JSON lines into `texts`; returns the number of lines read."""
+    n = 0
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(Problem(n, "", "undecodable bytes", f"invalid UTF-8 at column {err.start + 1}"))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(n, "", "malformed JSON", err.msg + f" at column {err.colno}"))
+            continue
+        text, reason, detail = _text_of(record, text_field)
+        if text is None:
+            problems.append(Problem(n, "", reason, detail))
+        else:
+            texts.append(text)
+    return n
+
+
+def read(path: Path, unit: Unit, text_field: str) -> tuple[list[str], list[Problem], int]:
+    """Documents of `unit` in order, the records skipped, and the number of lines it spans."""
+    texts: list[str] = []
+    problems: list[Problem] = []
+    lines = 0
+    if unit.kind == "lines":
+        with open(path, "rb") as f:
+            f.seek(unit.start)
+            chunk = f.read(unit.stop - unit.start)
+        lines = chunk.count(b"\n")
+        _json_lines(iter(chunk.split(b"\n")), text_field, texts, problems)
+    elif unit.kind == "stream":
+        try:
+            if _stem_and_compression(path)[0].endswith(".json") and _starts_with_bracket(path):
+                _json_array(path, text_field, texts, problems)
+            else:
+                with _open_bytes(path) as f:
+                    lines = _json_lines(iter(f), text_field, texts, problems)
+        except _decompress_errors() as err:
+            problems.append(Problem(None, "", "unreadable file", f"cannot decompress: {err}"))
+        if not texts and not problems:
+            problems.append(Problem(None, "", "empty file", "empty file (no records)"))
+    elif unit.kind == "text":
+        try:
+            with _open_bytes(path) as f:
+                data = f.read()
+        except _decompress_errors() as err:
+            problems.append(Problem(None, "", "unreadable file", f"cannot decompress: {err}"))
+            return texts, problems, lines
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
+        else:
+            if text:
+                texts.append(text)
+            else:
+                problems.append(Problem(None, "", "empty file", "empty file"))
+    elif unit.kind == "parquet":
+        _parquet(path, unit, text_field, texts, problems)
+    else:
+        ds = _load_saved(path, unit.subset)
+        prefix = f"split {unit.subset!r} " if unit.subset is not None else ""
+        for row, value in enumerate(
+            ds.select_columns([text_field])[unit.start : unit.stop][text_field], unit.start
+        ):
+            _append(value, text_field, f"{prefix}row {row}", texts, problems)
+    return texts, problems, lines
+
+
+def _append(value: Any, text_field: str, where: str, texts: list[str], problems: list[Problem]) -> None:
+    text, reason, detail = _checked(value, text_field)
+    if text is None:
+        problems.append(Problem(None, where, reason, detail))
+    else:
+        texts.append(text)
+
+
+def _json_array(path: Path, text_field: str, texts: list[str], problems: list[Problem]) -> None:
+    with _open_bytes(path) as f:
+        data = f.read()
+    try:
+        records = json.loads(data)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
+        return
+    except json.JSONDecodeError as err:
+        problems.append(Problem(err.lineno, "", "malformed JSON", err.msg + f" at column {err.colno}"))
+        return
+    for n, record in enumerate(records, 1):
+        text, reason, detail = _text_of(record, text_field)
+        if text is None:
+            problems.append(Problem(None, f"record {n}", reason, detail))
+        else:
+            texts.append(text)
+
+
+def _parquet(path: Path, unit: Unit, text_field: str, texts: list[str], problems: list[Problem]) -> None:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    columns = file.schema_arrow.names
+    if text_field not in columns:
+        detail = f"missing field {text_field!r} (columns: {', '.join(columns)})"
+        problems.append(Problem(None, f"row group {unit.start}", "missing field", detail))
+        return
+    first = sum(file.metadata.row_group(g).num_rows for g in range(unit.start))
+    values = file.read_row_group(unit.start, columns=[text_field]).column(0).to_pylist()
+    for row, value in enumerate(values, first):
+        _append(value, text_field, f"row {row}", texts, problems)
+
+
+def documents(paths: Sequence[Path], text_field: str) -> Iterator[str]:
+    """Every usable document of the inputs, in order (bad records are skipped silently)."""
+    units, _ = plan(paths, text_field)
+    for unit in units:
+        yield from read(paths[unit.file], unit, text_field)[0]
+
+
+def input_record(path: Path) -> dict:
+    """How the manifest lists an input."""
+    if path.is_dir():
+        return {
+            "path": str(path),
+            "bytes": sum(p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()),
+        }
+    return {"path": str(path), "bytes": path.stat().st_size}
+
+
+def describe_problem(path: Path, problem: Problem, line_base: int) -> str:
+    """`file:line: detail`, `file: row N: detail` or `file: detail`."""
+    if problem.line is not None:
+        return f"{path}:{line_base + problem.line}: {problem.detail}"
+    if problem.where:
+        return f"{path}: {problem.where}: {problem.detail}"
+    return f"{path}: {problem.detail}"
+
+
+def modified(path: Path) -> int:
+    """A change stamp for resume checks (newest mtime inside a folder)."""
+    if path.is_dir():
+        return max((p.stat().st_mtime_ns for p in path.rglob("*")), default=0)
+    return os.stat(path).st_mtime_ns

@@ -1,0 +1,524 @@
+"""`pretrain data prepare`: raw text -> token shards, in parallel, resumable, byte-identical.
+
+Pipeline: the inputs are cut into fixed work units (`inputs.plan`); a process pool reads and
+tokenizes units (each worker single-threaded, `encode_batch_fast`), and the main process
+appends their documents in unit order to the current shard of each split. Each document
+goes to validation iff a hash of its text falls below `val_fraction`, so the split does not
+depend on the order or the worker count. A shard is cut before the document that would
+overflow `shard_tokens`, which depends only on the document sequence: the output is the
+same byte for byte whatever `--num-proc` is.
+
+Resume: after each unit the open shards' temporary files are fsynced and `.prepare/state.json`
+is replaced atomically (the commit point: units done, open shard sizes, skip counts). Shards
+closed by that unit are then published: sidecar written, `.bin.tmp` renamed to `.bin`. A
+rerun after a kill at any point truncates the temporary files to the committed sizes,
+finishes publishing, and continues with the next unit. `manifest.json` is written last, and
+readers accept only shards it lists, so no partial shard is ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from pretrain.data import inputs
+from pretrain.data.inputs import Problem, Unit
+from pretrain.data.settings import Settings
+from pretrain.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    Manifest,
+    content_fingerprint,
+    dtype_for_vocab,
+    load_manifest,
+    sha256_file,
+    shard_name,
+    write_atomic,
+    write_json_atomic,
+)
+from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
+from pretrain.errors import UserError
+
+STATE_DIR = ".prepare"
+EXAMPLES = 20  # skipped records listed in the manifest
+WARNINGS = 10  # skipped records printed while running
+
+
+@dataclass
+class UnitResult:
+    """One tokenized unit: per split, concatenated tokens and document lengths."""
+
+    tokens: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    problems: list[Problem]
+    lines: int
+
+
+# ---------------------------------------------------------------- worker side
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(
+    paths: list[Path], tokenizer_path: str, settings: Settings, eos: int, bos: int | None, dtype: str
+) -> None:
+    _worker.update(
+        paths=paths,
+        tokenizer=Tokenizer.from_file(tokenizer_path),
+        settings=settings,
+        eos=eos,
+        bos=bos if settings.bos else None,
+        dtype=np.dtype(dtype),
+    )
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """The document's split: a hash of its text, so duplicates share a split."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def _pack(ids: list[list[int]], eos: int, bos: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents, each followed by EOS (and preceded by BOS if given)."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    ends = np.cumsum(lengths)
+    if bos is None:
+        return np.insert(flat, ends, eos), lengths + 1
+    where = np.stack([ends - lengths, ends], axis=1).ravel()
+    return np.insert(flat, where, np.tile([bos, eos], len(ids))), lengths + 2
+
+
+def tokenize_unit(unit: Unit) -> UnitResult:
+    """Read, split and tokenize one unit (runs in a worker process)."""
+    w = _worker
+    settings: Settings = w["settings"]
+    texts, problems, lines = inputs.read(w["paths"][unit.file], unit, settings.text_field)
+    val = [is_val(t, settings.val_fraction) for t in texts]
+    ids = [e.ids for e in w["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
+    tokens, lengths = {}, {}
+    for split in SPLITS:
+        mine = [x for x, v in zip(ids, val, strict=True) if v == (split == "val")]
+        tokens[split], lengths[split] = _pack(mine, w["eos"], w["bos"], w["dtype"])
+    return UnitResult(tokens, lengths, problems, lines)
+
+
+@contextlib.contextmanager
+def _serial_tokenizers() -> Iterator[None]:
+    """One tokenizer thread per process: --num-proc is the parallelism (and no fork warning)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _results(units: Sequence[Unit], num_proc: int, initargs: tuple) -> Iterator[UnitResult]:
+    """Tokenized units in unit order, at most 2 * num_proc in flight."""
+    if num_proc == 1:
+        _init_worker(*initargs)
+        yield from map(tokenize_unit, units)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(
+        num_proc, mp_context=context, initializer=_init_worker, initargs=initargs
+    ) as pool:
+        todo = iter(units)
+        pending = deque(pool.submit(tokenize_unit, u) for u in itertools.islice(todo, 2 * num_proc))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(tokenize_unit, u) for u in itertools.islice(todo, 1))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+# ---------------------------------------------------------------- shard writing
+
+
+def _temp_paths(root: Path, split: str, index: int) -> tuple[Path, Path]:
+    base = root / shard_name(split, index)
+    return base.with_name(base.name + ".bin.tmp"), base.with_name(base.name + ".docs.tmp")
+
+
+class SplitWriter:
+    """Appends documents to one split's shards; cuts depend only on the document sequence."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int, state: dict) -> None:
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        self.index, self.tokens, self.docs = state["index"], state["tokens"], state["docs"]
+        self.closed: list[int] = []  # closed in the current unit, published after the commit
+        (root / split).mkdir(parents=True, exist_ok=True)
+        bin_tmp, docs_tmp = _temp_paths(root, split, self.index)
+        self._files = None
+        if self.tokens:
+            self._files = (open(bin_tmp, "r+b"), open(docs_tmp, "r+b"))
+            self._files[0].truncate(self.tokens * dtype.itemsize)
+            self._files[1].truncate(self.docs * 8)
+            for f in self._files:
+                f.seek(0, os.SEEK_END)
+
+    def state(self) -> dict:
+        return {"index": self.index, "tokens": self.tokens, "docs": self.docs}
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (their tokens back to back, and their lengths)."""
+        ends = np.cumsum(lengths)
+        i, n = 0, len(lengths)
+        while i < n:
+            before = int(ends[i - 1]) if i else 0
+            j = max(i, int(np.searchsorted(ends, before + self.shard_tokens - self.tokens, side="right")))
+            if j == i and self.tokens == 0:
+                j = i + 1  # a document longer than a shard gets a shard of its own
+            if j > i:
+                self._write(tokens[before : int(ends[j - 1])], lengths[i:j])
+            if j < n:
+                self.close_shard()
+            i = j
+
+    def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self._files is None:
+            self._files = tuple(open(p, "wb") for p in _temp_paths(self.root, self.split, self.index))
+        self._files[0].write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._files[1].write(lengths.astype("<i8").tobytes())
+        self.tokens += len(tokens)
+        self.docs += len(lengths)
+
+    def sync(self) -> None:
+        if self._files is not None:
+            for f in self._files:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def close_shard(self) -> None:
+        if self.tokens == 0:
+            return
+        self.sync()
+        for f in self._files:
+            f.close()
+        self._files = None
+        self.closed.append(self.index)
+        self.index, self.tokens, self.docs = self.index + 1, 0, 0
+
+    def abandon(self) -> None:
+        if self._files is not None:
+            for f in self._files:
+                f.close()
+            self._files = None
+
+
+def publish(root: Path, split: str, index: int, header: dict) -> dict:
+    """Turn a closed shard's temporary files into `.bin` + sidecar; idempotent. Returns its entry."""
+    name = shard_name(split, index)
+    final, sidecar = root / f"{name}.bin", root / f"{name}.json"
+    bin_tmp, docs_tmp = _temp_paths(root, split, index)
+    if not final.exists():
+        lengths = np.fromfile(docs_tmp, dtype="<i8")
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        tokens = bin_tmp.stat().st_size // np.dtype(header["dtype"]).itemsize
+        meta = {**header, "tokens": tokens, "documents": len(lengths), "sha256": sha256_file(bin_tmp)}
+        write_json_atomic(sidecar, {**meta, "doc_offsets": offsets})
+        os.replace(bin_tmp, final)
+    docs_tmp.unlink(missing_ok=True)
+    meta = json.loads(sidecar.read_text())
+    return {
+        "file": f"{name}.bin",
+        "tokens": meta["tokens"],
+        "documents": meta["documents"],
+        "sha256": meta["sha256"],
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _identity(paths: list[Path], tok: TokenizerInfo, settings: Settings, dtype: np.dtype) -> str:
+    """What a resumed run must share with the interrupted one."""
+    spec = {
+        "format": FORMAT,
+        "unit_bytes": inputs.UNIT_BYTES,
+        "tokenizer": tok.manifest_entry(),
+        "dtype": dtype.name,
+        "settings": asdict(settings),
+        "inputs": [[str(p), inputs.input_record(p)["bytes"], inputs.modified(p)] for p in paths],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _fresh_state(identity: str) -> dict:
+    return {
+        "identity": identity,
+        "units_done": 0,
+        "line_base": [-1, 0],  # [file, lines] of the units done so far in that file
+        "splits": {s: {"index": 0, "tokens": 0, "docs": 0} for s in SPLITS},
+        "skipped": {},
+        "examples": [],
+    }
+
+
+def _clean(root: Path) -> None:
+    (root / MANIFEST).unlink(missing_ok=True)
+    for name in (*SPLITS, STATE_DIR):
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
+    """The committed state to continue from: fresh unless an identical run was interrupted;
+    None if an identical run finished (killed while removing its progress folder)."""
+    state_path = root / STATE_DIR / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else None
+    if overwrite:
+        _clean(root)
+    elif (root / MANIFEST).exists():
+        if state is not None and state["identity"] == identity:
+            shutil.rmtree(root / STATE_DIR)
+            return None
+        raise UserError(
+            f"{root} already holds a prepared dataset ({root / MANIFEST}); pass --overwrite to replace it"
+        )
+    elif state is not None:
+        if state["identity"] == identity:
+            return state
+        raise UserError(
+            f"{root} holds an unfinished preparation of other inputs or settings ({state_path}); "
+            "pass --overwrite to start over"
+        )
+    elif any((root / s).exists() for s in SPLITS):
+        raise UserError(
+            f"{root} holds shard folders but no manifest or progress; pass --overwrite to start over"
+        )
+    (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    return _fresh_state(identity)
+
+
+def _recover(root: Path, state: dict, header: dict) -> dict[str, list[dict]]:
+    """Publish shards closed by committed units; drop everything written after the last commit."""
+    published = {}
+    for split, s in state["splits"].items():
+        published[split] = [publish(root, split, i, header) for i in range(s["index"])]
+        for path in (root / split).glob("shard_*"):
+            index, _, suffix = path.name[len("shard_") :].partition(".")
+            if int(index) < s["index"]:
+                keep = suffix in ("bin", "json")
+            else:
+                keep = int(index) == s["index"] and s["tokens"] > 0 and suffix in ("bin.tmp", "docs.tmp")
+            if not keep:
+                path.unlink()
+    return published
+
+
+def _commit(root: Path, state: dict) -> None:
+    write_json_atomic(root / STATE_DIR / "state.json", state)
+
+
+def prepare(
+    patterns: Sequence[str],
+    tokenizer: str | os.PathLike,
+    output: str | os.PathLike,
+    settings: Settings | None = None,
+    *,
+    num_proc: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    eos_token: str | None = None,
+    bos_token: str | None = None,
+    show_progress: bool = True,
+) -> Manifest:
+    """Tokenize the inputs matched by `patterns` into a dataset at `output`; see the module docstring."""
+    began = time.time()
+    settings = settings or Settings()
+    if not 0 <= settings.val_fraction < 1:
+        raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
+    if settings.shard_tokens < 1:
+        raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
+    tok = load_tokenizer(tokenizer, eos_token, bos_token)
+    if settings.bos and tok.bos_id is None:
+        raise UserError(
+            f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
+        )
+    token_dtype = dtype_for_vocab(tok.vocab_size) if dtype == "auto" else np.dtype(dtype).newbyteorder("<")
+    if tok.vocab_size > np.iinfo(token_dtype).max + 1:
+        raise UserError(
+            f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
+            f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
+        )
+    paths = inputs.expand(patterns)
+    units, early = inputs.plan(paths, settings.text_field)
+    root = Path(output)
+    for i, problem in early:
+        if strict:
+            raise UserError(inputs.describe_problem(paths[i], problem, 0))
+    root.mkdir(parents=True, exist_ok=True)
+    state = _start(root, _identity(paths, tok, settings, token_dtype), overwrite)
+    if state is None:
+        return load_manifest(root)
+    header = {
+        "format": FORMAT,
+        "dtype": token_dtype.name,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id if settings.bos else None,
+        "tokenizer_fingerprint": tok.fingerprint,
+    }
+    published = _recover(root, state, header)
+    writers = {
+        s: SplitWriter(root, s, token_dtype, settings.shard_tokens, state["splits"][s]) for s in SPLITS
+    }
+    num_proc = num_proc or len(os.sched_getaffinity(0))
+    done = state["units_done"]
+    shown = 0
+    for i, problem in early:
+        shown = _warn(inputs.describe_problem(paths[i], problem, 0), shown)
+    bar = tqdm(
+        total=sum(u.size for u in units),
+        initial=sum(u.size for u in units[:done]),
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        disable=not show_progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    counts = Counter()
+    try:
+        with _serial_tokenizers():
+            initargs = (paths, str(tok.path), settings, tok.eos_id, tok.bos_id, token_dtype.name)
+            for u, result in enumerate(_results(units[done:], num_proc, initargs), done):
+                unit = units[u]
+                line_base = state["line_base"][1] if state["line_base"][0] == unit.file else 0
+                for problem in result.problems:
+                    message = inputs.describe_problem(paths[unit.file], problem, line_base)
+                    if strict:
+                        raise UserError(message)
+                    shown = _warn(message, shown, bar)
+                    state["skipped"][problem.reason] = state["skipped"].get(problem.reason, 0) + 1
+                    if len(state["examples"]) < EXAMPLES:
+                        state["examples"].append(message)
+                for split, writer in writers.items():
+                    writer.add(result.tokens[split], result.lengths[split])
+                    writer.sync()
+                    state["splits"][split] = writer.state()
+                state["units_done"] = u + 1
+                state["line_base"] = [unit.file, line_base + result.lines]
+                _commit(root, state)
+                for split, writer in writers.items():
+                    published[split] += [publish(root, split, i, header) for i in writer.closed]
+                    writer.closed.clear()
+                counts["docs"] += sum(len(x) for x in result.lengths.values())
+                counts["tokens"] += sum(len(x) for x in result.tokens.values())
+                elapsed = max(time.time() - began, 1e-9)
+                bar.set_postfix_str(
+                    f"{counts['docs'] / elapsed:,.0f} docs/s, {counts['tokens'] / elapsed / 1e6:,.2f}M tokens/s",
+                    refresh=False,
+                )
+                bar.update(unit.size)
+            for split, writer in writers.items():
+                writer.close_shard()
+                state["splits"][split] = writer.state()
+            _commit(root, state)
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.abandon()
+    for split, writer in writers.items():
+        published[split] += [publish(root, split, i, header) for i in writer.closed]
+    manifest = _manifest(paths, tok, settings, token_dtype, published, state, early)
+    if manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 0:
+        raise UserError(
+            f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
+        )
+    if tok.path.resolve() != (root / TOKENIZER).resolve():
+        write_atomic(root / TOKENIZER, tok.path.read_bytes())
+    write_json_atomic(root / MANIFEST, manifest)
+    shutil.rmtree(root / STATE_DIR)
+    result = load_manifest(root)
+    if show_progress:
+        print(summary(result, time.time() - began))
+    return result
+
+
+def _warn(message: str, shown: int, bar: tqdm | None = None) -> int:
+    if shown < WARNINGS:
+        (bar.write if bar is not None else print)(f"warning: {message} (skipped)", file=sys.stderr)
+    elif shown == WARNINGS:
+        print("warning: more records skipped; the summary counts them all", file=sys.stderr)
+    return shown + 1
+
+
+def _manifest(
+    paths: list[Path],
+    tok: TokenizerInfo,
+    settings: Settings,
+    dtype: np.dtype,
+    published: dict[str, list[dict]],
+    state: dict,
+    early: list[tuple[int, Problem]],
+) -> dict:
+    skipped = Counter({p.reason: 0 for _, p in early})
+    examples = [inputs.describe_problem(paths[i], p, 0) for i, p in early]
+    for _, p in early:
+        skipped[p.reason] += 1
+    skipped.update(state["skipped"])
+    splits = {
+        split: {
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
+        for split, shards in published.items()
+    }
+    return {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": tok.manifest_entry(),
+        "settings": asdict(settings),
+        "inputs": [inputs.input_record(p) for p in paths],
+        "splits": splits,
+        "skipped": {
+            "total": sum(skipped.values()),
+            "by_reason": dict(sorted(skipped.items())),
+            "examples": (examples + state["examples"])[:EXAMPLES],
+        },
+        "content_fingerprint": content_fingerprint(published, tok.fingerprint, dtype.name),
+    }
+
+
+def summary(manifest: Manifest, seconds: float) -> str:
+    """The closing report of a run: documents, tokens and skipped records per split."""
+    d = manifest.data
+    docs = sum(s["documents"] for s in d["splits"].values())
+    tokens = sum(s["tokens"] for s in d["splits"].values())
+    lines = [f"prepared {manifest.root}: {docs:,} documents, {tokens:,} tokens in {seconds:.1f} s"]
+    for split, s in d["splits"].items():
+        lines.append(
+            f"  {split:<5} {s['documents']:>12,} documents {s['tokens']:>16,} tokens  {len(s['shards'])} shard(s)"
+        )
+    sk = d["skipped"]
+    reasons = ", ".join(f"{r} {n:,}" for r, n in sk["by_reason"].items())
+    lines.append(f"  skipped {sk['total']:,} record(s)" + (f": {reasons}" if reasons else ""))
+    return "\n".join(lines)
