@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(subcommands)
     data_cli.register(subcommands)
     subcommands.add_parser(
-        "fit", add_help=False, help="train from a YAML recipe (LightningCLI; `pretrain fit --help` for options)"
+        "fit",
+        add_help=False,
+        help="train from a YAML recipe (LightningCLI; `pretrain fit --help` for options)",
     )
     plot.register(subcommands)
     return parser

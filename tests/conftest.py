@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -32,3 +33,31 @@ def require_gpu() -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+STDLIB_FILES = 150  # documents in the small real-text corpus used by training tests
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of real text (the first Python stdlib modules), 512-token BPE."""
+    import glob
+    import json
+    import sysconfig
+
+    from pretrain.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))[:STDLIB_FILES]
+    with open(root / "corpus.jsonl", "w") as f:
+        for path in files:
+            f.write(json.dumps({"text": Path(path).read_text(errors="replace")}) + "\n")
+    corpus, tokenizer = str(root / "corpus.jsonl"), str(root / "tokenizer.json")
+    assert (
+        main(["data", "train-tokenizer", "--input", corpus, "--vocab-size", "512", "--output", tokenizer])
+        == 0
+    )
+    out = root / "out"
+    args = ["data", "prepare", "--input", corpus, "--tokenizer", tokenizer, "--output", str(out)]
+    assert main(args + ["--val-fraction", "0.1", "--num-proc", "2"]) == 0
+    return out

@@ -11,7 +11,14 @@ from pretrain.cli import main
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import ModelCheckpoint, load_model_checkpoint, save_model_checkpoint
-from pretrain.model.hf import config_from_hf, from_hf_state_dict, hf_config, load_hf, save_hf, to_hf_state_dict
+from pretrain.model.hf import (
+    config_from_hf,
+    from_hf_state_dict,
+    hf_config,
+    load_hf,
+    save_hf,
+    to_hf_state_dict,
+)
 
 BASE = dict(vocab_size=113, dim=64, n_layers=3, max_seq_len=64, rope_base=5000.0, norm_eps=1e-5)
 CONFIGS = {
@@ -40,7 +47,9 @@ def test_ours_to_hf_logit_parity(kind, tmp_path):
     save_hf(tmp_path, ours.state_dict(), config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any loading warning fails the test
-        theirs, info = hf_class(config).from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+        theirs, info = hf_class(config).from_pretrained(
+            tmp_path, dtype=torch.float32, output_loading_info=True
+        )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     tokens = random_tokens(config)
     with torch.no_grad():
@@ -54,7 +63,9 @@ def test_hf_to_ours_logit_parity_and_bit_exact_round_trips(kind):
     config = CONFIGS[kind]
     transformers = require("transformers")
     hf_cfg_class = transformers.MixtralConfig if config.is_moe else transformers.LlamaConfig
-    hf_cfg = hf_cfg_class(**{k: v for k, v in hf_config(config).items() if k not in ("architectures", "model_type")})
+    hf_cfg = hf_cfg_class(
+        **{k: v for k, v in hf_config(config).items() if k not in ("architectures", "model_type")}
+    )
     torch.manual_seed(0)
     theirs = hf_class(config)(hf_cfg).eval()
     hf_state = theirs.state_dict()
@@ -75,7 +86,9 @@ def test_hf_to_ours_logit_parity_and_bit_exact_round_trips(kind):
     assert all(torch.equal(back[k], our_state[k]) for k in our_state)
     if not config.is_moe:  # dense layouts are identical, so HF -> ours -> HF is bit-exact too
         again = to_hf_state_dict(our_state, config)
-        expected = {k: v for k, v in hf_state.items() if not (config.tie_embeddings and k == "lm_head.weight")}
+        expected = {
+            k: v for k, v in hf_state.items() if not (config.tie_embeddings and k == "lm_head.weight")
+        }
         assert again.keys() == expected.keys()  # a tied head is not stored twice, as in save_pretrained
         assert all(torch.equal(again[k], expected[k]) for k in expected)
 
@@ -84,7 +97,11 @@ def test_hf_save_pretrained_directory_imports_via_cli(tmp_path, capsys):
     transformers = require("transformers")
     config = CONFIGS["gqa"]
     hf_cfg = transformers.LlamaConfig(
-        **{k: v for k, v in hf_config(config, bos_id=1, eos_id=2).items() if k not in ("architectures", "model_type")}
+        **{
+            k: v
+            for k, v in hf_config(config, bos_id=1, eos_id=2).items()
+            if k not in ("architectures", "model_type")
+        }
     )
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(hf_cfg).eval()
@@ -126,7 +143,9 @@ def test_plain_state_dict_needs_a_preset(tmp_path):
     torch.save(Llama(CONFIGS["gqa"]).state_dict(), tmp_path / "plain.pt")
     with pytest.raises(UserError, match="--preset"):
         load_model_checkpoint(tmp_path / "plain.pt")
-    tiny_state = Llama(LlamaConfig.from_dict({**BASE, "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 96})).state_dict()
+    tiny_state = Llama(
+        LlamaConfig.from_dict({**BASE, "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 96})
+    ).state_dict()
     torch.save(tiny_state, tmp_path / "plain.pt")
     with pytest.raises(UserError, match="unknown model preset"):
         load_model_checkpoint(tmp_path / "plain.pt", preset="huge")
@@ -148,8 +167,14 @@ def test_conversion_errors_are_clear(tmp_path, capsys):
     with pytest.raises(UserError, match="no model.safetensors"):
         load_hf(tmp_path / "hf")
     with pytest.raises(UserError, match="no tensor 'model.layers.0.self_attn.q_proj.weight'"):
-        from_hf_state_dict({"model.embed_tokens.weight": torch.zeros(1), "model.norm.weight": torch.zeros(1),
-                            "lm_head.weight": torch.zeros(1)}, CONFIGS["gqa"])
+        from_hf_state_dict(
+            {
+                "model.embed_tokens.weight": torch.zeros(1),
+                "model.norm.weight": torch.zeros(1),
+                "lm_head.weight": torch.zeros(1),
+            },
+            CONFIGS["gqa"],
+        )
 
 
 def test_model_info_cli(capsys):

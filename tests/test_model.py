@@ -13,7 +13,9 @@ from pretrain.model.attention import document_ids, get_attention
 from pretrain.model.flops import count_parameters, flops_per_token, training_memory
 from pretrain.model.llama import MLP, MoE
 
-SMALL = LlamaConfig(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=96, max_seq_len=64)
+SMALL = LlamaConfig(
+    vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=96, max_seq_len=64
+)
 
 
 def test_tinyllama_has_exactly_1_100_048_384_parameters():

@@ -40,11 +40,24 @@ def test_linear_pinned_values():
     [
         ("linear", [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]),
         ("1-sqrt", [1.0, 1.0, 1.0, 1 - math.sqrt(0.25), 1 - math.sqrt(0.5), 1 - math.sqrt(0.75), 0.0]),
-        ("cosine", [1.0, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]),
+        (
+            "cosine",
+            [
+                1.0,
+                1.0,
+                1.0,
+                0.5 * (1 + math.cos(math.pi / 4)),
+                0.5,
+                0.5 * (1 + math.cos(3 * math.pi / 4)),
+                0.0,
+            ],
+        ),
     ],
 )
 def test_wsd_cooldown_shapes(shape, expected):
-    schedule = WarmupStableDecay(max_lr=1.0, min_lr=0.0, warmup_steps=0, decay_fraction=0.4, decay_shape=shape)
+    schedule = WarmupStableDecay(
+        max_lr=1.0, min_lr=0.0, warmup_steps=0, decay_fraction=0.4, decay_shape=shape
+    )
     total = 10  # cooldown = last 4 steps: 6, 7, 8, 9
     values = [schedule(s, total) for s in range(3, 10)]
     assert values == pytest.approx(expected)
@@ -58,7 +71,9 @@ def test_wsd_warmup_then_stable():
 
 
 def test_infinite_schedule_phases():
-    schedule = Infinite(max_lr=1.0, constant_lr=0.25, warmup_steps=2, cooldown_steps=4, anneal_steps=3, min_lr=0.0)
+    schedule = Infinite(
+        max_lr=1.0, constant_lr=0.25, warmup_steps=2, cooldown_steps=4, anneal_steps=3, min_lr=0.0
+    )
     total = 20
     values = [schedule(s, total) for s in range(total)]
     assert values[:2] == pytest.approx([0.5, 1.0])  # warmup

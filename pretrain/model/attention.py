@@ -72,7 +72,9 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     return out.view(q.shape)
 
 
-def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+def _xformers(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None
+) -> torch.Tensor:
     from xformers.ops import LowerTriangularMask, memory_efficient_attention
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
 

@@ -109,11 +109,15 @@ def _read_sharded_model(path: Path) -> dict[str, torch.Tensor]:
     return state["state_dict"]
 
 
-def _from_training_checkpoint(path: Path, payload: dict[str, Any], state_dict: dict[str, Any]) -> ModelCheckpoint:
+def _from_training_checkpoint(
+    path: Path, payload: dict[str, Any], state_dict: dict[str, Any]
+) -> ModelCheckpoint:
     info = payload.get("pretrain")
     if not isinstance(info, dict) or "model_config" not in info:
         raise UserError(f"{path} is a Lightning checkpoint without pretrain's model config")
     model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     meta = {k: info.get(k) for k in ("bos_id", "eos_id", "global_step", "tokens_seen")}
     meta["source"] = {"kind": "training-checkpoint", "path": str(path.resolve())}
-    return ModelCheckpoint(LlamaConfig.from_dict(info["model_config"]), model_state, info.get("tokenizer"), meta)
+    return ModelCheckpoint(
+        LlamaConfig.from_dict(info["model_config"]), model_state, info.get("tokenizer"), meta
+    )

@@ -17,8 +17,12 @@ def register(subcommands: Any) -> None:
     )
     info.add_argument("name", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
     info.add_argument("--seq-len", type=int, help="sequence length (default: the preset's context)")
-    info.add_argument("--micro-batch", type=int, default=1, help="sequences per device for the activation estimate")
-    info.add_argument("--shards", type=int, default=1, help="FSDP ranks the weights/grads/optimizer are sharded over")
+    info.add_argument(
+        "--micro-batch", type=int, default=1, help="sequences per device for the activation estimate"
+    )
+    info.add_argument(
+        "--shards", type=int, default=1, help="FSDP ranks the weights/grads/optimizer are sharded over"
+    )
     info.set_defaults(run=_model_info)
 
     export = subcommands.add_parser(
@@ -26,7 +30,11 @@ def register(subcommands: Any) -> None:
         help="convert a checkpoint to a Hugging Face LlamaForCausalLM / MixtralForCausalLM directory",
         description="Write config.json + model.safetensors (+ tokenizer files) for transformers.",
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a pretrain model checkpoint (or plain state dict with --preset)")
+    export.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a pretrain model checkpoint (or plain state dict with --preset)",
+    )
     export.add_argument("out_dir", metavar="OUT_DIR")
     export.add_argument("--preset", help="model preset, needed only for a plain state-dict file")
     export.set_defaults(run=_export_hf)
@@ -59,7 +67,10 @@ def _model_info(args: argparse.Namespace) -> int:
         ("parameters", f"{counts.total:,} ({counts.total / 1e9:.3f} B)"),
         ("  embedding", f"{counts.embedding:,}"),
         ("  lm head", f"{counts.lm_head:,}" + (" (tied to the embedding)" if config.tie_embeddings else "")),
-        (f"  per layer (x{config.n_layers})", f"{per_layer:,} (attention {counts.per_layer_attention:,} + mlp {counts.per_layer_mlp:,})"),
+        (
+            f"  per layer (x{config.n_layers})",
+            f"{per_layer:,} (attention {counts.per_layer_attention:,} + mlp {counts.per_layer_mlp:,})",
+        ),
         ("  norms", f"{counts.norms:,}"),
         ("active matmul params", f"{counts.active_matmul:,} per token"),
         (

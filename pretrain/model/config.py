@@ -45,7 +45,10 @@ class LlamaConfig:
                 self.attention_backend in ATTENTION_BACKENDS,
                 f"attention_backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}",
             ),
-            (self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts, "moe_top_k must be in [1, n_experts]"),
+            (
+                self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
+                "moe_top_k must be in [1, n_experts]",
+            ),
             (
                 self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
                 "moe_capacity_factor must be positive (or null for no limit)",
@@ -84,7 +87,9 @@ class LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"unknown model config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise UserError(
+                f"unknown model config field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
 

@@ -66,7 +66,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
     """Our config from an HF config.json dict; refuses features our model does not implement."""
     model_type = hf.get("model_type")
     if model_type not in ("llama", "mixtral"):
-        raise UserError(f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'mixtral')")
+        raise UserError(
+            f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'mixtral')"
+        )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     unsupported = {
@@ -102,7 +104,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
 def to_hf_state_dict(state: Tensors, c: LlamaConfig) -> Tensors:
     """Our state dict -> HF names and layout (module docstring). Tensors are views, not copies."""
     q_size, kv_size = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    out: Tensors = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    out: Tensors = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
     if not c.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     for i in range(c.n_layers):
@@ -141,10 +146,15 @@ def from_hf_state_dict(hf: Tensors, c: LlamaConfig) -> Tensors:
 
     def take(key: str) -> torch.Tensor:
         if key not in hf:
-            raise UserError(f"Hugging Face weights have no tensor {key!r}: not a {hf_config(c)['architectures'][0]}?")
+            raise UserError(
+                f"Hugging Face weights have no tensor {key!r}: not a {hf_config(c)['architectures'][0]}?"
+            )
         return hf[key]
 
-    out: Tensors = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    out: Tensors = {
+        "tok_embeddings.weight": take("model.embed_tokens.weight"),
+        "norm.weight": take("model.norm.weight"),
+    }
     out["lm_head.weight"] = out["tok_embeddings.weight"] if c.tie_embeddings else take("lm_head.weight")
     for i in range(c.n_layers):
         ours, prefix = f"layers.{i}.", f"model.layers.{i}."
@@ -186,7 +196,9 @@ def save_hf(
     """Write config.json + model.safetensors (+ tokenizer.json) loadable by `from_pretrained`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")}
+    tensors = {
+        k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")
+    }
     partial = out_dir / "model.safetensors.partial"
     save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, out_dir / "model.safetensors")
@@ -194,14 +206,19 @@ def save_hf(
     if tokenizer_json is not None:
         (out_dir / "tokenizer.json").write_text(tokenizer_json)
         special = {"bos_token": bos_id, "eos_token": eos_id}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json, special), indent=2))
+        (out_dir / "tokenizer_config.json").write_text(
+            json.dumps(_tokenizer_config(tokenizer_json, special), indent=2)
+        )
     return out_dir
 
 
 def _tokenizer_config(tokenizer_json: str, special_ids: dict[str, int | None]) -> dict[str, Any]:
     """tokenizer_config.json naming the special tokens, so `AutoTokenizer` finds BOS/EOS."""
     added = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
-    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+    }
     for name, token_id in special_ids.items():
         if token_id is not None and token_id in added:
             config[name] = added[token_id]

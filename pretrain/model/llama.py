@@ -125,7 +125,9 @@ class MoE(nn.Module):
             expert_out = expert(x[token_idx]) * top_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, expert_out)
 
-        assigned_fraction = F.one_hot(top_experts, n_experts).float().sum(dim=(0, 1)) / (n_tokens * self.top_k)
+        assigned_fraction = F.one_hot(top_experts, n_experts).float().sum(dim=(0, 1)) / (
+            n_tokens * self.top_k
+        )
         aux_loss = n_experts * (assigned_fraction * probs.mean(dim=0)).sum()
         return out.view(shape), aux_loss
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,28 @@ def count_devices(devices: Any, accelerator: Any) -> int:
 
 
 def next_log_version(run_dir: Path) -> int:
-    versions = [int(m.group(1)) for p in (run_dir / "logs").glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    versions = [
+        int(m.group(1))
+        for p in (run_dir / "logs").glob("version_*")
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
     return max(versions, default=-1) + 1
+
+
+# Lightning/jsonargparse notices that say nothing actionable about a pretrain run.
+QUIET = [
+    r"LightningCLI's args parameter is intended",  # we pass the arguments after `pretrain fit`
+    r"Your `IterableDataset` has `__len__` defined",  # validation sets: exact per-rank lengths
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"\s*skip_none parameter was deprecated",
+    r"It is recommended to use `self.log\('val/",  # validation metrics are reduced before logging
+]
 
 
 class FitCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None) -> None:
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message=message)
         super().__init__(
             PretrainModule,
             PretrainDataModule,
@@ -115,7 +132,11 @@ class FitCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         run_dir = Path(self.config.run_dir)
         configured = self._get(self.config_init, "trainer", default={}).get("logger")
-        loggers: list[Logger] = [CSVLogger(run_dir, name="logs", version=next_log_version(run_dir))]
+        # Flushed every step, so that a killed run loses at most the row being written.
+        csv_logger = CSVLogger(
+            run_dir, name="logs", version=next_log_version(run_dir), flush_logs_every_n_steps=1
+        )
+        loggers: list[Logger] = [csv_logger]
         if isinstance(configured, Logger):
             loggers.append(configured)
         elif isinstance(configured, list):

@@ -57,7 +57,9 @@ class PretrainDataModule(L.LightningDataModule):
         if not sources:
             raise UserError("data.sources is empty: name at least one prepared dataset")
         if global_batch_tokens % seq_len:
-            raise UserError(f"data.global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len ({seq_len})")
+            raise UserError(
+                f"data.global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len ({seq_len})"
+            )
         self.sources = {name: s if isinstance(s, Source) else Source(**s) for name, s in sources.items()}
         self.seq_len = seq_len
         self.global_batch_tokens = global_batch_tokens

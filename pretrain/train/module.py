@@ -144,7 +144,9 @@ class PretrainModule(L.LightningModule):
                 mesh.device_type, (nodes, mesh.size() // nodes), mesh_dim_names=("replicate", "shard")
             )
         bf16 = str(self.trainer.precision).startswith("bf16")
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        )
         kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy else {})
         for block in model.layers:
             fully_shard(block, **kwargs)
@@ -171,7 +173,9 @@ class PretrainModule(L.LightningModule):
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps < 1:
             raise UserError("the trainer needs max_steps (or max_tokens) to define the LR schedule")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_schedule(step, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.lr_schedule(step, total_steps)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -262,7 +266,9 @@ class PretrainModule(L.LightningModule):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         source = self.trainer.datamodule.val_source_names[dataloader_idx]
         sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
-        sums += torch.stack([loss_sum.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64)])
+        sums += torch.stack(
+            [loss_sum.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64)]
+        )
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""

@@ -31,8 +31,13 @@ class StepProgressBar(ProgressBar):
         self._last_step = trainer.global_step
         if self._enabled and trainer.is_global_zero:
             self._bar = tqdm(
-                total=trainer.max_steps, initial=trainer.global_step, desc="training", unit="step",
-                dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                total=trainer.max_steps,
+                initial=trainer.global_step,
+                desc="training",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

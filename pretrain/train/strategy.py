@@ -23,4 +23,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 if "fsdp2" not in StrategyRegistry:
-    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all ranks (fully_shard per block)")
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="FSDP2 over all ranks (fully_shard per block)"
+    )

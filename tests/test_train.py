@@ -1,0 +1,318 @@
+"""`pretrain fit`: exact resume after SIGKILL (1 process and FSDP2 over 2 gloo processes, and 2 -> 1),
+checkpoint publishing, data/vocab checks, non-finite step skipping, config errors, HF export.
+
+Multi-process and kill tests run the real `pretrain` command in subprocesses (Lightning
+relaunches the command line for the second rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import require
+
+from pretrain.cli import main
+from pretrain.model import Llama
+from pretrain.model.checkpoint import load_model_checkpoint
+from pretrain.train.checkpoints import PeriodicCheckpoint, list_checkpoints, resolve_resume
+
+PRETRAIN = str(Path(sys.executable).with_name("pretrain"))
+STEPS = 12
+MODEL = {
+    "vocab_size": 512,
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "mlp_hidden": 128,
+    "max_seq_len": 64,
+}
+
+
+def recipe(tmp_path: Path, dataset: Path, run_dir: Path, **changes) -> Path:
+    """A tiny CPU recipe: 16 sequences x 64 tokens per step, 12 steps, checkpoint every 4."""
+    config = {
+        "run_dir": str(run_dir),
+        "validate_every_steps": 4,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": STEPS,
+            "precision": "32-true",
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+        },
+        "model": {
+            "model": "tiny",
+            "model_overrides": MODEL,
+            "lr_schedule": {
+                "class_path": "pretrain.train.schedules.WarmupCosine",
+                "init_args": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
+            },
+        },
+        "data": {
+            "sources": {"stdlib": {"path": str(dataset), "weight": 1.0}},
+            "seq_len": 64,
+            "global_batch_tokens": 1024,
+            "micro_batch_size": 8,
+            "num_workers": 0,
+            "val_tokens": 4096,
+        },
+        "checkpoint": {"every_n_steps": 4, "keep_last": 2},
+    }
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss over all launches of a run (a later launch overrides re-done steps)."""
+    losses: dict[int, float] = {}
+    versions = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for version in versions:
+        if not (version / "metrics.csv").exists():  # a launch that failed before its first step
+            continue
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run([PRETRAIN, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def logged_steps(run_dir: Path) -> int:
+    try:
+        return len(train_losses(run_dir))
+    except (OSError, ValueError, KeyError):  # the first rows are being written
+        return 0
+
+
+def run_and_kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 240) -> None:
+    """Start `pretrain ...`; SIGKILL its whole process group once `checkpoint` is published and
+    the log holds every step up to it (a hard kill may lose the one log row being written)."""
+    process = subprocess.Popen(
+        [PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    step = int(checkpoint.name.split("-")[1].split(".")[0])
+    while not (checkpoint.exists() and logged_steps(checkpoint.parent.parent) >= step):
+        if process.poll() is not None:
+            pytest.fail(
+                f"training exited before {checkpoint.name} appeared: {process.stderr.read().decode()[-2000:]}"
+            )
+        assert time.monotonic() < deadline, "timed out waiting for the checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted single-process run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run(["fit", "--config", str(recipe(tmp, tiny_dataset, tmp / "ref"))])
+    losses = train_losses(tmp / "ref")
+    assert sorted(losses) == list(range(STEPS))
+    assert losses[STEPS - 1] < losses[0] - 0.3  # it learns
+    return losses
+
+
+def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, reference):
+    run_dir = tmp_path / "killed"
+    config = recipe(tmp_path, tiny_dataset, run_dir)
+    run_and_kill_after_checkpoint(
+        ["fit", "--config", str(config)], run_dir / "checkpoints" / "step-00000004.ckpt"
+    )
+    resumed = run(["fit", "--config", str(config)])  # --resume auto
+    assert "resuming from" in resumed.stderr
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    assert losses == reference  # bit-identical per-step losses on CPU fp32
+    assert len(list((run_dir / "logs").glob("version_*"))) == 2
+
+
+def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tmp_path, reference):
+    require("torch.distributed")
+    assert torch.distributed.is_gloo_available()
+    run_dir = tmp_path / "fsdp"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__devices=2, trainer__strategy="fsdp2")
+    args = ["fit", "--config", str(config)]
+    run_and_kill_after_checkpoint(args, run_dir / "checkpoints" / "step-00000004.ckpt")
+    checkpoint = run_dir / "checkpoints" / "step-00000004.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # sharded
+    run(args)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    # Same global batch, same order: FSDP2 over 2 ranks matches the single-process run.
+    assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+
+    # Resume the 2-process run's step-8 checkpoint on ONE process: same data order continues.
+    one = tmp_path / "one"
+    config_one = recipe(tmp_path, tiny_dataset, one, trainer__devices=1, trainer__strategy="fsdp2")
+    run(["fit", "--config", str(config_one), "--resume", str(run_dir / "checkpoints" / "step-00000008.ckpt")])
+    continued = train_losses(one)
+    assert sorted(continued) == list(range(8, STEPS))
+    assert max(abs(continued[s] - reference[s]) for s in continued) < 1e-5
+
+    # The sharded checkpoint converts to a Hugging Face model on the CPU without any process group.
+    transformers = require("transformers")
+    final = run_dir / "checkpoints" / f"step-{STEPS:08d}.ckpt"
+    assert main(["export-hf", str(final), str(tmp_path / "hf")]) == 0
+    ours = Llama(load_model_checkpoint(final).config).eval()
+    ours.load_state_dict(load_model_checkpoint(final).state_dict)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        assert (ours(tokens).logits - theirs(tokens).logits).abs().max() < 1e-4
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "keep"
+    config = recipe(
+        tmp_path, tiny_dataset, run_dir, checkpoint={"every_n_steps": 2, "keep_last": 2, "pin_steps": [2]}
+    )
+    assert main(["fit", "--config", str(config)]) == 0
+    steps = [step for step, _ in list_checkpoints(run_dir / "checkpoints")]
+    assert steps == [2, 10, 12]
+    # A crash mid-write leaves only a partial, which --resume auto never picks.
+    (run_dir / "checkpoints" / ".partial-step-00000014.ckpt").write_bytes(b"half")
+    assert resolve_resume("auto", run_dir / "checkpoints").name == "step-00000012.ckpt"
+    assert resolve_resume("none", run_dir / "checkpoints") is None
+    checkpoint = torch.load(run_dir / "checkpoints" / "step-00000012.ckpt", weights_only=False)
+    info = checkpoint["pretrain"]
+    assert info["model_config"]["dim"] == 64 and info["tokens_seen"] == 12 * 1024
+    assert info["tokenizer"] and checkpoint["PretrainDataModule"]["fingerprint"]
+
+
+def test_resume_refuses_changed_data_unless_allowed(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "data-change"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4)
+    assert main(["fit", "--config", str(config)]) == 0
+    # A different dataset under the same source name: first 60 documents only.
+    corpus = tmp_path / "changed.jsonl"
+    corpus.write_text("".join((tiny_dataset.parent / "corpus.jsonl").read_text().splitlines(True)[:60]))
+    changed = tmp_path / "changed"
+    tokenizer = str(tiny_dataset / "tokenizer.json")
+    prepare = ["data", "prepare", "--input", str(corpus), "--tokenizer", tokenizer, "--output", str(changed)]
+    assert main(prepare + ["--val-fraction", "0.1", "--num-proc", "1"]) == 0
+    capsys.readouterr()
+    override = [
+        "--data.sources",
+        f'{{"stdlib": {{"path": "{changed}", "weight": 1.0}}}}',
+        "--trainer.max_steps",
+        "8",
+    ]
+    assert main(["fit", "--config", str(config), *override]) == 2
+    assert "training data changed since this checkpoint" in capsys.readouterr().err
+    assert main(["fit", "--config", str(config), *override, "--data.allow_data_change", "true"]) == 0
+    assert sorted(train_losses(run_dir)) == list(range(8))
+
+
+def test_vocab_smaller_than_tokenizer_is_a_clear_error(tiny_dataset, tmp_path, capsys):
+    config = recipe(
+        tmp_path,
+        tiny_dataset,
+        tmp_path / "vocab",
+        model={"model": "tiny", "model_overrides": {**MODEL, "vocab_size": 300}},
+    )
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "tokenizer has 512 tokens but the model's vocab_size is 300" in capsys.readouterr().err
+
+
+def test_batch_geometry_and_config_errors(tiny_dataset, tmp_path, capsys):
+    config = recipe(tmp_path, tiny_dataset, tmp_path / "geometry")
+    assert main(["fit", "--config", str(config), "--data.global_batch_tokens", "1280"]) == 2
+    assert "must be a multiple of micro_batch_size x seq_len" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.learning_rate", "3"])
+    assert "learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["global_batch_tokens"] == 1024 and printed["model"]["model"] == "tiny"
+    assert main(["fit", "--config", str(config), "--resume", str(tmp_path / "nope.ckpt")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+class PoisonGradients(L.Callback):
+    """Makes the gradients of the given optimizer steps non-finite."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+        self.params_before: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step
+        self.params_before[step] = torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()])
+        if step in self.steps:
+            next(pl_module.parameters()).grad[0] = float("nan")
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_dataset, tmp_path):
+    from pretrain.train.data import PretrainDataModule, Source
+    from pretrain.train.module import PretrainModule
+
+    module = PretrainModule(model="tiny", model_overrides=MODEL, max_nonfinite_steps=3)
+    data = PretrainDataModule(
+        {"stdlib": Source(str(tiny_dataset))},
+        seq_len=64,
+        global_batch_tokens=1024,
+        micro_batch_size=8,
+        num_workers=0,
+    )
+    poison = PoisonGradients({2, 5, 6, 7})
+    checkpoints = PeriodicCheckpoint(tmp_path / "checkpoints", every_n_steps=None)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[poison, checkpoints],
+    )
+    trainer.fit(module, datamodule=data)
+    params = poison.params_before
+    # Step 2 was skipped: parameters after it equal those before it. Step 3 (finite) changed them.
+    assert torch.equal(params[2], params[3]) and not torch.equal(params[3], params[4])
+    # Steps 5, 6, 7 non-finite in a row -> stopped after step 7 with the last good weights saved.
+    assert (
+        module.skipped_steps == 4
+        and module.stop_reason
+        and "3 optimizer steps in a row" in module.stop_reason
+    )
+    assert trainer.global_step == 8
+    saved = load_model_checkpoint(tmp_path / "checkpoints" / "step-00000008.ckpt")
+    good = torch.cat([v.flatten() for v in saved.state_dict.values()])
+    assert torch.isfinite(good).all()
+    assert torch.equal(torch.sort(good).values, torch.sort(params[5]).values)
