@@ -32,6 +32,13 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help=f"default: {d.shard_tokens:,}")
     p.add_argument("--bos", action="store_true", help="also start every document with BOS")
     p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="leave out records whose (dotted) KEY equals VALUE, e.g. meta.redpajama_set_name=RedPajamaGithub",
+    )
+    p.add_argument(
         "--strict", action="store_true", help="stop at the first bad record instead of skipping it"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset or unfinished run in --output")
@@ -61,7 +68,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from pretrain.data.prepare import prepare
 
-    settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos)
+    settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos, tuple(args.exclude))
     prepare(
         args.input,
         args.tokenizer,

@@ -3,9 +3,10 @@
 Formats: JSON lines (`.jsonl`, `.ndjson`, `.json`), JSON arrays (`.json` starting with `[`),
 plain text (`.txt`, one document per file), each optionally `.gz` or `.zst` compressed;
 Parquet (`.parquet`) and `datasets.save_to_disk` folders. A document is the string in the
-text field of a record. JSON is read line by line here, so a bad record is reported with its
-file and line; Parquet is read per row group with pyarrow and save_to_disk folders through
-`datasets` (both imported only when such an input is given).
+text field of a record; records matching an `--exclude KEY=VALUE` rule are left out (e.g.
+TinyLlama drops SlimPajama's GitHub subset). JSON is read line by line here, so a bad record
+is reported with its file and line; Parquet is read per row group with pyarrow and
+save_to_disk folders through `datasets` (both imported only when such an input is given).
 
 Work units are fixed slices of the inputs (about UNIT_BYTES of an uncompressed JSON-lines
 file cut at line ends, one Parquet row group, a run of rows of a saved dataset, or a whole
@@ -21,8 +22,9 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -211,158 +213,189 @@ def _line_ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
             start = stop
 
 
-def _text_of(record: Any, text_field: str) -> tuple[str | None, str, str]:
-    """(text, reason, detail): text is None when the record cannot be used."""
-    if not isinstance(record, dict):
-        return None, "not an object", f"expected a JSON object, got {type(record).__name__}"
-    if text_field not in record:
-        keys = ", ".join(list(record)[:8]) or "none"
-        return None, "missing field", f"missing field {text_field!r} (fields: {keys})"
-    return _checked(record[text_field], text_field)
+@dataclass(frozen=True)
+class Fields:
+    """Which field holds the text, and which records to leave out (`--exclude KEY=VALUE`)."""
+
+    text: str = "text"
+    exclude: tuple[str, ...] = ()  # "dotted.key=value": drop records whose value there equals it
+
+    def __post_init__(self) -> None:
+        self.rules  # noqa: B018 (parse now: a malformed rule is an error before any work)
+
+    @cached_property
+    def rules(self) -> list[tuple[list[str], str]]:
+        """(key path, value) per rule; raises UserError on a malformed rule."""
+        rules = []
+        for rule in self.exclude:
+            key, sep, value = rule.partition("=")
+            if not sep or not key:
+                raise UserError(
+                    f"--exclude {rule!r}: expected KEY=VALUE, e.g. meta.redpajama_set_name=RedPajamaGithub"
+                )
+            rules.append((key.split("."), value))
+        return rules
+
+    def columns(self) -> list[str]:
+        """Top-level fields a columnar reader must load."""
+        return list(dict.fromkeys([self.text, *(keys[0] for keys, _ in self.rules)]))
+
+    def excluded(self, record: dict) -> bool:
+        for keys, value in self.rules:
+            found: Any = record
+            for key in keys:
+                found = found.get(key, _MISSING) if isinstance(found, dict) else _MISSING
+            if found is not _MISSING and (found if isinstance(found, str) else json.dumps(found)) == value:
+                return True
+        return False
 
 
-def _checked(text: Any, text_field: str) -> tuple[str | None, str, str]:
-    if text is None:
-        return None, "missing field", f"field {text_field!r} is null"
-    if not isinstance(text, str):
-        return None, "not a string", f"field {text_field!r} is {type(text).__name__}, not a string"
-    if not text:
-        return None, "empty text", f"field {text_field!r} is empty"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return (
-                None,
-                "undecodable bytes",
-                f"field {text_field!r} holds a lone surrogate at character {err.start}",
-            )
-    return text, "", ""
+_MISSING = object()
 
 
-def _json_lines(lines: Iterator[bytes], text_field: str, texts: list[str], problems: list[Problem]) -> int:
-    """Parse JSON lines into `texts`; returns the number of lines read."""
-    n = 0
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(Problem(n, "", "undecodable bytes", f"invalid UTF-8 at column {err.start + 1}"))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(n, "", "malformed JSON", err.msg + f" at column {err.colno}"))
-            continue
-        text, reason, detail = _text_of(record, text_field)
-        if text is None:
-            problems.append(Problem(n, "", reason, detail))
+@dataclass
+class Chunk:
+    """What reading one unit gives: documents in order, skipped records, lines spanned."""
+
+    texts: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    lines: int = 0
+    excluded: int = 0
+
+    def take(self, record: Any, fields: Fields, line: int | None = None, where: str = "") -> None:
+        """Keep the record's text, or note why not."""
+        if not isinstance(record, dict):
+            detail = f"expected a JSON object, got {type(record).__name__}"
+            self.problems.append(Problem(line, where, "not an object", detail))
+        elif fields.exclude and fields.excluded(record):
+            self.excluded += 1
+        elif fields.text not in record:
+            detail = f"missing field {fields.text!r} (fields: {', '.join(list(record)[:8]) or 'none'})"
+            self.problems.append(Problem(line, where, "missing field", detail))
         else:
-            texts.append(text)
-    return n
+            self.take_text(record[fields.text], fields.text, line, where)
 
+    def take_text(self, text: Any, name: str, line: int | None = None, where: str = "") -> None:
+        reason = detail = ""
+        if text is None:
+            reason, detail = "missing field", f"field {name!r} is null"
+        elif not isinstance(text, str):
+            reason, detail = "not a string", f"field {name!r} is {type(text).__name__}, not a string"
+        elif not text:
+            reason, detail = "empty text", f"field {name!r} is empty"
+        elif not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                reason, detail = (
+                    "undecodable bytes",
+                    f"field {name!r} holds a lone surrogate at character {err.start}",
+                )
+        if reason:
+            self.problems.append(Problem(line, where, reason, detail))
+        else:
+            self.texts.append(text)
 
-def read(path: Path, unit: Unit, text_field: str) -> tuple[list[str], list[Problem], int]:
-    """Documents of `unit` in order, the records skipped, and the number of lines it spans."""
-    texts: list[str] = []
-    problems: list[Problem] = []
-    lines = 0
-    if unit.kind == "lines":
-        with open(path, "rb") as f:
-            f.seek(unit.start)
-            chunk = f.read(unit.stop - unit.start)
-        lines = chunk.count(b"\n")
-        _json_lines(iter(chunk.split(b"\n")), text_field, texts, problems)
-    elif unit.kind == "stream":
+    def json_lines(self, lines: Iterable[bytes], fields: Fields) -> None:
+        for n, raw in enumerate(lines, 1):
+            self.lines = n
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                self.problems.append(
+                    Problem(n, "", "undecodable bytes", f"invalid UTF-8 at column {err.start + 1}")
+                )
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                self.problems.append(Problem(n, "", "malformed JSON", f"{err.msg} at column {err.colno}"))
+                continue
+            self.take(record, fields, line=n)
+
+    def json_array(self, data: bytes, fields: Fields) -> None:
         try:
-            if _stem_and_compression(path)[0].endswith(".json") and _starts_with_bracket(path):
-                _json_array(path, text_field, texts, problems)
-            else:
-                with _open_bytes(path) as f:
-                    lines = _json_lines(iter(f), text_field, texts, problems)
-        except _decompress_errors() as err:
-            problems.append(Problem(None, "", "unreadable file", f"cannot decompress: {err}"))
-        if not texts and not problems:
-            problems.append(Problem(None, "", "empty file", "empty file (no records)"))
-    elif unit.kind == "text":
-        try:
-            with _open_bytes(path) as f:
-                data = f.read()
-        except _decompress_errors() as err:
-            problems.append(Problem(None, "", "unreadable file", f"cannot decompress: {err}"))
-            return texts, problems, lines
+            records = json.loads(data)
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            self.problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
+            return
+        except json.JSONDecodeError as err:
+            self.problems.append(
+                Problem(err.lineno, "", "malformed JSON", f"{err.msg} at column {err.colno}")
+            )
+            return
+        for n, record in enumerate(records, 1):
+            self.take(record, fields, where=f"record {n}")
+
+    def text_file(self, data: bytes) -> None:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
-            problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
+            self.problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
+            return
+        if text:
+            self.texts.append(text)
         else:
-            if text:
-                texts.append(text)
-            else:
-                problems.append(Problem(None, "", "empty file", "empty file"))
+            self.problems.append(Problem(None, "", "empty file", "empty file"))
+
+    def rows(self, columns: dict[str, list], first: int, fields: Fields, prefix: str = "") -> None:
+        names = list(columns)
+        for row, values in enumerate(zip(*columns.values(), strict=True), first):
+            self.take(dict(zip(names, values, strict=True)), fields, where=f"{prefix}row {row}")
+
+
+def read(path: Path, unit: Unit, fields: Fields) -> Chunk:
+    """The documents of `unit`, in order, and the records left out."""
+    chunk = Chunk()
+    if unit.kind == "lines":
+        with open(path, "rb") as f:
+            f.seek(unit.start)
+            data = f.read(unit.stop - unit.start)
+        chunk.json_lines(data.split(b"\n"), fields)
+        chunk.lines = data.count(b"\n")
+    elif unit.kind in ("stream", "text"):
+        try:
+            with _open_bytes(path) as f:
+                if unit.kind == "text":
+                    chunk.text_file(f.read())
+                elif _stem_and_compression(path)[0].endswith(".json") and _starts_with_bracket(path):
+                    chunk.json_array(f.read(), fields)
+                else:
+                    chunk.json_lines(f, fields)
+        except _decompress_errors() as err:
+            chunk.problems.append(Problem(None, "", "unreadable file", f"cannot decompress: {err}"))
+        if unit.kind == "stream" and not (chunk.texts or chunk.problems or chunk.excluded):
+            chunk.problems.append(Problem(None, "", "empty file", "empty file (no records)"))
     elif unit.kind == "parquet":
-        _parquet(path, unit, text_field, texts, problems)
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(path)
+        present = file.schema_arrow.names
+        if fields.text not in present:
+            detail = f"missing field {fields.text!r} (columns: {', '.join(present)})"
+            chunk.problems.append(Problem(None, f"row group {unit.start}", "missing field", detail))
+        else:
+            columns = [c for c in fields.columns() if c in present]
+            table = file.read_row_group(unit.start, columns=columns)
+            first = sum(file.metadata.row_group(g).num_rows for g in range(unit.start))
+            chunk.rows(table.to_pydict(), first, fields)
     else:
         ds = _load_saved(path, unit.subset)
+        columns = [c for c in fields.columns() if c in ds.column_names]
         prefix = f"split {unit.subset!r} " if unit.subset is not None else ""
-        for row, value in enumerate(
-            ds.select_columns([text_field])[unit.start : unit.stop][text_field], unit.start
-        ):
-            _append(value, text_field, f"{prefix}row {row}", texts, problems)
-    return texts, problems, lines
+        chunk.rows(ds.select_columns(columns)[unit.start : unit.stop], unit.start, fields, prefix)
+    return chunk
 
 
-def _append(value: Any, text_field: str, where: str, texts: list[str], problems: list[Problem]) -> None:
-    text, reason, detail = _checked(value, text_field)
-    if text is None:
-        problems.append(Problem(None, where, reason, detail))
-    else:
-        texts.append(text)
-
-
-def _json_array(path: Path, text_field: str, texts: list[str], problems: list[Problem]) -> None:
-    with _open_bytes(path) as f:
-        data = f.read()
-    try:
-        records = json.loads(data)
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        problems.append(Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {err.start}"))
-        return
-    except json.JSONDecodeError as err:
-        problems.append(Problem(err.lineno, "", "malformed JSON", err.msg + f" at column {err.colno}"))
-        return
-    for n, record in enumerate(records, 1):
-        text, reason, detail = _text_of(record, text_field)
-        if text is None:
-            problems.append(Problem(None, f"record {n}", reason, detail))
-        else:
-            texts.append(text)
-
-
-def _parquet(path: Path, unit: Unit, text_field: str, texts: list[str], problems: list[Problem]) -> None:
-    import pyarrow.parquet as pq
-
-    file = pq.ParquetFile(path)
-    columns = file.schema_arrow.names
-    if text_field not in columns:
-        detail = f"missing field {text_field!r} (columns: {', '.join(columns)})"
-        problems.append(Problem(None, f"row group {unit.start}", "missing field", detail))
-        return
-    first = sum(file.metadata.row_group(g).num_rows for g in range(unit.start))
-    values = file.read_row_group(unit.start, columns=[text_field]).column(0).to_pylist()
-    for row, value in enumerate(values, first):
-        _append(value, text_field, f"row {row}", texts, problems)
-
-
-def documents(paths: Sequence[Path], text_field: str) -> Iterator[str]:
-    """Every usable document of the inputs, in order (bad records are skipped silently)."""
-    units, _ = plan(paths, text_field)
+def documents(paths: Sequence[Path], fields: Fields) -> Iterator[str]:
+    """Every usable document of the inputs, in order (records left out silently)."""
+    units, _ = plan(paths, fields.text)
     for unit in units:
-        yield from read(paths[unit.file], unit, text_field)[0]
+        yield from read(paths[unit.file], unit, fields).texts
 
 
 def input_record(path: Path) -> dict:

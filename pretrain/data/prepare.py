@@ -71,6 +71,7 @@ class UnitResult:
     lengths: dict[str, np.ndarray]
     problems: list[Problem]
     lines: int
+    excluded: int
 
 
 # ---------------------------------------------------------------- worker side
@@ -79,12 +80,19 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(
-    paths: list[Path], tokenizer_path: str, settings: Settings, eos: int, bos: int | None, dtype: str
+    paths: list[Path],
+    tokenizer_path: str,
+    fields: inputs.Fields,
+    settings: Settings,
+    eos: int,
+    bos: int | None,
+    dtype: str,
 ) -> None:
     _worker.update(
         paths=paths,
         tokenizer=Tokenizer.from_file(tokenizer_path),
-        settings=settings,
+        fields=fields,
+        val_fraction=settings.val_fraction,
         eos=eos,
         bos=bos if settings.bos else None,
         dtype=np.dtype(dtype),
@@ -111,15 +119,14 @@ def _pack(ids: list[list[int]], eos: int, bos: int | None, dtype: np.dtype) -> t
 def tokenize_unit(unit: Unit) -> UnitResult:
     """Read, split and tokenize one unit (runs in a worker process)."""
     w = _worker
-    settings: Settings = w["settings"]
-    texts, problems, lines = inputs.read(w["paths"][unit.file], unit, settings.text_field)
-    val = [is_val(t, settings.val_fraction) for t in texts]
-    ids = [e.ids for e in w["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)]
+    chunk = inputs.read(w["paths"][unit.file], unit, w["fields"])
+    val = [is_val(t, w["val_fraction"]) for t in chunk.texts]
+    ids = [e.ids for e in w["tokenizer"].encode_batch_fast(chunk.texts, add_special_tokens=False)]
     tokens, lengths = {}, {}
     for split in SPLITS:
         mine = [x for x, v in zip(ids, val, strict=True) if v == (split == "val")]
         tokens[split], lengths[split] = _pack(mine, w["eos"], w["bos"], w["dtype"])
-    return UnitResult(tokens, lengths, problems, lines)
+    return UnitResult(tokens, lengths, chunk.problems, chunk.lines, chunk.excluded)
 
 
 @contextlib.contextmanager
@@ -278,6 +285,7 @@ def _fresh_state(identity: str) -> dict:
         "splits": {s: {"index": 0, "tokens": 0, "docs": 0} for s in SPLITS},
         "skipped": {},
         "examples": [],
+        "excluded": 0,
     }
 
 
@@ -368,6 +376,7 @@ def prepare(
             f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
             f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
         )
+    fields = inputs.Fields(settings.text_field, settings.exclude)
     paths = inputs.expand(patterns)
     units, early = inputs.plan(paths, settings.text_field)
     root = Path(output)
@@ -407,7 +416,7 @@ def prepare(
     counts = Counter()
     try:
         with _serial_tokenizers():
-            initargs = (paths, str(tok.path), settings, tok.eos_id, tok.bos_id, token_dtype.name)
+            initargs = (paths, str(tok.path), fields, settings, tok.eos_id, tok.bos_id, token_dtype.name)
             for u, result in enumerate(_results(units[done:], num_proc, initargs), done):
                 unit = units[u]
                 line_base = state["line_base"][1] if state["line_base"][0] == unit.file else 0
@@ -423,6 +432,7 @@ def prepare(
                     writer.add(result.tokens[split], result.lengths[split])
                     writer.sync()
                     state["splits"][split] = writer.state()
+                state["excluded"] += result.excluded
                 state["units_done"] = u + 1
                 state["line_base"] = [unit.file, line_base + result.lines]
                 _commit(root, state)
@@ -504,6 +514,7 @@ def _manifest(
             "by_reason": dict(sorted(skipped.items())),
             "examples": (examples + state["examples"])[:EXAMPLES],
         },
+        "excluded": state["excluded"],
         "content_fingerprint": content_fingerprint(published, tok.fingerprint, dtype.name),
     }
 
@@ -521,4 +532,6 @@ def summary(manifest: Manifest, seconds: float) -> str:
     sk = d["skipped"]
     reasons = ", ".join(f"{r} {n:,}" for r, n in sk["by_reason"].items())
     lines.append(f"  skipped {sk['total']:,} record(s)" + (f": {reasons}" if reasons else ""))
+    if d["settings"]["exclude"]:
+        lines.append(f"  excluded {d['excluded']:,} record(s) by {', '.join(d['settings']['exclude'])}")
     return "\n".join(lines)

@@ -16,3 +16,4 @@ class Settings:
     val_fraction: float = 0.001  # share of documents (by text hash) in the validation split
     shard_tokens: int = 2**28  # a shard is cut before the document that would overflow this
     bos: bool = False  # also start every document with BOS (EOS always ends it)
+    exclude: tuple[str, ...] = ()  # "dotted.key=value" rules: leave matching records out

@@ -185,4 +185,6 @@ def describe(manifest: Manifest) -> str:
     lines.append(f"skipped      {sk['total']:,} record(s)")
     lines += [f"  {reason}: {n:,}" for reason, n in sorted(sk["by_reason"].items())]
     lines += [f"  e.g. {example}" for example in sk["examples"]]
+    if s["exclude"]:
+        lines.append(f"excluded     {d['excluded']:,} record(s) by {', '.join(s['exclude'])}")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def train_tokenizer(
     from pretrain.data import inputs
     from pretrain.data.shards import write_atomic
 
-    tok = train_bpe(inputs.documents(inputs.expand(patterns), text_field), vocab_size)
+    tok = train_bpe(inputs.documents(inputs.expand(patterns), inputs.Fields(text_field)), vocab_size)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, tok.to_str().encode())

@@ -1,0 +1,349 @@
+"""`pretrain data prepare`: round trip, determinism across --num-proc, kill-and-rerun, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require
+
+from pretrain.cli import main
+from pretrain.data import inputs
+from pretrain.data.loader import build_train_dataset
+from pretrain.data.prepare import is_val, prepare
+from pretrain.data.settings import Settings
+from pretrain.data.shards import load_manifest
+from pretrain.data.tokenizer import EOS, fingerprint, load_tokenizer, train_bpe
+from pretrain.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the of and to in is was for on that with as by at from data model token shard epoch".split()
+EXTRA = ["café", "naïve", "日本語", "emoji 🙂", "tab\there", "new\nline", '"quoted"']
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(WORDS + EXTRA) for _ in range(rng.randint(1, 60))) + f" #{seed}-{i}"
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({field: d, "meta": {"i": i}}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_bpe(make_docs(300, seed=99), vocab_size=320).save(str(path))
+    return path
+
+
+def read_split(root: Path, split: str) -> list[np.ndarray]:
+    """Documents of a split, from the shards and their sidecars' document offsets."""
+    manifest = load_manifest(root)
+    docs = []
+    for shard in manifest.shards(split):
+        sidecar = json.loads(shard.path.with_suffix(".json").read_text())
+        tokens = np.fromfile(shard.path, dtype=manifest.dtype)
+        assert sidecar["tokens"] == len(tokens) and sidecar["dtype"] == manifest.dtype.name
+        assert sidecar["eos_id"] == manifest.eos_id and len(sidecar["doc_offsets"]) == sidecar["documents"]
+        docs += np.split(tokens, sidecar["doc_offsets"][1:])
+    return docs
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_split_by_hash_and_shards(tmp_path, tokenizer):
+    docs = make_docs(120)
+    files = [
+        write_jsonl(tmp_path / "in" / "a.jsonl", docs[:70]),
+        write_jsonl(tmp_path / "in" / "b.jsonl", docs[70:]),
+    ]
+    manifest = prepare(
+        [str(tmp_path / "in" / "*.jsonl")],
+        tokenizer,
+        tmp_path / "out",
+        Settings(val_fraction=0.25, shard_tokens=700),
+        num_proc=1,
+        show_progress=False,
+    )
+    tok = load_tokenizer(tokenizer)
+    assert [i["path"] for i in manifest.data["inputs"]] == [str(f) for f in files]
+    for split in ("train", "val"):
+        expected = [d for d in docs if is_val(d, 0.25) == (split == "val")]
+        got = read_split(tmp_path / "out", split)
+        assert len(got) == len(expected) == manifest.data["splits"][split]["documents"] > 0
+        for tokens, text in zip(got, expected, strict=True):
+            assert tokens[-1] == tok.eos_id and (tokens[:-1] != tok.eos_id).all()
+            assert tok.tokenizer.decode(tokens[:-1].tolist()) == text
+    train = manifest.shards("train")
+    assert len(train) > 3 and all(s.tokens <= 700 for s in train)  # cut at document boundaries
+    assert manifest.dtype == np.dtype("<u2") and manifest.data["tokenizer"]["vocab_size"] == 320
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    assert not (tmp_path / "out" / ".prepare").exists()
+
+
+def test_bos_starts_every_document(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(20))
+    prepare([str(tmp_path / "a.jsonl")], tokenizer, tmp_path / "out", Settings(bos=True), show_progress=False)
+    tok = load_tokenizer(tokenizer)
+    docs = read_split(tmp_path / "out", "train")
+    assert len(docs) == 20 and all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
+
+
+def test_identical_bytes_whatever_num_proc(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(inputs, "UNIT_BYTES", 2048)  # many units per file
+    for i in range(3):
+        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", make_docs(150, seed=i))
+    (tmp_path / "in" / "broken.jsonl").write_text('{"text": "fine"}\n{not json\n{"text": "also fine"}\n')
+    outputs = []
+    for num_proc in (1, 2, 3):
+        out = tmp_path / f"out{num_proc}"
+        prepare([str(tmp_path / "in")], tokenizer, out, Settings(shard_tokens=1500, val_fraction=0.1),
+                num_proc=num_proc, show_progress=False)  # fmt: skip
+        outputs.append(tree(out))
+    assert len([f for f in outputs[0] if f.endswith(".bin")]) > 4
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def _run_prepare_cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "pretrain.cli", "data", "prepare", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _units_done(out: Path) -> int:
+    try:
+        return json.loads((out / ".prepare" / "state.json").read_text())["units_done"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
+    for i in range(240):
+        write_jsonl(tmp_path / "in" / f"part{i:03d}.jsonl", make_docs(25, seed=i))
+    args = ["--input", str(tmp_path / "in" / "*.jsonl"), "--tokenizer", str(tokenizer), "--num-proc", "2",
+            "--shard-tokens", "3000", "--val-fraction", "0.1", "--output"]  # fmt: skip
+    clean = _run_prepare_cli([*args, str(tmp_path / "clean")])
+    killed = tmp_path / "killed"
+    for threshold in (40, 130):  # kill twice, at different points, with SIGKILL
+        proc = _run_prepare_cli([*args, str(killed)])
+        while _units_done(killed) < threshold and proc.poll() is None:
+            time.sleep(0.002)
+        time.sleep(random.Random(threshold).random() * 0.05)  # land somewhere inside a unit
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "finished before it could be killed"
+        assert not (killed / "manifest.json").exists()
+        with pytest.raises(UserError, match="preparation unfinished"):
+            load_manifest(killed)  # a reader refuses the partial output
+    assert _run_prepare_cli([*args, str(killed)]).wait() == 0
+    assert clean.wait() == 0
+    assert tree(killed) == tree(tmp_path / "clean")
+    assert (
+        load_manifest(killed).data["splits"]["train"]["documents"]
+        + load_manifest(killed).data["splits"]["val"]["documents"]
+        == 240 * 25
+    )
+
+
+def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
+    from pretrain.data import prepare as prepare_module
+
+    for i in range(4):
+        write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(40, seed=i))
+    settings = Settings(shard_tokens=800)
+    pattern = [str(tmp_path / "in" / "*.jsonl")]
+    prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    real_publish = prepare_module.publish
+    calls = []
+
+    def crash_on_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the state commit, before the shard is published
+        return real_publish(*args)
+
+    monkeypatch.setattr(prepare_module, "publish", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    monkeypatch.setattr(prepare_module, "publish", real_publish)
+    prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
+
+
+BAD_CASES = {
+    "malformed JSON": ('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "bad.jsonl:2: Expecting"),
+    "missing field": ('{"text": "a"}\n{"body": "b"}\n{"text": "c"}\n', "bad.jsonl:2: missing field 'text'"),
+    "undecodable bytes": (
+        b'{"text": "a"}\n{"text": "\xff\xfe"}\n{"text": "c"}\n',
+        "bad.jsonl:2: invalid UTF-8",
+    ),
+    "not a string": ('{"text": "a"}\n{"text": 5}\n{"text": "c"}\n', "bad.jsonl:2: field 'text' is int"),
+    "empty file": ("", "bad.jsonl: empty file"),
+}
+
+
+@pytest.mark.parametrize("reason", BAD_CASES)
+def test_bad_records_are_skipped_and_counted_or_fatal_with_strict(tmp_path, tokenizer, reason):
+    content, message = BAD_CASES[reason]
+    good = write_jsonl(tmp_path / "in" / "good.jsonl", make_docs(5))
+    bad = tmp_path / "in" / "bad.jsonl"
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    manifest = prepare([str(good), str(bad)], tokenizer, tmp_path / "out", show_progress=False)
+    skipped = manifest.data["skipped"]
+    assert skipped["total"] == 1 and skipped["by_reason"] == {reason: 1}
+    assert message in skipped["examples"][0]
+    documents = sum(s["documents"] for s in manifest.data["splits"].values())
+    assert documents == 5 + (2 if reason != "empty file" else 0)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        prepare([str(good), str(bad)], tokenizer, tmp_path / "strict", strict=True, show_progress=False)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_strict_failure_leaves_a_resumable_run_and_never_touches_a_dataset(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(inputs, "UNIT_BYTES", 1024)
+    write_jsonl(tmp_path / "in" / "a.jsonl", make_docs(100))
+    with open(tmp_path / "in" / "a.jsonl", "a") as f:
+        f.write("{oops\n")
+    pattern = [str(tmp_path / "in" / "a.jsonl")]
+    with pytest.raises(UserError, match=r"a.jsonl:101: "):
+        prepare(pattern, tokenizer, tmp_path / "out", strict=True, show_progress=False)
+    assert json.loads((tmp_path / "out/.prepare/state.json").read_text())["units_done"] > 3  # work kept
+    prepare(pattern, tokenizer, tmp_path / "out", show_progress=False)  # resume without --strict
+    prepare(pattern, tokenizer, tmp_path / "clean", show_progress=False)
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
+    before = tree(tmp_path / "out")
+    with pytest.raises(UserError, match="already holds a prepared dataset"):
+        prepare(pattern, tokenizer, tmp_path / "out", Settings(val_fraction=0.5), show_progress=False)
+    assert tree(tmp_path / "out") == before
+
+
+def test_missing_input_and_vocab_that_does_not_fit(tmp_path, tokenizer):
+    with pytest.raises(UserError, match="nope.jsonl: no such file"):
+        prepare([str(tmp_path / "nope.jsonl")], tokenizer, tmp_path / "out", show_progress=False)
+    with pytest.raises(UserError, match="no file matches"):
+        prepare([str(tmp_path / "*.parquet")], tokenizer, tmp_path / "out", show_progress=False)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {EOS: 0, **{f"w{i}": i + 1 for i in range(70_000)}}
+    big = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    big.save(str(tmp_path / "big.json"))
+    data = tmp_path / "big.jsonl"
+    data.write_text(json.dumps({"text": "w69999 w1 w65536"}) + "\n")
+    with pytest.raises(UserError, match=r"big.json: vocab size 70,001 does not fit uint16"):
+        prepare([str(data)], tmp_path / "big.json", tmp_path / "out", dtype="uint16", show_progress=False)
+    manifest = prepare([str(data)], tmp_path / "big.json", tmp_path / "out", show_progress=False)
+    assert manifest.dtype == np.dtype("<u4")
+    assert read_split(tmp_path / "out", "train")[0].tolist() == [70_000, 2, 65_537, 0]
+
+
+def test_input_formats(tmp_path, tokenizer):
+    zstandard = require("zstandard")
+    pq = require("pyarrow.parquet")
+    pa = require("pyarrow")
+    docs = make_docs(30)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[:5]).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": d} for d in docs[5:10]] + [{"title": "x"}]))
+    (tmp_path / "d.txt").write_text(docs[10])
+    table = pa.table({"content": docs[11:20] + [None], "n": list(range(10))})
+    pq.write_table(table, tmp_path / "e.parquet", row_group_size=4)
+    paths = inputs.expand([str(tmp_path / "*")])
+    units, early = inputs.plan(paths, "text")
+    assert early == []
+    read = {p.name: [] for p in paths}
+    problems = []
+    for unit in units:
+        field = "content" if paths[unit.file].suffix == ".parquet" else "text"
+        chunk = inputs.read(paths[unit.file], unit, inputs.Fields(field))
+        read[paths[unit.file].name] += chunk.texts
+        problems += [(paths[unit.file].name, p.where, p.reason) for p in chunk.problems]
+    assert read == {
+        "a.jsonl.gz": docs[:5],
+        "b.jsonl.zst": docs[:5],
+        "c.json": docs[5:10],
+        "d.txt": [docs[10]],
+        "e.parquet": docs[11:20],
+    }
+    assert problems == [("c.json", "record 6", "missing field"), ("e.parquet", "row 9", "missing field")]
+
+
+def test_saved_dataset_folder(tmp_path, tokenizer):
+    datasets = require("datasets")
+    docs = make_docs(12)
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": docs[:8]}),
+            "test": datasets.Dataset.from_dict({"text": docs[8:]}),
+        }
+    ).save_to_disk(str(tmp_path / "saved"))
+    manifest = prepare(
+        [str(tmp_path / "saved")], tokenizer, tmp_path / "out", Settings(val_fraction=0), show_progress=False
+    )
+    tok = load_tokenizer(tokenizer)
+    got = [tok.tokenizer.decode(d[:-1].tolist()) for d in read_split(tmp_path / "out", "train")]
+    assert got == docs[8:] + docs[:8]  # splits of a DatasetDict in name order: test, train
+    assert manifest.data["inputs"][0]["path"] == str(tmp_path / "saved")
+
+
+def test_cli_train_tokenizer_prepare_info(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(200))
+    assert main(["data", "train-tokenizer", "--input", str(tmp_path / "a.jsonl"), "--vocab-size", "300",
+                 "--output", str(tmp_path / "tok.json")]) == 0  # fmt: skip
+    tok = load_tokenizer(tmp_path / "tok.json")
+    assert tok.vocab_size == 300 and tok.eos_id == 0 and tok.bos_id == 1 and tok.pad_id == 2
+    args = ["data", "prepare", "--input", str(tmp_path / "a.jsonl"), "--tokenizer", str(tmp_path / "tok.json"),
+            "--output", str(tmp_path / "out"), "--val-fraction", "0.1", "--num-proc", "2"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "200 documents" in out and "skipped 0 record(s)" in out
+    assert main(args) == 2  # refuses to overwrite a finished dataset
+    assert "already holds a prepared dataset" in capsys.readouterr().err
+    assert main(["data", "info", str(tmp_path / "out")]) == 0
+    info = capsys.readouterr().out
+    assert "vocab 300" in info and "dtype uint16" in info and "train" in info
+    assert main(["data", "info", str(tmp_path)]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+    dataset = build_train_dataset(
+        {"a": (tmp_path / "out", 1.0)}, seq_len=16, global_batch_size=4, micro_batch_size=2
+    )
+    x, y = next(iter(dataset))
+    assert x.shape == (2, 16) and int(x.max()) < 300
+
+
+def test_llama_style_tokenizer_and_fingerprint(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁a": 3, "▁b": 4, "a": 5, "b": 6, "▁": 7}
+    tok = Tokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tok.to_str())
+    info = load_tokenizer(path)
+    assert (info.eos_id, info.bos_id, info.vocab_size) == (2, 1, 8)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(json.loads(tok.to_str()), indent=4))
+    assert load_tokenizer(pretty).fingerprint == info.fingerprint == fingerprint(tok)
+    vocab["c"] = 8
+    other = Tokenizer(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    assert fingerprint(other) != info.fingerprint
+    with pytest.raises(UserError, match="no end-of-document token"):
+        load_tokenizer(path, eos_token="<|eot|>")
