@@ -240,3 +240,29 @@ def test_data_fingerprint_tracks_content_and_weights(tmp_path):
     assert fp != data_fingerprint({"x": (a, 2.0)})
     assert fp != data_fingerprint({"y": (a, 1.0)})
     assert fp != data_fingerprint({"x": (write_dataset(tmp_path / "c", [100, 50], offset=1), 1.0)})
+
+
+def test_training_path_needs_no_preparation_packages(tmp_path):
+    """The GPU machines have no `datasets`: reading must not import it (nor tokenizers, pyarrow)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = write_dataset(tmp_path / "a", [20 * SEQ + 1], val_sizes=(4 * SEQ + 1,))
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("datasets", "tokenizers", "pyarrow", "zstandard"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from pretrain.data.loader import build_train_dataset, build_val_datasets, data_fingerprint
+sources = {{"a": ({str(root)!r}, 1.0)}}
+x, y = next(iter(build_train_dataset(sources, seq_len={SEQ}, global_batch_size=2, micro_batch_size=2)))
+assert x.shape == (2, {SEQ})
+assert len(build_val_datasets(sources, seq_len={SEQ}, micro_batch_size=2)["a"]) == 2
+assert data_fingerprint(sources)
+"""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -121,10 +121,17 @@ def test_identical_bytes_whatever_num_proc(tmp_path, tokenizer, monkeypatch):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def _run_prepare_cli(args: list[str]) -> subprocess.Popen:
+def _run_prepare(out: Path, inputs_glob: str, tokenizer: Path) -> subprocess.Popen:
+    """A real `prepare` process committing after every unit (so a kill can land anywhere)."""
+    code = (
+        "from pretrain.data.prepare import prepare; from pretrain.data.settings import Settings; "
+        f"prepare([{inputs_glob!r}], {str(tokenizer)!r}, {str(out)!r}, "
+        "Settings(shard_tokens=3000, val_fraction=0.1), num_proc=2, commit_seconds=0)"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pretrain.cli", "data", "prepare", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def _units_done(out: Path) -> int:
@@ -137,12 +144,11 @@ def _units_done(out: Path) -> int:
 def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
     for i in range(240):
         write_jsonl(tmp_path / "in" / f"part{i:03d}.jsonl", make_docs(25, seed=i))
-    args = ["--input", str(tmp_path / "in" / "*.jsonl"), "--tokenizer", str(tokenizer), "--num-proc", "2",
-            "--shard-tokens", "3000", "--val-fraction", "0.1", "--output"]  # fmt: skip
-    clean = _run_prepare_cli([*args, str(tmp_path / "clean")])
+    pattern = str(tmp_path / "in" / "*.jsonl")
+    clean = _run_prepare(tmp_path / "clean", pattern, tokenizer)
     killed = tmp_path / "killed"
     for threshold in (40, 130):  # kill twice, at different points, with SIGKILL
-        proc = _run_prepare_cli([*args, str(killed)])
+        proc = _run_prepare(killed, pattern, tokenizer)
         while _units_done(killed) < threshold and proc.poll() is None:
             time.sleep(0.002)
         time.sleep(random.Random(threshold).random() * 0.05)  # land somewhere inside a unit
@@ -151,14 +157,11 @@ def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
         assert not (killed / "manifest.json").exists()
         with pytest.raises(UserError, match="preparation unfinished"):
             load_manifest(killed)  # a reader refuses the partial output
-    assert _run_prepare_cli([*args, str(killed)]).wait() == 0
+    assert _run_prepare(killed, pattern, tokenizer).wait() == 0
     assert clean.wait() == 0
     assert tree(killed) == tree(tmp_path / "clean")
-    assert (
-        load_manifest(killed).data["splits"]["train"]["documents"]
-        + load_manifest(killed).data["splits"]["val"]["documents"]
-        == 240 * 25
-    )
+    splits = load_manifest(killed).data["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 240 * 25
 
 
 def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
@@ -180,7 +183,9 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
 
     monkeypatch.setattr(prepare_module, "publish", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+        prepare(
+            pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False, commit_seconds=0
+        )
     monkeypatch.setattr(prepare_module, "publish", real_publish)
     prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
@@ -222,7 +227,7 @@ def test_strict_failure_leaves_a_resumable_run_and_never_touches_a_dataset(tmp_p
         f.write("{oops\n")
     pattern = [str(tmp_path / "in" / "a.jsonl")]
     with pytest.raises(UserError, match=r"a.jsonl:101: "):
-        prepare(pattern, tokenizer, tmp_path / "out", strict=True, show_progress=False)
+        prepare(pattern, tokenizer, tmp_path / "out", strict=True, show_progress=False, commit_seconds=0)
     assert json.loads((tmp_path / "out/.prepare/state.json").read_text())["units_done"] > 3  # work kept
     prepare(pattern, tokenizer, tmp_path / "out", show_progress=False)  # resume without --strict
     prepare(pattern, tokenizer, tmp_path / "clean", show_progress=False)
@@ -238,6 +243,11 @@ def test_missing_input_and_vocab_that_does_not_fit(tmp_path, tokenizer):
         prepare([str(tmp_path / "nope.jsonl")], tokenizer, tmp_path / "out", show_progress=False)
     with pytest.raises(UserError, match="no file matches"):
         prepare([str(tmp_path / "*.parquet")], tokenizer, tmp_path / "out", show_progress=False)
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="notes.csv: no supported input"):
+        prepare([str(tmp_path / "notes.csv")], tokenizer, tmp_path / "out", show_progress=False)
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        prepare([str(tmp_path / "notes.csv")], tokenizer, tmp_path / "out", Settings(exclude=("meta",)))
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {EOS: 0, **{f"w{i}": i + 1 for i in range(70_000)}}

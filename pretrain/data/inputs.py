@@ -22,9 +22,10 @@ import io
 import json
 import os
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -87,25 +88,22 @@ def expand(patterns: Sequence[str]) -> list[Path]:
             if not path.exists():
                 raise UserError(f"{pattern}: no such file or directory")
             matches = [path]
+        before = len(found)
         for path in matches:
             if is_saved_dataset(path):
                 found.append(path)
             elif path.is_dir():
-                inside = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
-                if not inside:
-                    raise UserError(
-                        f"{path}: folder holds no supported input file and is no save_to_disk dataset"
-                    )
-                found.extend(inside)
+                found.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p)))
             elif is_supported(path):
                 found.append(path)
-            elif not glob.has_magic(pattern):
-                raise UserError(
-                    f"{path}: unsupported input type (use .jsonl/.json/.txt, optionally .gz/.zst, "
-                    ".parquet, or a datasets.save_to_disk folder)"
-                )
-    if len(set(found)) != len(found):
-        raise UserError("an input file is given more than once")
+        if len(found) == before:
+            raise UserError(
+                f"{pattern}: no supported input (.jsonl/.json/.txt, optionally .gz/.zst, .parquet, "
+                "or a datasets.save_to_disk folder)"
+            )
+    for path, count in Counter(found).items():
+        if count > 1:
+            raise UserError(f"{path}: input given more than once")
     return found
 
 
@@ -140,6 +138,7 @@ def _starts_with_bracket(path: Path) -> bool:
     return head.startswith(b"[")
 
 
+@lru_cache(maxsize=4)
 def _load_saved(path: Path, subset: str | None) -> Any:
     import datasets
 

@@ -62,8 +62,9 @@ class BatchLayout:
     """Which global samples rank `rank` reads in its q-th micro-batch."""
 
     def __init__(self, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int) -> None:
-        per_rank, rest = divmod(global_batch_size, world_size)
-        if rest or per_rank % micro_batch_size or global_batch_size < 1:
+        if min(global_batch_size, micro_batch_size, world_size) < 1 or global_batch_size % (
+            world_size * micro_batch_size
+        ):
             raise ValueError(
                 f"global batch {global_batch_size} is not a multiple of world size {world_size} "
                 f"x micro batch {micro_batch_size}"
@@ -72,7 +73,7 @@ class BatchLayout:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
-        self.per_rank = per_rank
+        self.per_rank = per_rank = global_batch_size // world_size
         self.accumulation = per_rank // micro_batch_size
         self.rank = rank
 

@@ -8,12 +8,13 @@ depend on the order or the worker count. A shard is cut before the document that
 overflow `shard_tokens`, which depends only on the document sequence: the output is the
 same byte for byte whatever `--num-proc` is.
 
-Resume: after each unit the open shards' temporary files are fsynced and `.prepare/state.json`
-is replaced atomically (the commit point: units done, open shard sizes, skip counts). Shards
-closed by that unit are then published: sidecar written, `.bin.tmp` renamed to `.bin`. A
-rerun after a kill at any point truncates the temporary files to the committed sizes,
-finishes publishing, and continues with the next unit. `manifest.json` is written last, and
-readers accept only shards it lists, so no partial shard is ever read.
+Resume: about once a second (between units) the open shards' temporary files are fsynced
+and `.prepare/state.json` is replaced atomically: the commit point (units done, open shard
+sizes, skip counts). Shards closed since the last commit are then published: sidecar
+written, `.bin.tmp` renamed to `.bin`. A rerun after a kill at any point truncates the
+temporary files to the committed sizes, finishes publishing, and continues with the next
+unit. `manifest.json` is written last, and readers accept only shards it lists, so no
+partial shard is ever read.
 """
 
 from __future__ import annotations
@@ -324,12 +325,20 @@ def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
     return _fresh_state(identity)
 
 
-def _recover(root: Path, state: dict, header: dict) -> dict[str, list[dict]]:
-    """Publish shards closed by committed units; drop everything written after the last commit."""
-    published = {}
-    for split, s in state["splits"].items():
-        published[split] = [publish(root, split, i, header) for i in range(s["index"])]
-        for path in (root / split).glob("shard_*"):
+class Run:
+    """The output side of a preparation: shard writers, committed state, published shards."""
+
+    def __init__(self, root: Path, state: dict, header: dict, shard_tokens: int) -> None:
+        self.root, self.state, self.header = root, state, header
+        self.published = {split: self._recover(split) for split in SPLITS}
+        dtype = np.dtype(header["dtype"])
+        self.writers = {s: SplitWriter(root, s, dtype, shard_tokens, state["splits"][s]) for s in SPLITS}
+
+    def _recover(self, split: str) -> list[dict]:
+        """Publish shards closed by committed units; drop everything written after the last commit."""
+        s = self.state["splits"][split]
+        published = [publish(self.root, split, i, self.header) for i in range(s["index"])]
+        for path in (self.root / split).glob("shard_*"):
             index, _, suffix = path.name[len("shard_") :].partition(".")
             if int(index) < s["index"]:
                 keep = suffix in ("bin", "json")
@@ -337,11 +346,40 @@ def _recover(root: Path, state: dict, header: dict) -> dict[str, list[dict]]:
                 keep = int(index) == s["index"] and s["tokens"] > 0 and suffix in ("bin.tmp", "docs.tmp")
             if not keep:
                 path.unlink()
-    return published
+        return published
 
+    def add(self, unit: Unit, result: UnitResult, messages: list[str]) -> None:
+        """Append a unit's documents and count its skipped records (`messages` describe them)."""
+        state = self.state
+        for problem, message in zip(result.problems, messages, strict=True):
+            state["skipped"][problem.reason] = state["skipped"].get(problem.reason, 0) + 1
+            if len(state["examples"]) < EXAMPLES:
+                state["examples"].append(message)
+        for split, writer in self.writers.items():
+            writer.add(result.tokens[split], result.lengths[split])
+        state["excluded"] += result.excluded
+        state["units_done"] += 1
+        state["line_base"] = [unit.file, self.line_base(unit) + result.lines]
 
-def _commit(root: Path, state: dict) -> None:
-    write_json_atomic(root / STATE_DIR / "state.json", state)
+    def line_base(self, unit: Unit) -> int:
+        """Lines of `unit`'s file before it (for absolute line numbers in messages)."""
+        return self.state["line_base"][1] if self.state["line_base"][0] == unit.file else 0
+
+    def commit(self, final: bool = False) -> None:
+        """Make everything added so far durable, then publish the shards it closed."""
+        for split, writer in self.writers.items():
+            if final:
+                writer.close_shard()
+            writer.sync()
+            self.state["splits"][split] = writer.state()
+        write_json_atomic(self.root / STATE_DIR / "state.json", self.state)
+        for split, writer in self.writers.items():
+            self.published[split] += [publish(self.root, split, i, self.header) for i in writer.closed]
+            writer.closed.clear()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.abandon()
 
 
 def prepare(
@@ -357,8 +395,13 @@ def prepare(
     eos_token: str | None = None,
     bos_token: str | None = None,
     show_progress: bool = True,
+    commit_seconds: float = 1.0,
 ) -> Manifest:
-    """Tokenize the inputs matched by `patterns` into a dataset at `output`; see the module docstring."""
+    """Tokenize the inputs matched by `patterns` into a dataset at `output` (see the module docstring).
+
+    Progress is committed at most every `commit_seconds` (0: after every unit); a rerun after
+    a kill continues from the last commit.
+    """
     began = time.time()
     settings = settings or Settings()
     if not 0 <= settings.val_fraction < 1:
@@ -379,10 +422,10 @@ def prepare(
     fields = inputs.Fields(settings.text_field, settings.exclude)
     paths = inputs.expand(patterns)
     units, early = inputs.plan(paths, settings.text_field)
+    early_messages = [inputs.describe_problem(paths[i], problem, 0) for i, problem in early]
+    if strict and early_messages:
+        raise UserError(early_messages[0])
     root = Path(output)
-    for i, problem in early:
-        if strict:
-            raise UserError(inputs.describe_problem(paths[i], problem, 0))
     root.mkdir(parents=True, exist_ok=True)
     state = _start(root, _identity(paths, tok, settings, token_dtype), overwrite)
     if state is None:
@@ -394,15 +437,11 @@ def prepare(
         "bos_id": tok.bos_id if settings.bos else None,
         "tokenizer_fingerprint": tok.fingerprint,
     }
-    published = _recover(root, state, header)
-    writers = {
-        s: SplitWriter(root, s, token_dtype, settings.shard_tokens, state["splits"][s]) for s in SPLITS
-    }
-    num_proc = num_proc or len(os.sched_getaffinity(0))
+    run = Run(root, state, header, settings.shard_tokens)
+    num_proc = num_proc or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     done = state["units_done"]
-    shown = 0
-    for i, problem in early:
-        shown = _warn(inputs.describe_problem(paths[i], problem, 0), shown)
     bar = tqdm(
         total=sum(u.size for u in units),
         initial=sum(u.size for u in units[:done]),
@@ -413,52 +452,38 @@ def prepare(
         dynamic_ncols=True,
         mininterval=0.5,
     )
-    counts = Counter()
+    warned = 0
+    for message in early_messages:
+        warned = _warn(message, warned, bar)
+    docs = tokens = 0
+    last_commit = time.monotonic()
     try:
         with _serial_tokenizers():
             initargs = (paths, str(tok.path), fields, settings, tok.eos_id, tok.bos_id, token_dtype.name)
-            for u, result in enumerate(_results(units[done:], num_proc, initargs), done):
-                unit = units[u]
-                line_base = state["line_base"][1] if state["line_base"][0] == unit.file else 0
-                for problem in result.problems:
-                    message = inputs.describe_problem(paths[unit.file], problem, line_base)
-                    if strict:
-                        raise UserError(message)
-                    shown = _warn(message, shown, bar)
-                    state["skipped"][problem.reason] = state["skipped"].get(problem.reason, 0) + 1
-                    if len(state["examples"]) < EXAMPLES:
-                        state["examples"].append(message)
-                for split, writer in writers.items():
-                    writer.add(result.tokens[split], result.lengths[split])
-                    writer.sync()
-                    state["splits"][split] = writer.state()
-                state["excluded"] += result.excluded
-                state["units_done"] = u + 1
-                state["line_base"] = [unit.file, line_base + result.lines]
-                _commit(root, state)
-                for split, writer in writers.items():
-                    published[split] += [publish(root, split, i, header) for i in writer.closed]
-                    writer.closed.clear()
-                counts["docs"] += sum(len(x) for x in result.lengths.values())
-                counts["tokens"] += sum(len(x) for x in result.tokens.values())
+            for unit, result in zip(units[done:], _results(units[done:], num_proc, initargs), strict=True):
+                base = run.line_base(unit)
+                messages = [inputs.describe_problem(paths[unit.file], p, base) for p in result.problems]
+                if strict and messages:
+                    raise UserError(messages[0])
+                for message in messages:
+                    warned = _warn(message, warned, bar)
+                run.add(unit, result, messages)
+                if time.monotonic() - last_commit >= commit_seconds:
+                    run.commit()
+                    last_commit = time.monotonic()
+                docs += sum(len(x) for x in result.lengths.values())
+                tokens += sum(len(x) for x in result.tokens.values())
                 elapsed = max(time.time() - began, 1e-9)
                 bar.set_postfix_str(
-                    f"{counts['docs'] / elapsed:,.0f} docs/s, {counts['tokens'] / elapsed / 1e6:,.2f}M tokens/s",
-                    refresh=False,
+                    f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:,.2f}M tokens/s", refresh=False
                 )
                 bar.update(unit.size)
-            for split, writer in writers.items():
-                writer.close_shard()
-                state["splits"][split] = writer.state()
-            _commit(root, state)
+        run.commit(final=True)
     finally:
         bar.close()
-        for writer in writers.values():
-            writer.abandon()
-    for split, writer in writers.items():
-        published[split] += [publish(root, split, i, header) for i in writer.closed]
-    manifest = _manifest(paths, tok, settings, token_dtype, published, state, early)
-    if manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 0:
+        run.close()
+    manifest = _manifest(paths, tok, settings, token_dtype, run.published, state, early_messages, early)
+    if not sum(split["documents"] for split in manifest["splits"].values()):
         raise UserError(
             f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
         )
@@ -472,12 +497,13 @@ def prepare(
     return result
 
 
-def _warn(message: str, shown: int, bar: tqdm | None = None) -> int:
-    if shown < WARNINGS:
-        (bar.write if bar is not None else print)(f"warning: {message} (skipped)", file=sys.stderr)
-    elif shown == WARNINGS:
-        print("warning: more records skipped; the summary counts them all", file=sys.stderr)
-    return shown + 1
+def _warn(message: str, warned: int, bar: tqdm) -> int:
+    """Print the first WARNINGS skipped records, then one line saying there are more."""
+    if warned < WARNINGS:
+        bar.write(f"warning: {message} (skipped)", file=sys.stderr)
+    elif warned == WARNINGS:
+        bar.write("warning: more records skipped; the summary counts them all", file=sys.stderr)
+    return warned + 1
 
 
 def _manifest(
@@ -487,12 +513,10 @@ def _manifest(
     dtype: np.dtype,
     published: dict[str, list[dict]],
     state: dict,
+    early_messages: list[str],
     early: list[tuple[int, Problem]],
 ) -> dict:
-    skipped = Counter({p.reason: 0 for _, p in early})
-    examples = [inputs.describe_problem(paths[i], p, 0) for i, p in early]
-    for _, p in early:
-        skipped[p.reason] += 1
+    skipped = Counter(p.reason for _, p in early)
     skipped.update(state["skipped"])
     splits = {
         split: {
@@ -512,7 +536,7 @@ def _manifest(
         "skipped": {
             "total": sum(skipped.values()),
             "by_reason": dict(sorted(skipped.items())),
-            "examples": (examples + state["examples"])[:EXAMPLES],
+            "examples": (early_messages + state["examples"])[:EXAMPLES],
         },
         "excluded": state["excluded"],
         "content_fingerprint": content_fingerprint(published, tok.fingerprint, dtype.name),
