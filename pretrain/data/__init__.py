@@ -1,6 +1,7 @@
-"""Data: tokenizer, raw text -> token shards (`prepare`), and the exact training order over them.
+"""Data: tokenizer, raw text -> token shards, and the exact training order over them.
 
-Preparation (`tokenizer`, `inputs`, `prepare`) may import `datasets`; the training-time
-reading path (`shards`, `tokens`, `permutation`, `mixture`, `order`, `loader`) needs only
-numpy and torch. The trainer's entry points are in `pretrain.data.loader`.
+Preparation (`tokenizer`, `inputs`, `settings`, `prepare`, `cli`) may import `datasets`
+(lazily); the training-time reading path (`shards` format, `tokens` stream, `permutation`,
+`mixture`, `order`, `loader`) needs only numpy and torch. The trainer's entry points are
+`pretrain.data.loader.build_train_dataset`, `build_val_datasets` and `data_fingerprint`.
 """

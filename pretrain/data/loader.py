@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pretrain.data.mixture import Mixture
 from pretrain.data.order import BatchLayout, SampleOrder
 from pretrain.data.shards import Manifest, load_manifest
 from pretrain.data.tokens import TokenStream
@@ -147,7 +148,7 @@ def build_train_dataset(
             )
     weights = [_spec(s)[1] for s in sources.values()]
     try:
-        order = SampleOrder(list(streams), list(windows.values()), weights, seed)
+        order = SampleOrder(list(streams), list(windows.values()), Mixture(weights), seed)
         layout = BatchLayout(global_batch_size, micro_batch_size, rank, world_size)
         return TrainDataset(streams, order, layout, seq_len, start_sample)
     except ValueError as err:
@@ -201,6 +202,6 @@ def build_val_datasets(
             windows = min(windows, max_samples)
         steps = windows // (world_size * micro_batch_size)
         if steps:
-            order = SampleOrder([name], [stream.num_windows(seq_len)], [1.0], VAL_SEED)
+            order = SampleOrder([name], [stream.num_windows(seq_len)], Mixture([1]), VAL_SEED)
             out[name] = ValDataset(stream, order, layout, seq_len, steps)
     return out

@@ -3,9 +3,10 @@
 Weights are turned into exact integer counts c_s per period of D = sum(c_s) samples (exact
 for rational weights with a common denominator <= 2^20, e.g. 0.693584:0.306416 has D =
 62500; others are rounded to multiples of 2^-20). Within a period, sample slots are assigned
-by earliest-deadline-first over per-source unit jobs: source s's k-th sample may take slot n
-(1-based) only when k <= w_s*n + d and must by the slot where k >= w_s*n - d, i.e. release
-ceil((k-d)/w_s) and deadline floor((k-1+d)/w_s) + 1, with d = 1 - 1/(2K-2) for K sources.
+by earliest-deadline-first over per-source unit jobs: source s's k-th sample may take slot
+n (1-based) only if k <= w_s*n + d (release ceil((k-d)/w_s)), and must have taken one by the
+first slot with w_s*n - d > k - 1 (deadline floor((k-1+d)/w_s) + 1), with d = 1 - 1/(2K-2)
+for K sources.
 Tijdeman (1980, "The chairman assignment problem") proved such an assignment exists for any
 weights, and EDF finds one whenever one exists (unit jobs, integer release times), so for
 every prefix of n samples each source's count is within d of w_s*n. Consequences:
@@ -42,12 +43,14 @@ def integer_shares(weights: Sequence[float]) -> list[int]:
     period = lcm(*(s.denominator for s in shares))
     if period <= MAX_PERIOD:
         return [int(s * period) for s in shares]
-    # Largest remainder at denominator MAX_PERIOD, keeping every source present.
+    # Largest remainder at denominator MAX_PERIOD.
     raw = [s * MAX_PERIOD for s in shares]
-    counts = [max(1, int(r)) for r in raw]
+    counts = [int(r) for r in raw]
     by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
     for i in by_remainder[: MAX_PERIOD - sum(counts)]:
         counts[i] += 1
+    if 0 in counts:
+        raise ValueError(f"mixture weights {list(weights)}: a share below 2^-20 is not supported")
     return counts
 
 
@@ -91,10 +94,6 @@ class Mixture:
         for s in range(len(self.counts)):
             where = np.flatnonzero(self.slot_source == s)
             self.slot_rank[where] = np.arange(len(where))
-
-    @property
-    def shares(self) -> np.ndarray:
-        return self.counts / self.period
 
     def assign(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, per-source sample counter) for each global sample index."""

@@ -27,14 +27,16 @@ from pretrain.data.permutation import Permutation
 
 
 class SampleOrder:
-    """Global sample index -> (source id, window id) for sources of `windows[s]` windows each."""
+    """Global sample index -> (source id, window id) for sources of `windows[s]` windows each.
 
-    def __init__(
-        self, names: Sequence[str], windows: Sequence[int], weights: Sequence[float], seed: int
-    ) -> None:
+    `mixture` is anything with `assign(indices) -> (source, counter)` and `consumed(n)`, like
+    `Mixture` (fixed shares); a schedule of shares can slot in the same way.
+    """
+
+    def __init__(self, names: Sequence[str], windows: Sequence[int], mixture: Mixture, seed: int) -> None:
         self.names = list(names)
         self.windows = np.array(windows, dtype=np.int64)
-        self.mixture = Mixture(weights)
+        self.mixture = mixture
         self.seed = seed
 
     def permutation(self, source: int, epoch: int) -> Permutation:
