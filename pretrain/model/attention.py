@@ -13,6 +13,10 @@ Backends:
 - "xformers": `memory_efficient_attention` with a (block-diagonal) causal mask (the `xformers` extra).
 A backend whose package is missing raises a `UserError` naming the extra to install, when the
 model is built, never at `import pretrain`.
+
+`masked_attention(q, k, v, mask)` attends under an explicit boolean mask with SDPA, whatever the
+training backend: decoding with a KV cache uses it (`pretrain.model.llama.KVCache`), where T new
+queries read S >= T cached keys and the mask says which (causal, and not left padding).
 """
 
 from __future__ import annotations
@@ -36,16 +40,21 @@ def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.cumsum(is_eos, dim=-1) - is_eos
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, T, H, D) attends to k, v (B, S, H_kv, D) where `mask` (B, 1, T, S) is True (SDPA)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    gqa = q.shape[1] != k.shape[1]
-    if doc_ids is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        seq_len = q.shape[2]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    if doc_ids is not None:
+        seq_len = q.shape[1]
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(causal & same_doc)[:, None], enable_gqa=gqa)
+        return masked_attention(q, k, v, (causal & same_doc)[:, None])
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
 
 

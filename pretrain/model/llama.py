@@ -20,6 +20,10 @@ its top-k, weighted by a softmax over the selected logits. The load-balancing lo
 Transformer, Fedus et al. 2022) is n_experts * sum_e f_e * p_e, with f_e the fraction of token
 assignments routed to expert e and p_e its mean router probability: 1.0 when perfectly balanced.
 It is returned to the caller, averaged over layers, to be weighted into the training loss.
+
+Decoding (`pretrain generate`) passes a `KVCache`: each forward pass appends its tokens' keys and
+values to the cache, attends over everything cached so far, and takes its RoPE positions from the
+cache, so a prompt is read once and every new token costs one position. Training never passes one.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.model.attention import get_attention
+from pretrain.model.attention import get_attention, masked_attention
 from pretrain.model.config import LlamaConfig
 
 
@@ -56,12 +60,73 @@ def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | 
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by the positions in rope (2, T, D): pairs are (i, i + D/2)."""
-    cos, sin = rope[0][:, None, :], rope[1][:, None, :]
+    """Rotate x (B, T, H, D) by the positions in rope (2, T, D), or (2, B, T, D) for per-row
+    positions: pairs are (i, i + D/2)."""
+    cos, sin = rope[0][..., None, :], rope[1][..., None, :]
     x_float = x.float()
     first, second = x_float.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x_float * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, one `LayerCache` per layer, `max_len` slots per row.
+
+    Rows may be left-padded to a common prompt length: the first `pad[b]` slots of row b hold
+    padding that no other token attends to, and row b's positions (hence its RoPE angles) count
+    from its first real token, so each row computes what it would alone. `reserve(n)` claims the
+    next n slots for a forward pass and builds its mask: a token attends to the real tokens up to
+    and including itself (a padding token only to itself, so that no attention row is empty).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        batch_size: int,
+        max_len: int,
+        pad: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if max_len > config.max_seq_len:
+            raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len {config.max_seq_len}")
+        shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+        empty = {"device": device, "dtype": dtype}
+        self.layers = [
+            LayerCache(self, torch.zeros(shape, **empty), torch.zeros(shape, **empty))
+            for _ in range(config.n_layers)
+        ]
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.max_len = max_len
+        self.start = self.length = 0  # the current forward pass fills slots [start, length)
+        self.mask = torch.ones(batch_size, 1, 0, 0, dtype=torch.bool, device=device)
+
+    def reserve(self, n: int) -> torch.Tensor:
+        """Claim the next `n` slots for one forward pass; returns their positions (B, n)."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length} + {n} tokens > {self.max_len} slots")
+        self.start, self.length = self.length, self.length + n
+        slots = torch.arange(self.start, self.length, device=self.pad.device)
+        keys = torch.arange(self.length, device=self.pad.device)
+        causal = keys[None, :] <= slots[:, None]  # (n, S)
+        real = keys[None, None, :] >= self.pad[:, None, None]  # (B, 1, S)
+        itself = keys[None, :] == slots[:, None]
+        self.mask = ((causal & real) | itself)[:, None]  # (B, 1, n, S)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+
+class LayerCache:
+    """One layer's cached keys and values (B, max_len, H_kv, D), post-RoPE."""
+
+    def __init__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.cache, self.keys, self.values = cache, keys, values
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this pass's k, v in the reserved slots; q attends over all cached slots."""
+        start, end = self.cache.start, self.cache.length
+        self.keys[:, start:end] = k
+        self.values[:, start:end] = v
+        return masked_attention(q, self.keys[:, :end], self.values[:, :end], self.cache.mask)
 
 
 class Attention(nn.Module):
@@ -73,14 +138,20 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.attend = get_attention(config.attention_backend)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), rope)
         k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        out = self.attend(q, k, v, doc_ids)
+        out = self.attend(q, k, v, doc_ids) if cache is None else cache.attend(q, k, v)
         return self.out_proj(out.reshape(batch, seq_len, q_size))
 
 
@@ -141,9 +212,13 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe else MLP(config.dim, config.mlp_hidden)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        cache: LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), rope, doc_ids)
+        x = x + self.attn(self.attn_norm(x), rope, doc_ids, cache)
         if isinstance(self.mlp, MoE):
             mlp_out, aux_loss = self.mlp(self.mlp_norm(x))
         else:
@@ -183,16 +258,25 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> LlamaOutput:
-        """tokens (B, T) -> logits (B, T, vocab); `doc_ids` (B, T) enables per-document attention."""
+    def forward(
+        self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> LlamaOutput:
+        """tokens (B, T) -> logits (B, T, vocab); `doc_ids` (B, T) enables per-document attention.
+
+        With a `cache`, `tokens` continue the cached sequences (module docstring)."""
         seq_len = tokens.shape[1]
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
-        rope = self.rope[:, :seq_len]
+        if cache is None:
+            if seq_len > self.config.max_seq_len:
+                raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.config.max_seq_len}")
+            rope = self.rope[:, :seq_len]
+        elif doc_ids is not None:
+            raise ValueError("document masking is not supported with a KV cache")
+        else:
+            rope = self.rope[:, cache.reserve(seq_len)]
         x = self.tok_embeddings(tokens)
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        for block in self.layers:
-            x, block_aux = block(x, rope, doc_ids)
+        for i, block in enumerate(self.layers):
+            x, block_aux = block(x, rope, doc_ids, None if cache is None else cache.layers[i])
             aux_loss = aux_loss + block_aux
         logits = self.lm_head(self.norm(x))
         return LlamaOutput(logits, aux_loss / len(self.layers))
