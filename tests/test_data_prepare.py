@@ -263,7 +263,7 @@ def test_missing_input_and_vocab_that_does_not_fit(tmp_path, tokenizer):
     assert read_split(tmp_path / "out", "train")[0].tolist() == [70_000, 2, 65_537, 0]
 
 
-def test_input_formats(tmp_path, tokenizer):
+def test_input_formats(tmp_path):
     zstandard = require("zstandard")
     pq = require("pyarrow.parquet")
     pa = require("pyarrow")

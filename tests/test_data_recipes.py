@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import require
 
@@ -29,8 +30,6 @@ def run_recipe(name: str, *args: str) -> str:
 def decoded(out: Path) -> list[str]:
     manifest = load_manifest(out)
     tok = load_tokenizer(manifest.tokenizer_path)
-    import numpy as np
-
     docs = []
     for split in ("train", "val"):
         for shard in manifest.shards(split):

@@ -28,8 +28,18 @@ def register(subcommands: argparse._SubParsersAction) -> None:
         "--text-field", default=d.text_field, help=f"field holding the text (default: {d.text_field})"
     )
     p.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all CPUs)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help=f"default: {d.val_fraction}")
-    p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help=f"default: {d.shard_tokens:,}")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help=f"share of documents, chosen by a hash of their text, for validation (default: {d.val_fraction})",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=d.shard_tokens,
+        help=f"start a new shard before a document that would overflow this (default: {d.shard_tokens:,})",
+    )
     p.add_argument("--bos", action="store_true", help="also start every document with BOS")
     p.add_argument(
         "--exclude",

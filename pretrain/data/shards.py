@@ -5,7 +5,8 @@ A prepared dataset directory holds::
     manifest.json               written last: a dataset is complete iff this exists
     tokenizer.json              the tokenizer the tokens came from
     train/shard_00000.bin       raw little-endian tokens (uint16 if vocab < 65536, else uint32)
-    train/shard_00000.json      sidecar: dtype, token count, document offsets, EOS id, sha256
+    train/shard_00000.json      sidecar: dtype, tokens, documents, doc_offsets (where each
+                                document starts), eos_id, bos_id, tokenizer fingerprint, sha256
     val/shard_00000.bin ...
 
 Every document ends with EOS (and starts with BOS when asked). Files are published
