@@ -1,0 +1,204 @@
+"""Stop cleanly on SIGUSR1/SIGTERM with a checkpoint, and requeue the SLURM job on SIGUSR1.
+
+SLURM warns a job before its time limit with the signal asked for by `#SBATCH --signal=USR1@S`
+(sent to every task of the `srun` step), and ends a job (scancel, preemption, the time limit
+itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
+
+- The signal handlers only set a flag. Saving inside a handler can hang (the handler runs at an
+  arbitrary point, possibly inside a collective or a checkpoint write; Lightning issue #21406),
+  so Lightning's own handlers are replaced (`FlagSignalConnector`), SLURM auto-requeue included.
+- At every optimizer-step boundary (and once when training starts, for a signal that came
+  during start-up) all ranks agree on the flags with one all-reduce, so either every rank stops
+  at the same step or none does. A flag set during a checkpoint write is read only after it.
+- On a stop, every rank saves through `PeriodicCheckpoint.save` (atomic publish) and the trainer
+  stops. In `on_train_end`, after the step's metrics are logged, rank 0 runs
+  `scontrol requeue $SLURM_JOB_ID` if the signal was SIGUSR1, the job's requeue count
+  (`SLURM_RESTART_COUNT`) is below `max_requeues` and the launch made progress since the last
+  requeue. SIGTERM never requeues from here: SLURM sends it when it ends the job itself, and it
+  requeues a preempted `--requeue` job on its own; a cancelled job must stay cancelled.
+- The requeue count is logged as `train/requeues` and kept, with every stop, in
+  `RUN_DIR/requeue.json` (read by `pretrain status`).
+
+`pretrain fit` exits 0 when it finished or requeued its job, and `STOPPED_EXIT_CODE` when it
+stopped on a signal without requeueing (the run is not finished; the checkpoint is there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+from pretrain.train.checkpoints import PeriodicCheckpoint
+
+STOPPED_EXIT_CODE = 4
+REQUEUE_FILE = "requeue.json"
+
+# Flag values, combined across ranks with max(): a requeue request wins over a plain stop.
+_NONE, _STOP, _REQUEUE = 0, 1, 2
+_received = _NONE
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Only records the signal; everything else happens at the next step boundary."""
+    global _received
+    _received = max(_received, _REQUEUE if signum == signal.SIGUSR1 else _STOP)
+
+
+def install_signal_handlers() -> dict[int, Any]:
+    """Clear the flag and route SIGUSR1 and SIGTERM to it; returns the handlers they replace.
+    Call as early as possible (a signal's default action ends the process). Main thread only."""
+    global _received
+    _received = _NONE
+    return _route_signals()
+
+
+def _route_signals() -> dict[int, Any]:
+    previous = {}
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, _on_signal)
+        signal.siginterrupt(signum, False)  # restart interrupted system calls (I/O, gloo sockets)
+    return previous
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+class FlagSignalConnector(_SignalConnector):
+    """Lightning's signal connector with only our flag handlers: no checkpoint or collective
+    inside a handler, and no `SIGTERMException` in the middle of gradient accumulation."""
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+        self._original_handlers = self._get_current_signal_handlers()
+        _route_signals()
+
+
+class RequeueOnSignal(Callback):
+    """Checkpoint and stop on SIGUSR1/SIGTERM at a step boundary; requeue the SLURM job on SIGUSR1."""
+
+    def __init__(self, run_dir: str | os.PathLike, max_requeues: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.max_requeues = max_requeues
+        self.job_id = os.environ.get("SLURM_JOB_ID")
+        self.requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # times SLURM requeued this job
+        self.outcome: str | None = None  # "requeued" or "stopped"
+        self.message = ""
+        self._signal = _NONE
+        self._last_step = -1
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if trainer.is_global_zero and self.job_id:
+            self._update_record(job_id=self.job_id, requeues=self.requeues, max_requeues=self.max_requeues)
+        self._check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # inside gradient accumulation: not a step boundary
+            return
+        self._last_step = step
+        if self.job_id and step % trainer.log_every_n_steps == 0:
+            pl_module.log("train/requeues", float(self.requeues), on_step=True)
+        self._check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._signal:
+            return
+        requeued, reason = False, None
+        if trainer.is_global_zero:
+            reason = self._no_requeue_reason(trainer)
+            if reason is None:
+                requeued, reason = self._scontrol_requeue()
+        requeued, reason = trainer.strategy.broadcast((requeued, reason), src=0)
+        name = "SIGUSR1" if self._signal == _REQUEUE else "SIGTERM"
+        step = trainer.global_step
+        self.outcome = "requeued" if requeued else "stopped"
+        if requeued:
+            limit = f" of {self.max_requeues}" if self.max_requeues is not None else ""
+            self.message = f"{name}: saved step {step}, requeued SLURM job {self.job_id} (requeue {self.requeues + 1}{limit})"
+        else:
+            self.message = f"{name}: saved step {step} and stopped without requeueing ({reason})"
+        if trainer.is_global_zero:
+            event = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "job_id": self.job_id,
+                "restart_count": self.requeues,
+                "signal": name,
+                "step": step,
+                "action": self.outcome,
+            }
+            events = read_requeue_record(self.run_dir).get("events", [])
+            self._update_record(events=[*events, event])
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """All ranks agree on the signal flags; on a signal, save and ask the trainer to stop."""
+        if self._signal or trainer.global_step >= trainer.max_steps:
+            return
+        flag = torch.tensor(_received, dtype=torch.int32, device=pl_module.device)
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if not agreed:
+            return
+        self._signal = agreed
+        checkpoint = next(cb for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint))
+        checkpoint.save(trainer)
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates before an early stop: not now
+
+    def _no_requeue_reason(self, trainer: L.Trainer) -> str | None:
+        """Why this stop must not requeue the job, or None if it should."""
+        if self._signal != _REQUEUE:
+            return "SIGTERM: SLURM is ending the job and decides itself whether it comes back"
+        if not self.job_id:
+            return "not running under SLURM"
+        if self.max_requeues is not None and self.requeues >= self.max_requeues:
+            return f"the job was already requeued {self.requeues} times, max_requeues is {self.max_requeues}"
+        events = read_requeue_record(self.run_dir).get("events", [])
+        last = events[-1] if events else None
+        if last and last["action"] == "requeued" and last["step"] == trainer.global_step:
+            return f"no progress since the last requeue at step {last['step']}"
+        return None
+
+    def _scontrol_requeue(self) -> tuple[bool, str | None]:
+        try:
+            result = subprocess.run(
+                ["scontrol", "requeue", str(self.job_id)], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            return False, f"scontrol requeue failed: {err}"
+        if result.returncode != 0:
+            return False, f"scontrol requeue failed: {result.stderr.strip() or result.returncode}"
+        return True, None
+
+    def _update_record(self, **fields: Any) -> None:
+        """Rank 0: merge `fields` into RUN_DIR/requeue.json (written aside, then renamed)."""
+        record = read_requeue_record(self.run_dir) | fields | {"updated": time.time()}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.run_dir / f".{REQUEUE_FILE}.partial"
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, self.run_dir / REQUEUE_FILE)
+
+
+def read_requeue_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """RUN_DIR/requeue.json ({} when absent): job_id, requeues (SLURM_RESTART_COUNT of the latest
+    launch), max_requeues, updated (a Unix time) and events (one per signal: time, job_id,
+    restart_count, signal, step, action "requeued" or "stopped")."""
+    try:
+        return json.loads((Path(run_dir) / REQUEUE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
