@@ -16,7 +16,7 @@ from pretrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pretrain import plot
+    from pretrain import plot, slurm
     from pretrain.data import cli as data_cli
     from pretrain.model import cli as model_cli
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train from a YAML recipe (LightningCLI; `pretrain fit --help` for options)",
     )
     plot.register(subcommands)
+    slurm.register(subcommands)
     return parser
 
 

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from pretrain.errors import UserError
+from pretrain.slurm import SlurmSettings, check_srun_geometry
+from pretrain.train import requeue
 from pretrain.train.checkpoints import PeriodicCheckpoint, resolve_resume
 from pretrain.train.data import PretrainDataModule
 from pretrain.train.module import PretrainModule
@@ -95,6 +98,8 @@ class FitCLI(LightningCLI):
             "--validate_every_steps", type=int | None, default=None, help="validate every N optimizer steps"
         )
         parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"dirpath"})
+        # `pretrain submit` settings; `pretrain fit` itself uses only slurm.max_requeues.
+        parser.add_class_arguments(SlurmSettings, "slurm")
 
     def before_instantiate_classes(self) -> None:
         c = self.config
@@ -142,8 +147,17 @@ class FitCLI(LightningCLI):
         elif isinstance(configured, list):
             loggers.extend(configured)
         checkpoint = PeriodicCheckpoint(dirpath=run_dir / "checkpoints", **self.config.checkpoint)
-        self.trainer_defaults["callbacks"] = [checkpoint, TrainingMonitor(), StepProgressBar()]
-        return super().instantiate_trainer(logger=loggers, **kwargs)
+        on_signal = requeue.RequeueOnSignal(run_dir, self.config.slurm.max_requeues)
+        self.trainer_defaults["callbacks"] = [checkpoint, on_signal, TrainingMonitor(), StepProgressBar()]
+        if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
+            geometry = self.config.trainer
+            check_srun_geometry(count_devices(geometry.devices, geometry.accelerator), geometry.num_nodes or 1)
+            plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
+        trainer = super().instantiate_trainer(logger=loggers, **kwargs)
+        trainer._signal_connector = requeue.FlagSignalConnector(trainer)  # see pretrain.train.requeue
+        return trainer
 
 
 def fit(args: Sequence[str] | None = None) -> int:
@@ -153,10 +167,19 @@ def fit(args: Sequence[str] | None = None) -> int:
     ckpt_path = resolve_resume(cli.config.resume, run_dir / "checkpoints")
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    previous_handlers = requeue.install_signal_handlers()  # SIGUSR1/SIGTERM only set a flag from now
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    finally:
+        requeue.restore_signal_handlers(previous_handlers)
     if cli.model.stop_reason:
         print(f"pretrain fit: stopped: {cli.model.stop_reason}", file=sys.stderr)
         return 3
+    on_signal = next(cb for cb in cli.trainer.callbacks if isinstance(cb, requeue.RequeueOnSignal))
+    if on_signal.outcome is not None:  # 0: the job is queued again; else the run is not finished
+        if cli.trainer.is_global_zero:
+            print(f"pretrain fit: {on_signal.message}", file=sys.stderr)
+        return 0 if on_signal.outcome == "requeued" else requeue.STOPPED_EXIT_CODE
     if cli.trainer.is_global_zero:
         log_dir = cli.trainer.loggers[0].log_dir
         print(f"done: checkpoints in {run_dir / 'checkpoints'}, logs in {log_dir}", file=sys.stderr)
