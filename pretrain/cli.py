@@ -16,7 +16,7 @@ from pretrain.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pretrain import plot, slurm
+    from pretrain import average_cli, generate_cli, plot, slurm
     from pretrain.data import cli as data_cli
     from pretrain.model import cli as model_cli
 
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.register(subcommands)
     slurm.register(subcommands)
+    average_cli.register(subcommands)
+    generate_cli.register(subcommands)
     return parser
 
 
