@@ -113,3 +113,12 @@ def test_bad_arguments():
         WarmupStableDecay(1.0, decay_fraction=1.5)
     with pytest.raises(ValueError):
         WarmupCosine(max_lr=0.0)
+
+
+def test_wsd_decay_branch_starts_at_the_constant_lr():
+    # A constant phase of 1000 steps, then a 100-step 1-sqrt decay branched off at step 1000.
+    schedule = WarmupStableDecay(max_lr=1e-3, min_lr=0.0, warmup_steps=10, decay_steps=100)
+    total = 1100
+    assert schedule(999, total) == 1e-3  # the constant phase is untouched
+    assert schedule(1000, total) == pytest.approx(1e-3 * (1 - math.sqrt(0.01)))  # no re-warm spike
+    assert schedule(1099, total) == pytest.approx(0.0)

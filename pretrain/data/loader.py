@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pretrain.data.mixture import Mixture
 from pretrain.data.order import BatchLayout, SampleOrder
+from pretrain.data.ramp import RampedMixture
 from pretrain.data.shards import Manifest, load_manifest
 from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
@@ -135,8 +136,13 @@ def build_train_dataset(
     rank: int = 0,
     world_size: int = 1,
     start_sample: int = 0,
+    ramp: Mapping[str, Any] | None = None,
 ) -> TrainDataset:
-    """The training stream of rank `rank`: a weighted mixture of the sources' train splits."""
+    """The training stream of rank `rank`: a weighted mixture of the sources' train splits.
+
+    `ramp = {"source": name, "start_share": s0, "samples": R}` ramps that source's share
+    linearly from s0 to its weight's share over the first R global samples (`pretrain.data.ramp`).
+    """
     manifests = open_sources(sources)
     streams = {name: TokenStream(m, "train") for name, m in manifests.items()}
     windows = {name: s.num_windows(seq_len) for name, s in streams.items()}
@@ -148,7 +154,15 @@ def build_train_dataset(
             )
     weights = [_spec(s)[1] for s in sources.values()]
     try:
-        order = SampleOrder(list(streams), list(windows.values()), Mixture(weights), seed)
+        mixture = Mixture(weights)
+        if ramp is not None:
+            if ramp["source"] not in streams:
+                raise UserError(
+                    f"data.ramp.source {ramp['source']!r} is not one of the sources {list(streams)}"
+                )
+            ramped = list(streams).index(ramp["source"])
+            mixture = RampedMixture(weights, ramped, ramp["start_share"], ramp["samples"])
+        order = SampleOrder(list(streams), list(windows.values()), mixture, seed)
         layout = BatchLayout(global_batch_size, micro_batch_size, rank, world_size)
         return TrainDataset(streams, order, layout, seq_len, start_sample)
     except ValueError as err:

@@ -97,6 +97,13 @@ class FitCLI(LightningCLI):
         parser.add_argument(
             "--validate_every_steps", type=int | None, default=None, help="validate every N optimizer steps"
         )
+        parser.add_argument(
+            "--branch_from",
+            type=str | None,
+            default=None,
+            help="start this run from another run's checkpoint with its optimizer, step and data position "
+            "(e.g. a WSD/infinite decay branched off the constant phase); later launches resume this run",
+        )
         parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"dirpath"})
         # `pretrain submit` settings; `pretrain fit` itself uses only slurm.max_requeues.
         parser.add_class_arguments(SlurmSettings, "slurm")
@@ -164,9 +171,22 @@ def fit(args: Sequence[str] | None = None) -> int:
     """Entry point of `pretrain fit`; returns the process exit code."""
     cli = FitCLI(args)
     run_dir = Path(cli.config.run_dir)
+    if cli.model.hparams.init_from and cli.config.resume not in ("auto", "none"):
+        raise UserError(
+            "model.init_from (start a new stage from weights) and --resume PATH (continue a run with its "
+            "optimizer and step) exclude each other; a stage resumes its own run with --resume auto"
+        )
     ckpt_path = resolve_resume(cli.config.resume, run_dir / "checkpoints")
+    if cli.config.branch_from:
+        if cli.model.hparams.init_from or cli.config.resume not in ("auto", "none"):
+            raise UserError("branch_from excludes model.init_from and --resume PATH: give only one starting point")
+        if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
+            ckpt_path = resolve_resume(cli.config.branch_from, run_dir)
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
+        cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from
+    elif cli.model.hparams.init_from:
+        print(f"new stage: initial weights from {cli.model.hparams.init_from}", file=sys.stderr)
     previous_handlers = requeue.install_signal_handlers()  # SIGUSR1/SIGTERM only set a flag from now
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

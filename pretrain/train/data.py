@@ -28,6 +28,15 @@ class Source:
     weight: float = 1.0
 
 
+@dataclass
+class Ramp:
+    """Ramp `source`'s share linearly from `start_share` to its weight's share over the first `tokens`."""
+
+    source: str
+    start_share: float
+    tokens: int
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Training mixture and per-source validation over prepared token shards.
 
@@ -40,6 +49,7 @@ class PretrainDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per device.
         val_tokens: cap on validation tokens per source (None: the whole validation split).
         allow_data_change: resume even if a source's or the tokenizer's fingerprint changed.
+        ramp: optionally ramp one source's share linearly at the start (TinyLlama v1.1 style).
     """
 
     def __init__(
@@ -52,6 +62,7 @@ class PretrainDataModule(L.LightningDataModule):
         num_workers: int = 2,
         val_tokens: int | None = None,
         allow_data_change: bool = False,
+        ramp: Ramp | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -69,6 +80,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_tokens = val_tokens
         self.allow_data_change = allow_data_change
+        self.ramp = ramp if ramp is None or isinstance(ramp, Ramp) else Ramp(**ramp)
         self.source_names = list(self.sources)
         self.val_source_names: list[str] = []
         self.tokenizer_json: str | None = None
@@ -110,8 +122,15 @@ class PretrainDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             start_sample=self.trainer.global_step * self.global_batch_size,
+            ramp=self._ramp_in_samples(),
         )
         return self._loader(self._train)
+
+    def _ramp_in_samples(self) -> dict[str, Any] | None:
+        if self.ramp is None:
+            return None
+        samples = max(self.ramp.tokens // self.seq_len, 1)
+        return {"source": self.ramp.source, "start_share": self.ramp.start_share, "samples": samples}
 
     def val_dataloader(self) -> list[DataLoader]:
         from pretrain.data.loader import build_val_datasets
@@ -146,11 +165,18 @@ class PretrainDataModule(L.LightningDataModule):
         return self._train.epochs(step * self.global_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "sources": {n: vars(s) for n, s in self.sources.items()}}
+        return {
+            "fingerprint": self.fingerprint,
+            "sources": {n: vars(s) for n, s in self.sources.items()},
+            "ramp": vars(self.ramp) if self.ramp else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse to resume on data that changed since the checkpoint (unless allowed)."""
-        if state.get("fingerprint") == self.fingerprint or self.allow_data_change:
+        ramp = vars(self.ramp) if self.ramp else None
+        if (
+            state.get("fingerprint") == self.fingerprint and state.get("ramp") == ramp
+        ) or self.allow_data_change:
             return
         raise UserError(
             "the training data changed since this checkpoint was written: "

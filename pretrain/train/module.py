@@ -56,6 +56,10 @@ class PretrainModule(L.LightningModule):
         sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
         max_nonfinite_steps: stop after this many consecutive steps with non-finite gradients.
         seed: seeds the initial weights and the per-step RNG.
+        init_from: start a new stage from these weights (continual pretraining): a checkpoint of
+            ours (training checkpoint, FSDP2 directory, `pretrain average`/`import-hf` output) or a
+            local Hugging Face Llama/Mixtral directory. Weights only: optimizer, step counter and
+            LR schedule start fresh. Ignored when the run resumes from its own checkpoint.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class PretrainModule(L.LightningModule):
         sharding: str = "full",
         max_nonfinite_steps: int = 10,
         seed: int = 1337,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lr_schedule"])
@@ -90,6 +95,8 @@ class PretrainModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.stop_reason: str | None = None
+        self.resuming = False  # set by `pretrain fit` when a checkpoint will restore the weights
+        self.init_source: dict[str, Any] | None = None
         self._val_sums: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
@@ -112,6 +119,8 @@ class PretrainModule(L.LightningModule):
         with torch.device("cpu"):
             model = Llama(self.config)
         torch.set_rng_state(generator_state)
+        if self.hparams.init_from and not self.resuming:
+            self._load_initial_weights(model, self.hparams.init_from)
         for i, block in enumerate(model.layers):
             if self.hparams.activation_checkpointing == "full":
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -123,6 +132,33 @@ class PretrainModule(L.LightningModule):
         if isinstance(self._trainer_strategy(), ModelParallelStrategy):
             self._fully_shard(model)
         self.model = model
+
+    def _load_initial_weights(self, model: Llama, source: str) -> None:
+        """Copy the weights of `source` (checkpoint or HF directory) into the freshly built model."""
+        from pathlib import Path
+
+        from pretrain.model.checkpoint import load_model_checkpoint
+        from pretrain.model.hf import load_hf
+
+        path = Path(source)
+        if (path / "config.json").is_file():
+            config, state, _ = load_hf(path)
+            self.init_source = {"kind": "huggingface", "path": str(path.resolve())}
+        else:
+            checkpoint = load_model_checkpoint(path)
+            config, state = checkpoint.config, checkpoint.state_dict
+            self.init_source = {"kind": "checkpoint", "path": str(path.resolve())} | {
+                k: checkpoint.meta[k]
+                for k in ("global_step", "tokens_seen")
+                if checkpoint.meta.get(k) is not None
+            }
+        runtime = {"attention_backend": self.config.attention_backend}
+        if config.replace(**runtime) != self.config:
+            raise UserError(
+                f"model.init_from {source}: its model config differs from this run's "
+                f"({config.to_dict()} vs {self.config.to_dict()}); make model/model_overrides match it"
+            )
+        model.load_state_dict(state, strict=True)
 
     def _trainer_strategy(self) -> Any:
         return self._trainer.strategy if self._trainer is not None else None
@@ -244,6 +280,7 @@ class PretrainModule(L.LightningModule):
             "global_step": self.trainer.global_step,
             "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
             "skipped_steps": self.skipped_steps,
+            "init_from": self.init_source,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -254,6 +291,7 @@ class PretrainModule(L.LightningModule):
                 f"checkpoint {saved} vs run {self.config.to_dict()}"
             )
         self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
+        self.init_source = checkpoint.get("pretrain", {}).get("init_from")
 
     # ---- validation --------------------------------------------------------------------------
 

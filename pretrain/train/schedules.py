@@ -89,7 +89,8 @@ class WarmupLinear(LRSchedule):
 
 
 class WarmupStableDecay(LRSchedule):
-    """Warmup, constant max_lr, then a cooldown to min_lr over the last `decay_fraction` of steps.
+    """Warmup, constant max_lr, then a cooldown to min_lr over the last `decay_fraction` of steps
+    (or the last `decay_steps` steps when given: for a decay branched off a constant phase).
 
     MiniCPM (Hu et al. 2024) and Hägele et al. 2024: a 10-20% cooldown, 1-sqrt shape best.
     """
@@ -101,14 +102,18 @@ class WarmupStableDecay(LRSchedule):
         warmup_steps: int = 0,
         decay_fraction: float = 0.2,
         decay_shape: str = "1-sqrt",
+        decay_steps: int | None = None,
     ) -> None:
         super().__init__(max_lr, warmup_steps)
         if not 0.0 <= decay_fraction <= 1.0 or decay_shape not in DECAY_SHAPES:
             raise ValueError(f"decay_fraction must be in [0, 1] and decay_shape one of {DECAY_SHAPES}")
         self.min_lr, self.decay_fraction, self.decay_shape = min_lr, decay_fraction, decay_shape
+        self.decay_steps = decay_steps
 
     def after_warmup(self, step: int, total_steps: int) -> float:
-        decay_steps = round(self.decay_fraction * total_steps)
+        decay_steps = (
+            self.decay_steps if self.decay_steps is not None else round(self.decay_fraction * total_steps)
+        )
         decay_start = total_steps - decay_steps
         if step < decay_start or decay_steps == 0:
             return self.max_lr
