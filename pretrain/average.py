@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,10 @@ def _open_sharded(path: Path, ema: bool) -> LazyCheckpoint:
     def read(name: str) -> torch.Tensor:
         entry = index[f"state_dict.{prefix}{name}"]
         tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
-        dcp.load(
-            {"state_dict": {prefix + name: tensor}}, storage_reader=dcp.FileSystemReader(path), no_dist=True
-        )
+        with warnings.catch_warnings():  # no process group: loading in this one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            reader = dcp.FileSystemReader(path)
+            dcp.load({"state_dict": {prefix + name: tensor}}, storage_reader=reader, no_dist=True)
         return tensor
 
     return LazyCheckpoint(path, info.config, info.tokenizer_json, info.meta, names, read)

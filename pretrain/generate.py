@@ -100,6 +100,8 @@ def _build(
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty made two tensors of the one tied weight
+        model.lm_head.weight = model.tok_embeddings.weight
     model.load_state_dict(state)
     model.rope.copy_(rope_cache(config.max_seq_len, config.head_dim, config.rope_base, device=device))
     return model.to(dtype).eval()
