@@ -14,7 +14,8 @@
 # Choices that matter on CI machines (containers without systemd or usable cgroups):
 # - proctrack/linuxproc + task/none: no cgroups needed;
 # - NodeName=localhost and `slurmd -N localhost`: independent of the machine's host name;
-# - the munge socket's folder is mode 755, or clients get "Socket is inaccessible";
+# - the munge socket's folder is mode 755 and every folder above DIR is a+x (not e.g. under a
+#   mode-700 home or pytest tmp folder), or munged fails with "Socket is inaccessible";
 # - cred_expire=5: a requeued job waits cred_expire seconds (default 120) before it may run again;
 #   sched_interval=1 makes the scheduler pick it up within a second after that.
 set -euo pipefail
