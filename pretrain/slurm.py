@@ -146,6 +146,23 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def time_limit_seconds(limit: str) -> int | None:
+    """Seconds in a SLURM time limit ("minutes", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]"); None for
+    "UNLIMITED"/"infinite"."""
+    if limit.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = clock.split(":")
+    if not all(part.isdigit() for part in parts) or (days and not days.isdigit()) or len(parts) > 3:
+        raise UserError(f"time limit {limit!r}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
+    numbers = [int(part) for part in parts]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        numbers += [0] * (3 - len(numbers))
+        return int(days) * 86400 + numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
+    units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(numbers)]
+    return sum(n * unit for n, unit in zip(numbers, units))
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
@@ -170,6 +187,7 @@ def resolve_job(
     the defaults, and check the geometry against the recipe's trainer section."""
     import yaml
 
+    workdir = workdir or Path.cwd()
     recipe = load_recipe(config)
     section = recipe.get("slurm") or {}
     fields = {f.name for f in dataclasses.fields(SlurmSettings)}
@@ -220,13 +238,21 @@ def resolve_job(
     if min(nodes, ntasks) < 1:
         raise UserError(f"a job needs at least one node and one task per node, got {nodes} x {ntasks}")
 
-    for what, value in (("the run directory", run_dir), ("the working directory", workdir or Path.cwd())):
+    limit = time_limit_seconds(settings.time) if settings.time else None
+    if limit is not None and settings.signal_margin >= limit:
+        raise UserError(
+            f"the signal margin ({settings.signal_margin} s) must be shorter than the time limit "
+            f"({settings.time} = {limit} s): the job would be told to requeue as it starts"
+        )
+    job_name = settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}"
+    for what, value in (("run directory", run_dir), ("working directory", workdir), ("job name", job_name)):
         if any(c.isspace() for c in str(value)):
-            raise UserError(f"{what} {str(value)!r} contains white space, which #SBATCH lines cannot hold")
+            raise UserError(
+                f"the {what} {str(value)!r} contains white space, which #SBATCH lines cannot hold"
+            )
     fit_args = ["--config", config]
     if cli.get("max_requeues") is not None:
         fit_args += ["--slurm.max_requeues", str(cli["max_requeues"])]
-    workdir = workdir or Path.cwd()
     return Job(
         config=config,
         run_dir=run_dir,
@@ -236,7 +262,7 @@ def resolve_job(
         ntasks_per_node=ntasks,
         gpus_per_node=gpus,
         cpus_per_task=settings.cpus_per_task or int(num_workers) + 1,
-        job_name=settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}",
+        job_name=job_name,
         env_setup=settings.env_setup if settings.env_setup is not None else default_env_setup(workdir),
         fit_args=(*fit_args, *overrides),
     )
@@ -255,17 +281,17 @@ def default_env_setup(workdir: Path) -> str:
 # ---- rendering and submission ----------------------------------------------------------------
 
 
-def render(job: Job, template: Path = TEMPLATE) -> str:
-    """The sbatch script for `job`."""
+def render(job: Job) -> str:
+    """The sbatch script for `job`, from slurm/train.sbatch.template."""
     s = job.settings
     options = [f"--gres=gpu:{job.gpus_per_node}"] if job.gpus_per_node else []
     for name in ("time", "partition", "account", "qos", "constraint"):
         if getattr(s, name):
             options.append(f"--{name}={getattr(s, name)}")
     try:
-        text = template.read_text()
+        text = TEMPLATE.read_text()
     except OSError as err:
-        raise UserError(f"cannot read the sbatch template {template}: {err}") from err
+        raise UserError(f"cannot read the sbatch template {TEMPLATE}: {err}") from err
     return Template(text).substitute(
         config=job.config,
         job_name=job.job_name,
@@ -342,32 +368,26 @@ def _latest_job_id(run_dir: Path) -> str | None:
     return max(candidates)[1] if candidates else None
 
 
+def _first_line(command: list[str]) -> str:
+    """The first line a SLURM client command prints, "" if it is missing or fails."""
+    if shutil.which(command[0]) is None:
+        return ""
+    result = subprocess.run(command, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines() if result.returncode == 0 else []
+    return lines[0] if lines else ""
+
+
 def job_state(job_id: str) -> str:
-    """The job's state from squeue (pending, running, recently ended) or else sacct."""
-    if shutil.which("squeue"):
-        result = subprocess.run(
-            ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r|%M|%l"], capture_output=True, text=True
-        )
-        line = (
-            result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else ""
-        )
-        if line:
-            state, reason, elapsed, limit = line.split("|")
-            detail = f"reason {reason}" if state == "PENDING" else f"elapsed {elapsed}, limit {limit}"
-            return f"{state} ({detail})"
-    if shutil.which("sacct"):
-        result = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Elapsed"],
-            capture_output=True,
-            text=True,
-        )
-        line = (
-            result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else ""
-        )
-        if line:
-            state, exit_code, elapsed = line.split("|")
-            return f"{state} (exit code {exit_code}, elapsed {elapsed})"
-    return "unknown (not in squeue; no accounting with sacct)"
+    """The job's state from squeue (pending, running, recently ended) or else sacct (which fails
+    without accounting storage)."""
+    if line := _first_line(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r|%M|%l"]):
+        state, reason, elapsed, limit = line.split("|")
+        detail = f"reason {reason}" if state == "PENDING" else f"elapsed {elapsed}, limit {limit}"
+        return f"{state} ({detail})"
+    if line := _first_line(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Elapsed"]):
+        state, exit_code, elapsed = line.split("|")
+        return f"{state} (exit code {exit_code}, elapsed {elapsed})"
+    return "unknown (not in squeue, and sacct has no record)"
 
 
 def _latest_config(run_dir: Path) -> dict[str, Any]:
@@ -393,7 +413,7 @@ def _duration(seconds: float) -> str:
 
 def status(run_dir: str | os.PathLike) -> str:
     """A few lines on a run: job state, progress, last checkpoint, requeues, throughput and ETA."""
-    from pretrain.plot import TOKENS, TRAIN_LOSS, format_tokens, load_run
+    from pretrain.plot import TRAIN_LOSS, format_tokens, load_run
     from pretrain.train.checkpoints import list_checkpoints
     from pretrain.train.requeue import read_requeue_record
 
@@ -416,10 +436,8 @@ def status(run_dir: str | os.PathLike) -> str:
         loss = log.series[TRAIN_LOSS]
         steps_done = int(loss.steps[-1]) + 1  # row k holds the loss of optimizer step k + 1
         of = f" of {max_steps:,} ({100 * steps_done / max_steps:.1f}%)" if max_steps else ""
-        tokens = steps_done * batch_tokens if batch_tokens else log.series[TOKENS].values[-1]
-        lines.append(
-            f"progress    step {steps_done:,}{of}, {format_tokens(tokens)} tokens, loss {loss.values[-1]:.4f}"
-        )
+        tokens = f", {format_tokens(steps_done * batch_tokens)} tokens seen" if batch_tokens else ""
+        lines.append(f"progress    step {steps_done:,}{of}{tokens}, loss {loss.values[-1]:.4f}")
     else:
         lines.append("progress    no training step logged yet")
 

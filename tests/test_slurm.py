@@ -29,7 +29,7 @@ from test_train import recipe, train_losses
 
 from pretrain.cli import main
 from pretrain.errors import UserError
-from pretrain.slurm import check_srun_geometry, render, resolve_job, status
+from pretrain.slurm import check_srun_geometry, render, resolve_job, status, time_limit_seconds
 from pretrain.train.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,17 @@ def test_geometry_agrees_through_fit_overrides_and_unknown_settings_fail(tmp_pat
         resolve_job(str(typo), {}, workdir=tmp_path)
 
 
+def test_time_limits_and_a_margin_longer_than_the_limit(tmp_path, tiny_dataset):
+    assert time_limit_seconds("90") == 5400 and time_limit_seconds("5:30") == 330
+    assert time_limit_seconds("48:00:00") == 172800 and time_limit_seconds("2-00:00:00") == 172800
+    assert time_limit_seconds("1-12") == 129600 and time_limit_seconds("UNLIMITED") is None
+    with pytest.raises(UserError, match="time limit '1:2:3:4'"):
+        time_limit_seconds("1:2:3:4")
+    config, _ = slow_recipe(tmp_path, tiny_dataset, "margin")
+    with pytest.raises(UserError, match=r"signal margin \(300 s\) must be shorter than the time limit"):
+        resolve_job(str(config), {"time": "5"}, workdir=tmp_path)
+
+
 def test_srun_geometry_check():
     check_srun_geometry(8, 2, {"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8"})
     with pytest.raises(UserError, match="SLURM started 1 task\\(s\\) on 1 node\\(s\\).*= 2 processes"):
@@ -261,7 +272,9 @@ def cluster():
     )
     if up.returncode != 0:
         logs = "".join(p.read_text()[-1500:] for p in sorted((directory / "log").glob("*.log")))
-        subprocess.run(["bash", str(ROOT / "slurm/local/down.sh"), str(directory), "--rm"], capture_output=True)
+        subprocess.run(
+            ["bash", str(ROOT / "slurm/local/down.sh"), str(directory), "--rm"], capture_output=True
+        )
         _unavailable(f"slurm/local/up.sh failed ({up.returncode}): {up.stderr[-2000:]}\n{logs}")
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(directory / "etc" / "slurm.conf")
@@ -345,7 +358,7 @@ def test_job_runs_to_completion_with_logs_and_checkpoints(reference):
     assert "done: checkpoints in" in job_logs(run_dir)
     report = status(run_dir)
     assert f"{reference['job_id']}: COMPLETED" in report
-    assert f"step {STEPS} of {STEPS} (100.0%), 16.38K tokens" in report
+    assert f"step {STEPS} of {STEPS} (100.0%), 16.38K tokens seen" in report
     assert f"step-{STEPS:08d}.ckpt" in report and "training finished" in report
 
 

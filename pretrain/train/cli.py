@@ -168,7 +168,9 @@ class FitCLI(LightningCLI):
 
 
 def fit(args: Sequence[str] | None = None) -> int:
-    """Entry point of `pretrain fit`; returns the process exit code."""
+    """Entry point of `pretrain fit`; returns the process exit code: 0 when training finished or
+    requeued its SLURM job, 3 when it stopped after non-finite steps, `requeue.STOPPED_EXIT_CODE`
+    (4) when a signal stopped it with a checkpoint and the job was not requeued."""
     cli = FitCLI(args)
     run_dir = Path(cli.config.run_dir)
     if cli.model.hparams.init_from and cli.config.resume not in ("auto", "none"):
