@@ -205,7 +205,7 @@ def fit_with_signal(tmp_path: Path, dataset: Path, when: str) -> tuple[subproces
     callbacks = [{"class_path": "test_slurm.SignalSelf", "init_args": {"when": when}}]
     config = recipe(tmp_path, dataset, run_dir, trainer__max_steps=8, trainer__callbacks=callbacks)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    env = {k: v for k, v in env.items() if not k.startswith("SLURM_JOB")}
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     result = subprocess.run(
         [PRETRAIN, "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=240
     )

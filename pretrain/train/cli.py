@@ -158,7 +158,8 @@ class FitCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [checkpoint, on_signal, TrainingMonitor(), StepProgressBar()]
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
             geometry = self.config.trainer
-            check_srun_geometry(count_devices(geometry.devices, geometry.accelerator), geometry.num_nodes or 1)
+            devices = count_devices(geometry.devices, geometry.accelerator)
+            check_srun_geometry(devices, geometry.num_nodes or 1)
             plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
