@@ -18,6 +18,7 @@ Gradient accumulation is derived: global_batch_tokens / (micro_batch_size * seq_
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 import warnings
@@ -156,6 +157,8 @@ class FitCLI(LightningCLI):
         checkpoint = PeriodicCheckpoint(dirpath=run_dir / "checkpoints", **self.config.checkpoint)
         on_signal = requeue.RequeueOnSignal(run_dir, self.config.slurm.max_requeues)
         self.trainer_defaults["callbacks"] = [checkpoint, on_signal, TrainingMonitor(), StepProgressBar()]
+        if "SLURM_JOB_ID" not in os.environ:  # outside a job, not launching with srun is expected
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
             geometry = self.config.trainer
             devices = count_devices(geometry.devices, geometry.accelerator)
