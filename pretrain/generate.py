@@ -26,8 +26,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from pretrain.data.tokenizer import BOS_NAMES, EOS_NAMES, fingerprint
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
+from pretrain.model.checkpoint import load_model_checkpoint
+from pretrain.model.hf import load_hf
 from pretrain.model.llama import KVCache, rope_cache
 
 
@@ -45,6 +48,8 @@ class GenerationModel:
 
 @dataclass(frozen=True)
 class Sampling:
+    """How `next_tokens` picks a token: greedy at temperature 0, else filtered sampling."""
+
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -62,18 +67,12 @@ def load_generation_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> GenerationModel:
     """Load a pretrain checkpoint (any format `load_model_checkpoint` reads) or an HF directory."""
-    from pretrain.data.tokenizer import BOS_NAMES, EOS_NAMES, fingerprint
-
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        from pretrain.model.hf import load_hf
-
         config, state, tokenizer_json = load_hf(path)
         hf = json.loads((path / "config.json").read_text())
         eos, bos = hf.get("eos_token_id"), hf.get("bos_token_id")
     else:
-        from pretrain.model.checkpoint import load_model_checkpoint
-
         checkpoint = load_model_checkpoint(path)
         config, state, tokenizer_json = checkpoint.config, checkpoint.state_dict, checkpoint.tokenizer_json
         eos, bos = checkpoint.meta.get("eos_id"), checkpoint.meta.get("bos_id")
