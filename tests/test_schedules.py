@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from pretrain.train.schedules import Constant, Infinite, WarmupCosine, WarmupLinear, WarmupStableDecay, decay
+from pretrain.train.schedules import (
+    Constant,
+    Infinite,
+    MultiStep,
+    WarmupCosine,
+    WarmupLinear,
+    WarmupStableDecay,
+    decay,
+)
 
 
 def test_tinyllama_cosine_pinned_values():
@@ -97,6 +105,7 @@ def test_constant():
         WarmupStableDecay(4e-4, 0.0, 20, 0.2, "1-sqrt"),
         Infinite(4e-4, 1e-4, 20, 30, 10),
         Constant(1e-3, 5),
+        MultiStep(4e-4, 20),
     ],
 )
 def test_schedules_are_pure_functions_of_the_step(schedule):
@@ -122,3 +131,31 @@ def test_wsd_decay_branch_starts_at_the_constant_lr():
     assert schedule(999, total) == 1e-3  # the constant phase is untouched
     assert schedule(1000, total) == pytest.approx(1e-3 * (1 - math.sqrt(0.01)))  # no re-warm spike
     assert schedule(1099, total) == pytest.approx(0.0)
+
+
+def test_deepseek_multistep_pinned_values():
+    schedule = MultiStep(max_lr=4.2e-4, warmup_steps=2000)  # DeepSeek LLM 7B: 100% / 31.6% / 10%
+    total = 10_000
+    expected = {0: 4.2e-4 / 2000, 1999: 4.2e-4, 2000: 4.2e-4, 7999: 4.2e-4, 8000: 0.316 * 4.2e-4}
+    expected |= {8999: 0.316 * 4.2e-4, 9000: 4.2e-5, 9999: 4.2e-5}
+    for step, lr in expected.items():
+        assert schedule(step, total) == pytest.approx(lr, rel=1e-12), step
+    custom = MultiStep(max_lr=1.0, boundaries=[0.5, 0.7, 0.9], factors=[0.5, 0.25, 0.125])
+    assert [custom(s, 10) for s in range(10)] == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25, 0.125])
+    # Boundaries that fall between steps round to the nearest step, halves up: 7.5, 10.5, 13.5.
+    assert [custom(s, 15) for s in (7, 8, 10, 11, 13, 14)] == pytest.approx([1, 0.5, 0.5, 0.25, 0.25, 0.125])
+
+
+def test_multistep_first_phase_is_independent_of_the_budget():
+    # DeepSeek's point: training can be extended from a checkpoint taken before the first drop.
+    schedule = MultiStep(max_lr=1e-3, warmup_steps=10)
+    short, long = [schedule(s, 1000) for s in range(800)], [schedule(s, 2000) for s in range(800)]
+    assert short == long
+
+
+def test_multistep_bad_arguments():
+    for boundaries, factors in [((0.9, 0.8), (0.3, 0.1)), ((0.8,), (0.3, 0.1)), ((0.8, 1.2), (0.3, 0.1))]:
+        with pytest.raises(ValueError, match="boundaries"):
+            MultiStep(1.0, boundaries=boundaries, factors=factors)
+    with pytest.raises(ValueError, match="positive"):
+        MultiStep(1.0, boundaries=(0.8,), factors=(0.0,))

@@ -12,6 +12,11 @@ checkpointing and `torch.compile` per transformer block, then, under Lightning's
 `sharding="hybrid"`: replicate across nodes, shard within a node). The model is built on the
 CPU from the seed, so its initial weights are the same whatever the number of devices.
 
+With `trainable_blocks`, only the named transformer blocks train (LLaMA Pro's recipe for new
+blocks inserted by `pretrain expand`): every other parameter is frozen (requires_grad False)
+before wrapping and sharding, so it gets no gradient, no optimizer state and no update; FSDP2
+shards frozen and trainable parameters of one block together.
+
 A step whose gradient norm is not finite is skipped (no parameter or optimizer-state change) and
 counted; after `max_nonfinite_steps` such steps in a row the run saves a checkpoint of the last
 good state and stops with a clear message.
@@ -60,6 +65,9 @@ class PretrainModule(L.LightningModule):
             ours (training checkpoint, FSDP2 directory, `pretrain average`/`import-hf` output) or a
             local Hugging Face Llama/Mixtral directory. Weights only: optimizer, step counter and
             LR schedule start fresh. Ignored when the run resumes from its own checkpoint.
+        trainable_blocks: train only these transformer blocks (indices), or "new": the blocks that
+            `pretrain expand` recorded as new in the init_from checkpoint. Embedding, final norm,
+            LM head and all other blocks are frozen. None (default): train everything.
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         seed: int = 1337,
         init_from: str | None = None,
+        trainable_blocks: list[int] | str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["lr_schedule"])
@@ -121,6 +130,10 @@ class PretrainModule(L.LightningModule):
         torch.set_rng_state(generator_state)
         if self.hparams.init_from and not self.resuming:
             self._load_initial_weights(model, self.hparams.init_from)
+        if self.hparams.trainable_blocks is not None:
+            model.requires_grad_(False)
+            for i in self._trainable_block_indices():
+                model.layers[i].requires_grad_(True)
         for i, block in enumerate(model.layers):
             if self.hparams.activation_checkpointing == "full":
                 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -159,6 +172,42 @@ class PretrainModule(L.LightningModule):
                 f"({config.to_dict()} vs {self.config.to_dict()}); make model/model_overrides match it"
             )
         model.load_state_dict(state, strict=True)
+
+    def _trainable_block_indices(self) -> list[int]:
+        """`trainable_blocks` as block indices ("new": read from the init_from checkpoint's meta)."""
+        blocks = self.hparams.trainable_blocks
+        if blocks == "new":
+            blocks = self._expanded_blocks(self.hparams.init_from)
+        elif isinstance(blocks, str):
+            raise UserError(
+                f'model.trainable_blocks must be a list of block indices or "new", got {blocks!r}'
+            )
+        n_layers = self.config.n_layers
+        if not blocks or any(not 0 <= i < n_layers for i in blocks):
+            raise UserError(
+                f"model.trainable_blocks {blocks}: name at least one block, indices in [0, {n_layers - 1}]"
+            )
+        return sorted(set(blocks))
+
+    @staticmethod
+    def _expanded_blocks(init_from: str | None) -> list[int]:
+        """The new blocks `pretrain expand` recorded in the meta of the model file `init_from`."""
+        from pathlib import Path
+
+        from pretrain.average import open_checkpoint
+
+        if not init_from:
+            raise UserError(
+                "model.trainable_blocks: new needs model.init_from: a model written by `pretrain expand`"
+            )
+        path = Path(init_from)
+        expansion = None if (path / "config.json").is_file() else open_checkpoint(path).meta.get("expansion")
+        if not expansion:
+            raise UserError(
+                f"model.trainable_blocks: new: {init_from} records no new blocks (it was not written by "
+                "`pretrain expand`); list the blocks to train instead, e.g. trainable_blocks: [2, 5]"
+            )
+        return expansion["new_layers"]
 
     def _trainer_strategy(self) -> Any:
         return self._trainer.strategy if self._trainer is not None else None

@@ -154,3 +154,38 @@ class Infinite(LRSchedule):
         if since_warmup < self.cooldown_steps:
             return decay((since_warmup + 1) / self.cooldown_steps, self.max_lr, self.constant_lr, "cosine")
         return self.constant_lr
+
+
+class MultiStep(LRSchedule):
+    """DeepSeek LLM's multi-step schedule (arXiv 2401.02954): warmup, then max_lr times a
+    piecewise-constant factor that drops at fractions of the stage.
+
+    From step boundaries[i] * total_steps (rounded to the nearest step, halves up) on, the LR is
+    factors[i] * max_lr. The default is DeepSeek's: the peak until 80% of the steps, 31.6% of it
+    until 90%, then 10%. Unlike a cosine, the LR before the first drop is the peak whatever the
+    stage's length, so when the token budget grows, a checkpoint of the first phase continues
+    (`branch_from`, larger max_tokens) exactly as if the larger budget had been planned.
+    """
+
+    def __init__(
+        self,
+        max_lr: float,
+        warmup_steps: int = 0,
+        boundaries: tuple[float, ...] = (0.8, 0.9),
+        factors: tuple[float, ...] = (0.316, 0.1),
+    ) -> None:
+        super().__init__(max_lr, warmup_steps)
+        boundaries, factors = tuple(boundaries), tuple(factors)
+        increasing = all(a < b for a, b in zip(boundaries, boundaries[1:]))
+        if len(boundaries) != len(factors) or not increasing or not all(0 < b <= 1 for b in boundaries):
+            raise ValueError("boundaries must increase within (0, 1], one factor per boundary")
+        if any(f <= 0 for f in factors):
+            raise ValueError("factors must be positive")
+        self.boundaries, self.factors = boundaries, factors
+
+    def after_warmup(self, step: int, total_steps: int) -> float:
+        factor = 1.0
+        for boundary, boundary_factor in zip(self.boundaries, self.factors):
+            if step >= math.floor(boundary * total_steps + 0.5):
+                factor = boundary_factor
+        return self.max_lr * factor
