@@ -10,6 +10,9 @@ tokenized with A's tokenizer. The `tiny` preset is pretrained on A, then continu
   4. re-warm + 25% replay       as 2, with 25% of samples from A
   5. infinite schedule          A trained with warmup -> cooldown -> constant; B continues the
                                 constant phase (branch_from, no re-warm) and anneals over its last 20%
+  6. LLaMA Pro expansion        stage A's cosine model with a zero-output copy after every 2nd block
+                                (`pretrain expand --every 2`: 4 -> 6 layers); only the 2 new blocks
+                                train (trainable_blocks: new), with arm 2's schedule, no replay
 
 Every arm sees the same number of tokens on B. The final checkpoint of each arm is evaluated on
 the validation splits of A and B (same windows for all). Writes a markdown report and a plot:
@@ -153,6 +156,9 @@ def main() -> None:
     print("stage A (two schedules)", flush=True)
     a_cosine = fit(work, "A-cosine", only_a, cosine, steps_a)
     a_infinite = fit(work, "A-infinite", only_a, infinite, steps_a)
+    a_expanded = work / "A-cosine-expanded.pt"
+    if not a_expanded.exists():
+        pretrain("expand", str(a_cosine), "-o", str(a_expanded), "--every", "2")
     print("stage B arms", flush=True)
     arms = {
         "1. no re-warm, no replay": fit(work, "B1-constant", only_b, constant, steps_b, model__init_from=str(a_cosine)),
@@ -162,6 +168,10 @@ def main() -> None:
         "5. infinite: constant on B, anneal": fit(
             work, "B5-infinite", only_b, anneal, steps_a + steps_b, branch_from=str(a_infinite),
             data__allow_data_change=True,
+        ),
+        "6. LLaMA Pro expansion (new blocks only, no replay)": fit(
+            work, "B6-llama-pro", only_b, rewarm, steps_b, model__init_from=str(a_expanded),
+            model__model_overrides={"n_layers": 6}, model__trainable_blocks="new",
         ),
     }
     datasets = {"A": corpus_a, "B": corpus_b}
