@@ -14,8 +14,9 @@ CPU from the seed, so its initial weights are the same whatever the number of de
 
 With `trainable_blocks`, only the named transformer blocks train (LLaMA Pro's recipe for new
 blocks inserted by `pretrain expand`): every other parameter is frozen (requires_grad False)
-before wrapping and sharding, so it gets no gradient, no optimizer state and no update; FSDP2
-shards frozen and trainable parameters of one block together.
+before wrapping and sharding, so it gets no gradient, no optimizer state and no update. Under
+FSDP2 frozen blocks stay sharded like the others (gathered for forward and backward, nothing
+reduced), and checkpoints hold optimizer state for the trainable parameters only.
 
 A step whose gradient norm is not finite is skipped (no parameter or optimizer-state change) and
 counted; after `max_nonfinite_steps` such steps in a row the run saves a checkpoint of the last
