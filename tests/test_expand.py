@@ -199,7 +199,7 @@ def test_training_new_blocks_only_under_fsdp2_resumes(tiny_dataset, expanded, re
     )
 
 
-def test_trainable_blocks_errors(expanded, tmp_path):
+def test_trainable_blocks_freeze_the_rest_and_name_errors(expanded, tmp_path):
     def build(**kwargs) -> None:
         PretrainModule(model="tiny", model_overrides={**MODEL, "n_layers": 4}, **kwargs).configure_model()
 
@@ -215,11 +215,13 @@ def test_trainable_blocks_errors(expanded, tmp_path):
     with pytest.raises(Exception, match="list of block indices"):
         build(trainable_blocks="old", init_from=str(expanded))
     module = PretrainModule(
-        model="tiny", model_overrides={**MODEL, "n_layers": 4}, init_from=str(expanded), trainable_blocks=[0]
+        model="tiny", model_overrides={**MODEL, "n_layers": 4}, init_from=str(expanded), trainable_blocks=[2]
     )
     module.configure_model()
+    module.model(torch.randint(0, MODEL["vocab_size"], (2, 16))).logits.sum().backward()
+    with_grad = {name.split(".")[1] for name, p in module.model.named_parameters() if p.grad is not None}
     trainable = {name.split(".")[1] for name, p in module.model.named_parameters() if p.requires_grad}
-    assert trainable == {"0"}
+    assert trainable == with_grad == {"2"}  # an old block: any block can be named
 
 
 def schedule_of(name: str):
