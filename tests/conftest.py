@@ -61,3 +61,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
     args = ["data", "prepare", "--input", corpus, "--tokenizer", tokenizer, "--output", str(out)]
     assert main(args + ["--val-fraction", "0.1", "--num-proc", "2"]) == 0
     return out
+
+
+def bare_trainer(**kwargs):
+    """A CPU Lightning Trainer with no logger, checkpointing, progress bar, summary or validation."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
+    return L.Trainer(**(defaults | kwargs))

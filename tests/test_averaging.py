@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import require
+from conftest import bare_trainer, require
 from test_train import MODEL, recipe, run
 
 from pretrain.average import average_checkpoints, open_checkpoint
@@ -168,16 +168,9 @@ def test_ema_update_rule(tiny_dataset):
     from pretrain.train.module import PretrainModule
 
     record, ema = RecordWeights(), EMA(decay=0.7, every_n_steps=2, start_step=3, validate=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = bare_trainer(
         max_steps=9,
         accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
         callbacks=[record, ema],
     )
     data = PretrainDataModule({"stdlib": Source(str(tiny_dataset))}, 64, 1024, 8, num_workers=0)

@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import require
+from conftest import bare_trainer, require
 
 from pretrain.cli import main
 from pretrain.model import Llama
@@ -288,17 +288,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_d
     )
     poison = PoisonGradients({2, 5, 6, 7})
     checkpoints = PeriodicCheckpoint(tmp_path / "checkpoints", every_n_steps=None)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = bare_trainer(
         max_steps=20,
         accumulate_grad_batches=2,
         gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
         callbacks=[poison, checkpoints],
     )
     trainer.fit(module, datamodule=data)

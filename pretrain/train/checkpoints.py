@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from pretrain.data.shards import fsync_dir
 from pretrain.errors import UserError
 
 _NAME = re.compile(r"step-(\d+)\.ckpt")
@@ -118,7 +119,7 @@ class PeriodicCheckpoint(Callback):
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             os.replace(partial, final)
-            _fsync_directory(self.dirpath)
+            fsync_dir(self.dirpath)
             self._prune()
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()
@@ -140,11 +141,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
