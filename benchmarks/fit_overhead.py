@@ -55,7 +55,10 @@ def bare_round(recipe: dict, steps: int, warmup: int) -> float:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "tok_embeddings" in n]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": model_cfg.get("weight_decay", 0.1)}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": model_cfg.get("weight_decay", 0.1)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=1.0,
         betas=tuple(model_cfg.get("betas", (0.9, 0.95))),
     )
@@ -65,7 +68,11 @@ def bare_round(recipe: dict, steps: int, warmup: int) -> float:
     accumulation = global_batch // micro
     sources = {name: (s["path"], s["weight"]) for name, s in data_cfg["sources"].items()}
     dataset = build_train_dataset(
-        sources, seq_len=seq_len, global_batch_size=global_batch, micro_batch_size=micro, seed=data_cfg.get("seed", 42)
+        sources,
+        seq_len=seq_len,
+        global_batch_size=global_batch,
+        micro_batch_size=micro,
+        seed=data_cfg.get("seed", 42),
     )
     batches = iter(DataLoader(dataset, batch_size=None, num_workers=data_cfg.get("num_workers", 0)))
     clip = recipe["trainer"].get("gradient_clip_val")
@@ -89,7 +96,14 @@ def bare_round(recipe: dict, steps: int, warmup: int) -> float:
 def fit_round(config_path: str, steps: int, warmup: int, tokens_per_step: int) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         args = ["--config", config_path, "--run_dir", run_dir, "--resume", "none", "--max_tokens", "null"]
-        args += ["--trainer.max_steps", str(steps), "--validate_every_steps", "null", "--trainer.limit_val_batches", "0"]
+        args += [
+            "--trainer.max_steps",
+            str(steps),
+            "--validate_every_steps",
+            "null",
+            "--trainer.limit_val_batches",
+            "0",
+        ]
         args += ["--checkpoint.every_n_steps", "null", "--checkpoint.save_on_train_end", "false"]
         args += ["--trainer.enable_model_summary", "false"]
         cli = FitCLI(args)
@@ -113,9 +127,14 @@ def main() -> None:
     for round_index in range(args.rounds):
         bare.append(bare_round(recipe, args.steps, args.warmup))
         fit.append(fit_round(args.config, args.steps, args.warmup, tokens_per_step))
-        print(f"round {round_index}: bare {bare[-1]:,.0f} tokens/s, pretrain fit {fit[-1]:,.0f} tokens/s", flush=True)
+        print(
+            f"round {round_index}: bare {bare[-1]:,.0f} tokens/s, pretrain fit {fit[-1]:,.0f} tokens/s",
+            flush=True,
+        )
     ratio = statistics.median(fit) / statistics.median(bare)
-    print(f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, {args.config}")
+    print(
+        f"torch {torch.__version__}, lightning {L.__version__}, {torch.get_num_threads()} threads, {args.config}"
+    )
     print(f"median tokens/s: bare {statistics.median(bare):,.0f}, pretrain fit {statistics.median(fit):,.0f}")
     print(f"ratio fit / bare = {ratio:.3f} (target >= 0.95)")
 

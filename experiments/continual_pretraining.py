@@ -49,10 +49,16 @@ def english_documents(limit_bytes: int) -> list[str]:
     docs, total = [], 0
     for path in sorted(Path("/usr/share/doc").rglob("*")):
         name = path.name.lower()
-        if not path.is_file() or "changelog" in name or path.suffix in (".html", ".htm", ".png", ".svg", ".py", ".c"):
+        if (
+            not path.is_file()
+            or "changelog" in name
+            or path.suffix in (".html", ".htm", ".png", ".svg", ".py", ".c")
+        ):
             continue
-        if not (name.startswith(("readme", "news", "copyright", "faq", "authors", "todo", "thanks"))
-                or name.endswith((".md", ".md.gz", ".txt", ".txt.gz", ".rst", ".rst.gz"))):
+        if not (
+            name.startswith(("readme", "news", "copyright", "faq", "authors", "todo", "thanks"))
+            or name.endswith((".md", ".md.gz", ".txt", ".txt.gz", ".rst", ".rst.gz"))
+        ):
             continue
         try:
             raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -74,7 +80,9 @@ def pretrain(*args: str) -> None:
 def fit(out: Path, name: str, sources: dict, schedule: dict, steps: int, **extra) -> Path:
     """Train one stage with the tiny recipe; returns its final checkpoint."""
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    config.update(run_dir=str(out / "runs" / name), max_tokens=steps * BATCH_TOKENS, validate_every_steps=steps)
+    config.update(
+        run_dir=str(out / "runs" / name), max_tokens=steps * BATCH_TOKENS, validate_every_steps=steps
+    )
     config["model"]["lr_schedule"] = schedule
     config["data"]["sources"] = sources
     config["checkpoint"] = {"every_n_steps": steps, "keep_last": 1}
@@ -103,7 +111,9 @@ def evaluate(checkpoint: Path, datasets: dict[str, Path], max_samples: int = 128
     model.load_state_dict(saved.state_dict)
     losses = {}
     for name, path in datasets.items():
-        val = build_val_datasets({name: path}, seq_len=SEQ_LEN, micro_batch_size=16, max_samples=max_samples)[name]
+        val = build_val_datasets({name: path}, seq_len=SEQ_LEN, micro_batch_size=16, max_samples=max_samples)[
+            name
+        ]
         total, count = 0.0, 0
         for inputs, targets in val:
             logits = model(inputs).logits
@@ -125,7 +135,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     print("corpus A: pystdlib", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "data" / "pystdlib" / "prepare.py")], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(ROOT / "data" / "pystdlib" / "prepare.py")],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
     corpus_a = ROOT / "data" / "pystdlib" / "out"
     corpus_b = work / "prose"
     if not (corpus_b / "manifest.json").exists():
@@ -134,24 +148,47 @@ def main() -> None:
         with open(work / "prose.jsonl", "w") as f:
             for text in docs:
                 f.write(json.dumps({"text": text}) + "\n")
-        pretrain("data", "prepare", "--input", str(work / "prose.jsonl"), "--tokenizer", str(corpus_a / "tokenizer.json"),
-                 "--output", str(corpus_b), "--val-fraction", "0.02")
+        pretrain(
+            "data",
+            "prepare",
+            "--input",
+            str(work / "prose.jsonl"),
+            "--tokenizer",
+            str(corpus_a / "tokenizer.json"),
+            "--output",
+            str(corpus_b),
+            "--val-fraction",
+            "0.02",
+        )
     only_a = {"A": {"path": str(corpus_a), "weight": 1.0}}
     only_b = {"B": {"path": str(corpus_b), "weight": 1.0}}
 
     def with_replay(share: float) -> dict:
-        return {"B": {"path": str(corpus_b), "weight": 1 - share}, "A": {"path": str(corpus_a), "weight": share}}
+        return {
+            "B": {"path": str(corpus_b), "weight": 1 - share},
+            "A": {"path": str(corpus_a), "weight": share},
+        }
 
-    cosine = {"class_path": "pretrain.train.schedules.WarmupCosine",
-              "init_args": {"max_lr": PEAK, "min_lr": FLOOR, "warmup_steps": max(1, steps_a // 20)}}
-    infinite_args = {"max_lr": PEAK, "constant_lr": PEAK / 3, "warmup_steps": max(1, steps_a // 20),
-                     "cooldown_steps": steps_a // 3}
+    cosine = {
+        "class_path": "pretrain.train.schedules.WarmupCosine",
+        "init_args": {"max_lr": PEAK, "min_lr": FLOOR, "warmup_steps": max(1, steps_a // 20)},
+    }
+    infinite_args = {
+        "max_lr": PEAK,
+        "constant_lr": PEAK / 3,
+        "warmup_steps": max(1, steps_a // 20),
+        "cooldown_steps": steps_a // 3,
+    }
     infinite = {"class_path": "pretrain.train.schedules.Infinite", "init_args": infinite_args}
-    rewarm = {"class_path": "pretrain.train.schedules.WarmupCosine",
-              "init_args": {"max_lr": PEAK, "min_lr": FLOOR, "warmup_steps": max(1, steps_b // 100)}}
+    rewarm = {
+        "class_path": "pretrain.train.schedules.WarmupCosine",
+        "init_args": {"max_lr": PEAK, "min_lr": FLOOR, "warmup_steps": max(1, steps_b // 100)},
+    }
     constant = {"class_path": "pretrain.train.schedules.Constant", "init_args": {"max_lr": FLOOR}}
-    anneal = {"class_path": "pretrain.train.schedules.Infinite",
-              "init_args": {**infinite_args, "anneal_steps": max(1, steps_b // 5), "min_lr": FLOOR}}
+    anneal = {
+        "class_path": "pretrain.train.schedules.Infinite",
+        "init_args": {**infinite_args, "anneal_steps": max(1, steps_b // 5), "min_lr": FLOOR},
+    }
 
     print("stage A (two schedules)", flush=True)
     a_cosine = fit(work, "A-cosine", only_a, cosine, steps_a)
@@ -161,21 +198,43 @@ def main() -> None:
         pretrain("expand", str(a_cosine), "-o", str(a_expanded), "--every", "2")
     print("stage B arms", flush=True)
     arms = {
-        "1. no re-warm, no replay": fit(work, "B1-constant", only_b, constant, steps_b, model__init_from=str(a_cosine)),
-        "2. re-warm + re-decay": fit(work, "B2-rewarm", only_b, rewarm, steps_b, model__init_from=str(a_cosine)),
-        "3. re-warm + 5% replay": fit(work, "B3-replay5", with_replay(0.05), rewarm, steps_b, model__init_from=str(a_cosine)),
-        "4. re-warm + 25% replay": fit(work, "B4-replay25", with_replay(0.25), rewarm, steps_b, model__init_from=str(a_cosine)),
+        "1. no re-warm, no replay": fit(
+            work, "B1-constant", only_b, constant, steps_b, model__init_from=str(a_cosine)
+        ),
+        "2. re-warm + re-decay": fit(
+            work, "B2-rewarm", only_b, rewarm, steps_b, model__init_from=str(a_cosine)
+        ),
+        "3. re-warm + 5% replay": fit(
+            work, "B3-replay5", with_replay(0.05), rewarm, steps_b, model__init_from=str(a_cosine)
+        ),
+        "4. re-warm + 25% replay": fit(
+            work, "B4-replay25", with_replay(0.25), rewarm, steps_b, model__init_from=str(a_cosine)
+        ),
         "5. infinite: constant on B, anneal": fit(
-            work, "B5-infinite", only_b, anneal, steps_a + steps_b, branch_from=str(a_infinite),
+            work,
+            "B5-infinite",
+            only_b,
+            anneal,
+            steps_a + steps_b,
+            branch_from=str(a_infinite),
             data__allow_data_change=True,
         ),
         "6. LLaMA Pro expansion (new blocks only, no replay)": fit(
-            work, "B6-llama-pro", only_b, rewarm, steps_b, model__init_from=str(a_expanded),
-            model__model_overrides={"n_layers": 6}, model__trainable_blocks="new",
+            work,
+            "B6-llama-pro",
+            only_b,
+            rewarm,
+            steps_b,
+            model__init_from=str(a_expanded),
+            model__model_overrides={"n_layers": 6},
+            model__trainable_blocks="new",
         ),
     }
     datasets = {"A": corpus_a, "B": corpus_b}
-    results = {"after stage A (cosine)": evaluate(a_cosine, datasets), "after stage A (infinite, constant)": evaluate(a_infinite, datasets)}
+    results = {
+        "after stage A (cosine)": evaluate(a_cosine, datasets),
+        "after stage A (infinite, constant)": evaluate(a_infinite, datasets),
+    }
     results |= {name: evaluate(checkpoint, datasets) for name, checkpoint in arms.items()}
     write_report(args.out, results, steps_a, steps_b)
 
