@@ -130,8 +130,20 @@ def _run_prepare(out: Path, inputs_glob: str, tokenizer: Path) -> subprocess.Pop
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+
+
+def _alive_in_group(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _units_done(out: Path) -> int:
@@ -154,6 +166,10 @@ def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
         time.sleep(random.Random(threshold).random() * 0.05)  # land somewhere inside a unit
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "finished before it could be killed"
+        deadline = time.monotonic() + 10  # its workers die with it (PR_SET_PDEATHSIG)
+        while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive_in_group(proc.pid), "prepare workers outlived the killed process"
         assert not (killed / "manifest.json").exists()
         with pytest.raises(UserError, match="preparation unfinished"):
             load_manifest(killed)  # a reader refuses the partial output

@@ -20,12 +20,14 @@ partial shard is ever read.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -80,6 +82,14 @@ class UnitResult:
 _worker: dict[str, Any] = {}
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when the preparing process dies, even by
+    SIGKILL, so a killed `prepare` never leaves orphaned workers behind."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def _init_worker(
     paths: list[Path],
     tokenizer_path: str,
@@ -89,6 +99,7 @@ def _init_worker(
     bos: int | None,
     dtype: str,
 ) -> None:
+    _die_with_parent()
     _worker.update(
         paths=paths,
         tokenizer=Tokenizer.from_file(tokenizer_path),
