@@ -19,7 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
     from pretrain import average_cli, generate_cli, plot, slurm
     from pretrain.data import cli as data_cli
     from pretrain.model import cli as model_cli
-    from pretrain.model import expand
 
     parser = argparse.ArgumentParser(
         prog="pretrain",
@@ -38,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.register(subcommands)
     average_cli.register(subcommands)
     generate_cli.register(subcommands)
-    expand.register(subcommands)
     return parser
 
 

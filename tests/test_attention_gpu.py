@@ -41,8 +41,16 @@ def test_model_trains_in_bf16_with_backend(backend):
     require_gpu()
     if backend in PACKAGES:
         require(PACKAGES[backend])
-    config = LlamaConfig(vocab_size=256, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=512,
-                         max_seq_len=128, attention_backend=backend)
+    config = LlamaConfig(
+        vocab_size=256,
+        dim=256,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        mlp_hidden=512,
+        max_seq_len=128,
+        attention_backend=backend,
+    )
     model = Llama(config).cuda()
     tokens = torch.randint(0, 256, (4, 128), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -1,4 +1,4 @@
-"""`pretrain model-info`, `pretrain export-hf` and `pretrain import-hf`."""
+"""`pretrain model-info`, `pretrain export-hf`, `pretrain import-hf` and `pretrain expand`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def register(subcommands: Any) -> None:
     imp.add_argument("hf_dir", metavar="HF_DIR")
     imp.add_argument("out", metavar="OUT", help="checkpoint file to write")
     imp.set_defaults(run=_import_hf)
+    _register_expand(subcommands)
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -124,4 +125,51 @@ def _import_hf(args: argparse.Namespace) -> int:
     }
     out = save_model_checkpoint(args.out, ModelCheckpoint(config, state, tokenizer_json, meta))
     print(f"wrote {out} ({count_parameters(config).total:,} parameters)")
+    return 0
+
+
+def _register_expand(subcommands: Any) -> None:
+    parser = subcommands.add_parser(
+        "expand",
+        help="LLaMA Pro block expansion: insert zero-output copies of blocks (same function, more layers)",
+        description="Insert copies of transformer blocks whose attention output and MLP down projections "
+        "are zero, so the deeper model computes exactly the same function; writes a model checkpoint "
+        "that records which blocks are new (train them alone with model.trainable_blocks: new).",
+    )
+    parser.add_argument(
+        "source", metavar="CKPT_OR_HF_DIR", help="a checkpoint of ours or a local HF directory"
+    )
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="model checkpoint file to write")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--every", type=int, metavar="K", help="insert a copy after every K-th block")
+    where.add_argument(
+        "--positions", metavar="I,J,...", help="insert a copy after each of these blocks (0-based indices)"
+    )
+    parser.set_defaults(run=_expand)
+
+
+def _expand(args: argparse.Namespace) -> int:
+    from pretrain.errors import UserError
+    from pretrain.model.checkpoint import save_model_checkpoint
+    from pretrain.model.expand import expand_checkpoint
+
+    positions = None
+    if args.positions is not None:
+        try:
+            positions = [int(p) for p in args.positions.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--positions {args.positions!r}: expected comma-separated block indices"
+            ) from None
+    checkpoint = expand_checkpoint(args.source, args.every, positions)
+    out = save_model_checkpoint(args.output, checkpoint)
+    record = checkpoint.meta["expansion"]
+    print(
+        f"{checkpoint.meta['source']['n_layers']} -> {checkpoint.config.n_layers} layers; new blocks "
+        f"{record['new_layers']} (copies of {record['copied_from']}); wrote {out}"
+    )
+    print(
+        f"train them alone with model.model_overrides.n_layers: {checkpoint.config.n_layers}, "
+        "model.init_from: OUT and model.trainable_blocks: new"
+    )
     return 0

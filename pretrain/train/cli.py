@@ -185,7 +185,9 @@ def fit(args: Sequence[str] | None = None) -> int:
     ckpt_path = resolve_resume(cli.config.resume, run_dir / "checkpoints")
     if cli.config.branch_from:
         if cli.model.hparams.init_from or cli.config.resume not in ("auto", "none"):
-            raise UserError("branch_from excludes model.init_from and --resume PATH: give only one starting point")
+            raise UserError(
+                "branch_from excludes model.init_from and --resume PATH: give only one starting point"
+            )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
             ckpt_path = resolve_resume(cli.config.branch_from, run_dir)
     if ckpt_path is not None:
