@@ -129,6 +129,19 @@ def test_document_ids_end_each_document_at_its_eos():
     assert document_ids(tokens, eos_id=0).tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 2]]
 
 
+@pytest.mark.parametrize("kernel", ["sdpa-math", "sdpa-flash"])  # the SDPA kernels a CPU has
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_pinned_to_one_kernel_matches_sdpa(kernel, masked):
+    torch.manual_seed(0)
+    q = torch.randn(2, 64, 8, 16)
+    k, v = (torch.randn(2, 64, 2, 16) for _ in range(2))
+    tokens = torch.randint(1, 50, (2, 64))
+    tokens[0, [10, 30]] = 0
+    doc_ids = document_ids(tokens, eos_id=0) if masked else None
+    expected = get_attention("sdpa")(q, k, v, doc_ids)
+    torch.testing.assert_close(get_attention(kernel)(q, k, v, doc_ids), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
 def test_document_masking_equals_running_each_document_alone(n_kv_heads):
     torch.manual_seed(0)

@@ -155,6 +155,16 @@ def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, re
     assert len(list((run_dir / "logs").glob("version_*"))) == 2
 
 
+def test_chunked_loss_and_selective_checkpointing_train_like_the_reference(tiny_dataset, tmp_path, reference):
+    run_dir = tmp_path / "savers"
+    config = recipe(tmp_path, tiny_dataset, run_dir)
+    savers = ["--model.loss_chunk_tokens", "100", "--model.activation_checkpointing", "selective"]
+    assert main(["fit", "--config", str(config), *savers]) == 0
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    assert max(abs(losses[step] - reference[step]) for step in reference) < 1e-4  # summation order only
+
+
 def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tmp_path, reference):
     require("torch.distributed")
     assert torch.distributed.is_gloo_available()

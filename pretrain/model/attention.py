@@ -8,6 +8,9 @@ row; a token then attends only to earlier tokens of its own document.
 Backends:
 - "sdpa": `torch.nn.functional.scaled_dot_product_attention` (PyTorch picks flash / cuDNN /
   memory-efficient / math kernels); document masking uses an explicit boolean mask.
+- "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math": SDPA pinned to one kernel (to compare
+  them; a kernel that cannot take the inputs raises PyTorch's "no available kernel" error, e.g.
+  sdpa-flash with document masking). cuDNN and memory-efficient get kv heads expanded to query heads.
 - "flash": `flash_attn_func`, and `flash_attn_varlen_func` over document boundaries
   (the `flash` extra; CUDA, fp16/bf16 only).
 - "xformers": `memory_efficient_attention` with a (block-diagonal) causal mask (the `xformers` extra).
@@ -26,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.errors import UserError
 
@@ -98,7 +102,31 @@ def _xformers(
     return memory_efficient_attention(*flat, attn_bias=bias).view(q.shape)
 
 
-_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "flash": _flash, "xformers": _xformers}
+def _pinned_sdpa(kernel: SDPBackend) -> AttentionFn:
+    """SDPA restricted to one kernel."""
+    gqa_native = kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+    def attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        group = q.shape[2] // k.shape[2]
+        if group > 1 and not gqa_native:
+            k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
+        with sdpa_kernel(kernel):
+            return _sdpa(q, k, v, doc_ids)
+
+    return attend
+
+
+_BACKENDS: dict[str, AttentionFn] = {
+    "sdpa": _sdpa,
+    "sdpa-flash": _pinned_sdpa(SDPBackend.FLASH_ATTENTION),
+    "sdpa-cudnn": _pinned_sdpa(SDPBackend.CUDNN_ATTENTION),
+    "sdpa-efficient": _pinned_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    "sdpa-math": _pinned_sdpa(SDPBackend.MATH),
+    "flash": _flash,
+    "xformers": _xformers,
+}
 
 
 def get_attention(backend: str) -> AttentionFn:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pretrain.errors import UserError
 
-ATTENTION_BACKENDS = ("sdpa", "flash", "xformers")
+ATTENTION_BACKENDS = ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flash", "xformers")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class LlamaConfig:
     n_experts: int = 0
     moe_top_k: int = 2
     moe_capacity_factor: float | None = None  # None: no capacity limit, no token is ever dropped
-    # Attention kernel: "sdpa" (PyTorch), "flash" (flash-attn), "xformers".
+    # Attention kernel: "sdpa" (PyTorch's choice), "sdpa-<kernel>" (pinned), "flash" (flash-attn), "xformers".
     attention_backend: str = "sdpa"
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from pretrain.model.attention import get_attention, masked_attention
 from pretrain.model.config import LlamaConfig
+from pretrain.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -227,8 +228,9 @@ class Block(nn.Module):
 
 
 class LlamaOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor | None  # (B, T, vocab); None when the loss was computed in chunks
     aux_loss: torch.Tensor  # scalar: MoE load-balancing loss averaged over layers (0 for dense models)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy, when targets were given
 
 
 class Llama(nn.Module):
@@ -259,11 +261,18 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(
-        self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> LlamaOutput:
         """tokens (B, T) -> logits (B, T, vocab); `doc_ids` (B, T) enables per-document attention.
 
-        With a `cache`, `tokens` continue the cached sequences (module docstring)."""
+        With `targets` (B, T), also the mean cross-entropy; with `loss_chunk_tokens` as well, the
+        loss is computed that many tokens at a time and the logits are never built (returned as
+        None; `pretrain.model.loss`). With a `cache`, `tokens` continue the cached sequences."""
         seq_len = tokens.shape[1]
         if cache is None:
             if seq_len > self.config.max_seq_len:
@@ -278,8 +287,16 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x, block_aux = block(x, rope, doc_ids, None if cache is None else cache.layers[i])
             aux_loss = aux_loss + block_aux
-        logits = self.lm_head(self.norm(x))
-        return LlamaOutput(logits, aux_loss / len(self.layers))
+        x = self.norm(x)
+        aux_loss = aux_loss / len(self.layers)
+        if targets is not None and loss_chunk_tokens is not None:
+            loss = linear_cross_entropy(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk_tokens
+            )
+            return LlamaOutput(None, aux_loss, loss)
+        logits = self.lm_head(x)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return LlamaOutput(logits, aux_loss, loss)
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied embedding counts once)."""

@@ -30,16 +30,16 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, get_preset
 from pretrain.model.attention import document_ids
 from pretrain.train import strategy  # noqa: F401  (registers the `fsdp2` strategy name)
+from pretrain.train.checkpointing import checkpointed
 from pretrain.train.schedules import LRSchedule, WarmupCosine
 
-ACTIVATION_CHECKPOINTING = ("none", "full")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,8 +57,12 @@ class PretrainModule(L.LightningModule):
         decay_norms_and_embeddings: also apply weight decay to norm gains and the embedding.
         moe_aux_loss_coef: weight of the MoE load-balancing loss.
         document_masking: attend only within documents (EOS boundaries) of a packed sequence.
-        activation_checkpointing: "none" or "full" (recompute every block in backward).
+        activation_checkpointing: "none"; "selective" (keep the outputs of matmuls and attention,
+            recompute the cheap element-wise ops: norms, RoPE, SiLU; `pretrain.train.checkpointing`);
+            or "full" (keep only each block's input, recompute the whole block in backward).
         compile: `torch.compile` each transformer block.
+        loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
+            logits of the whole micro-batch (`pretrain.model.loss`); None: all at once.
         sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
         max_nonfinite_steps: stop after this many consecutive steps with non-finite gradients.
         seed: seeds the initial weights and the per-step RNG.
@@ -84,6 +88,7 @@ class PretrainModule(L.LightningModule):
         document_masking: bool = False,
         activation_checkpointing: str = "none",
         compile: bool = False,
+        loss_chunk_tokens: int | None = None,
         sharding: str = "full",
         max_nonfinite_steps: int = 10,
         seed: int = 1337,
@@ -96,6 +101,10 @@ class PretrainModule(L.LightningModule):
         self.lr_schedule = lr_schedule or WarmupCosine(max_lr=4e-4, min_lr=4e-5, warmup_steps=2000)
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise UserError(
+                f"model.loss_chunk_tokens must be a positive token count or null, got {loss_chunk_tokens}"
+            )
         if sharding not in ("full", "hybrid"):
             raise UserError("model.sharding must be 'full' or 'hybrid'")
         self.model: Llama | None = None
@@ -136,10 +145,8 @@ class PretrainModule(L.LightningModule):
             for i in self._trainable_block_indices():
                 model.layers[i].requires_grad_(True)
         for i, block in enumerate(model.layers):
-            if self.hparams.activation_checkpointing == "full":
-                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-                block = checkpoint_wrapper(block, preserve_rng_state=False)
+            if self.hparams.activation_checkpointing != "none":
+                block = checkpointed(block, selective=self.hparams.activation_checkpointing == "selective")
             if self.hparams.compile:
                 block.compile(fullgraph=False)
             model.layers[i] = block
@@ -272,8 +279,8 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, targets = batch
         doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        out = self.model(inputs, doc_ids)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+        loss = out.loss
         detached = loss.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
         self._step_micro_batches += 1
@@ -350,8 +357,8 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         inputs, targets = batch
         doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        logits = self.model(inputs, doc_ids).logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+        loss_sum = out.loss * targets.numel()
         source = self.trainer.datamodule.val_source_names[dataloader_idx]
         sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
         sums += torch.stack(

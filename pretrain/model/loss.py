@@ -1,0 +1,78 @@
+"""Next-token cross-entropy through the LM head, plain or in chunks that never hold all the logits.
+
+At seq 2048 and a 32k vocabulary the logits of one micro-batch of 8 are 8 x 2048 x 32000 values:
+1 GiB in bf16 and 2 GiB more as the float32 copy the softmax needs, all kept for backward. The
+chunked form computes, for one chunk of tokens at a time, the logits, the loss and right away the
+gradients of the loss with respect to the hidden states and the LM-head weight (softmax minus
+one-hot, over the token count), then drops the chunk's logits. Backward only scales the stored
+gradients by the incoming gradient. It does the same matmuls as the plain form (one forward,
+two backward per chunk) with the same precision rules (matmuls in the autocast dtype, softmax in
+float32), so only the summation order differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` (logits) against `targets`.
+
+    hidden (N, d), weight (vocab, d), targets (N,). With `chunk_tokens`, logits exist only for
+    that many tokens at a time (module docstring); None computes them all at once."""
+    if chunk_tokens is None:
+        return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = F.linear(hidden[start : start + chunk_tokens], weight).float()
+        loss_sum += F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="sum")
+    return loss_sum / hidden.shape[0]
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and both input gradients chunk by chunk in forward; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        n_tokens = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n_tokens, chunk_tokens):
+            h = hidden[start : start + chunk_tokens]
+            t = targets[start : start + chunk_tokens]
+            logits = F.linear(h, weight)  # autocast dtype, as in the plain form
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            loss_sum -= log_probs.gather(1, t[:, None]).sum()
+            grad_logits = log_probs.exp_()  # softmax - one_hot, over the token count
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_logits = (grad_logits / n_tokens).to(logits.dtype)
+            grad_hidden[start : start + chunk_tokens] = grad_logits @ weight.to(logits.dtype)
+            grad_weight += (grad_logits.T @ h.to(logits.dtype)).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss_sum / n_tokens
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            grad_weight * grad_loss.to(grad_weight.dtype),
+            None,
+            None,
+        )
