@@ -3,9 +3,12 @@
 Each configuration is a set of recipe overrides applied on top of a base recipe and run through
 `FitCLI` (the LightningModule, strategy, optimizer and data loader users get) for `--steps`
 optimizer steps; the first `--warmup` steps (compilation, allocator warm-up) are not timed.
-Configurations vary the attention backend, torch.compile, activation checkpointing, micro-batch
-size and the strategy (single device vs FSDP2 on one device). A configuration that cannot run
-(a backend not installed, out of memory) is reported with its reason instead of a number.
+Configurations vary the attention backend (SDPA's own choice, SDPA pinned to its flash or cuDNN
+kernel, flash-attn, xformers), torch.compile, activation checkpointing (none / selective / full),
+micro-batch size, cross-entropy (plain vs chunked) and the strategy (single device vs FSDP2 on one
+device). The global batch is `--accumulate` micro-batches, so a step is short whatever the
+recipe. A configuration that cannot run (a backend not installed, out of memory) is reported with
+its reason instead of a number.
 
     # on a GPU: the TinyLlama 1.1B recipe at seq 2048 (data: a prepared dataset, vocab <= 32000)
     python benchmarks/gpu_throughput.py --config configs/tinyllama-1.1b.yaml --data DIR --json results.json
@@ -28,53 +31,61 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 
 from pretrain.model.flops import flops_per_token
 from pretrain.train.cli import FitCLI
 from pretrain.train.monitor import peak_flops
 
+
+def config(name: str, backend: str = "sdpa", micro_batch: int = 8, **overrides: Any) -> dict[str, Any]:
+    """One benchmark configuration: recipe overrides (dotted keys) plus its display name."""
+    return {
+        "name": name,
+        "model.model_overrides": {"attention_backend": backend},
+        "data.micro_batch_size": micro_batch,
+        **overrides,
+    }
+
+
+CHUNKED = {"model.loss_chunk_tokens": 8192}
+COMPILED = {"model.compile": True}
+# One factor at a time around "sdpa, compile, mb 8, chunked CE", then the promising combinations.
 GPU_CONFIGS: list[dict[str, Any]] = [
-    {
-        "name": "sdpa, eager, mb 4",
-        "model.model_overrides": {"attention_backend": "sdpa"},
-        "data.micro_batch_size": 4,
-    },
-    {"name": "sdpa, compile, mb 4", "model.compile": True, "data.micro_batch_size": 4},
-    {"name": "sdpa, compile, mb 8", "model.compile": True, "data.micro_batch_size": 8},
-    {
-        "name": "sdpa, compile, mb 16, full AC",
-        "model.compile": True,
-        "data.micro_batch_size": 16,
-        "model.activation_checkpointing": "full",
-    },
-    {
-        "name": "flash, compile, mb 8",
-        "model.model_overrides": {"attention_backend": "flash"},
-        "model.compile": True,
-        "data.micro_batch_size": 8,
-    },
-    {
-        "name": "xformers, compile, mb 8",
-        "model.model_overrides": {"attention_backend": "xformers"},
-        "model.compile": True,
-        "data.micro_batch_size": 8,
-    },
-    {
-        "name": "sdpa, compile, mb 8, fsdp2",
-        "model.compile": True,
-        "data.micro_batch_size": 8,
-        "trainer.strategy": "fsdp2",
-    },
+    config("sdpa, eager, mb 4", micro_batch=4),
+    config("sdpa, eager, mb 8", micro_batch=8),
+    config("sdpa, eager, mb 8, chunked CE", **CHUNKED),
+    config("sdpa, compile, mb 8", **COMPILED),
+    config("sdpa, compile, mb 8, chunked CE", **COMPILED, **CHUNKED),
+    config("sdpa-flash, compile, mb 8, chunked CE", backend="sdpa-flash", **COMPILED, **CHUNKED),
+    config("sdpa-cudnn, compile, mb 8, chunked CE", backend="sdpa-cudnn", **COMPILED, **CHUNKED),
+    config("flash, compile, mb 8, chunked CE", backend="flash", **COMPILED, **CHUNKED),
+    config("xformers, compile, mb 8, chunked CE", backend="xformers", **COMPILED, **CHUNKED),
+    config("sdpa, compile, mb 12, chunked CE", micro_batch=12, **COMPILED, **CHUNKED),
+    config("sdpa, compile, mb 16, chunked CE", micro_batch=16, **COMPILED, **CHUNKED),
+    config(
+        "sdpa, compile, mb 16, chunked CE, sel. AC",
+        micro_batch=16,
+        **COMPILED,
+        **CHUNKED,
+        **{"model.activation_checkpointing": "selective"},
+    ),
+    config(
+        "sdpa, compile, mb 32, chunked CE, full AC",
+        micro_batch=32,
+        **COMPILED,
+        **CHUNKED,
+        **{"model.activation_checkpointing": "full"},
+    ),
+    config("sdpa, compile, mb 8, chunked CE, fsdp2", **COMPILED, **CHUNKED, **{"trainer.strategy": "fsdp2"}),
 ]
 CPU_CONFIGS: list[dict[str, Any]] = [
-    {"name": "sdpa, eager, mb 8", "data.micro_batch_size": 8},
-    {"name": "sdpa, eager, mb 16", "data.micro_batch_size": 16},
-    {
-        "name": "sdpa, eager, mb 16, full AC",
-        "data.micro_batch_size": 16,
-        "model.activation_checkpointing": "full",
-    },
-    {"name": "sdpa, eager, mb 16, fsdp2", "data.micro_batch_size": 16, "trainer.strategy": "fsdp2"},
+    config("sdpa, eager, mb 8", micro_batch=8),
+    config("sdpa, eager, mb 16", micro_batch=16),
+    config("sdpa, eager, mb 16, chunked CE", micro_batch=16, **{"model.loss_chunk_tokens": 1024}),
+    config("sdpa, eager, mb 16, sel. AC", micro_batch=16, **{"model.activation_checkpointing": "selective"}),
+    config("sdpa, eager, mb 16, full AC", micro_batch=16, **{"model.activation_checkpointing": "full"}),
+    config("sdpa, eager, mb 16, fsdp2", micro_batch=16, **{"trainer.strategy": "fsdp2"}),
 ]
 
 
@@ -91,8 +102,12 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter())
 
 
-def run_config(base: str, data: str, config: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+def run_config(
+    base: str, data: str, config: dict[str, Any], steps: int, warmup: int, accumulate: int
+) -> dict[str, Any]:
     overrides = {k: v for k, v in config.items() if k != "name"}
+    seq_len = overrides.get("data.seq_len") or yaml.safe_load(open(base))["data"]["seq_len"]
+    overrides["data.global_batch_tokens"] = overrides["data.micro_batch_size"] * seq_len * accumulate
     with tempfile.TemporaryDirectory() as run_dir:
         args = ["--config", base, "--run_dir", run_dir, "--resume", "none", "--max_tokens", "null"]
         args += [
@@ -139,6 +154,9 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a prepared dataset directory")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument(
+        "--accumulate", type=int, default=2, help="micro-batches per optimizer step (sets the global batch)"
+    )
     parser.add_argument("--cpu", action="store_true", help="use the CPU configurations")
     parser.add_argument("--only", nargs="*", help="names of configurations to run")
     parser.add_argument("--json", help="write all results here")
@@ -151,7 +169,9 @@ def main() -> None:
     results = []
     for config in configs:
         try:
-            results.append(run_config(args.config, args.data, config, args.steps, args.warmup))
+            results.append(
+                run_config(args.config, args.data, config, args.steps, args.warmup, args.accumulate)
+            )
         except Exception as err:  # report and go on: one unavailable kernel must not hide the others
             results.append({"name": config["name"], "error": f"{type(err).__name__}: {err}"[:200]})
         finally:

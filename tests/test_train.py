@@ -201,6 +201,46 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
+class RecordGradients(L.Callback):
+    """Per micro-batch: did any (sharded) parameter hold a gradient after backward; per step: the loss."""
+
+    def __init__(self) -> None:
+        self.reduced: list[bool] = []
+        self.losses: list[float] = []
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.reduced.append(any(p.grad is not None for p in pl_module.parameters()))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if len(self.reduced) % 4 == 0:
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_fsdp2_reduces_gradients_once_per_accumulated_step(tiny_dataset):
+    """Under FSDP2, micro-batches before a step's last keep their gradients unsharded (no
+    reduce-scatter: no sharded .grad appears), and the losses equal single-device accumulation."""
+    from pretrain.train.data import PretrainDataModule, Source
+    from pretrain.train.module import PretrainModule
+
+    records = {}
+    for strategy in ("auto", "fsdp2"):
+        module = PretrainModule(model="tiny", model_overrides=MODEL)
+        data = PretrainDataModule(
+            {"stdlib": Source(str(tiny_dataset))}, seq_len=64, global_batch_tokens=2048, micro_batch_size=8
+        )
+        records[strategy] = RecordGradients()
+        trainer = bare_trainer(
+            max_steps=3,
+            strategy=strategy,
+            devices=1,
+            accumulate_grad_batches=4,
+            callbacks=[records[strategy]],
+        )
+        trainer.fit(module, datamodule=data)
+    assert records["fsdp2"].reduced == [False, False, False, True] * 3
+    torch.testing.assert_close(records["fsdp2"].losses, records["auto"].losses, atol=1e-6, rtol=0)
+
+
 def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, tmp_path):
     run_dir = tmp_path / "keep"
     config = recipe(
