@@ -201,6 +201,31 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
+def test_hybrid_sharding_over_two_nodes_matches_one_process(tiny_dataset, tmp_path, reference):
+    """`model.sharding: hybrid` on 2 nodes x 1 device (two `pretrain fit` launched by hand, as a
+    cluster launcher would): replicate across nodes, shard within; same losses as one process."""
+    run_dir = tmp_path / "hybrid"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__num_nodes=2, trainer__strategy="fsdp2")
+    args = [PRETRAIN, "fit", "--config", str(config), "--model.sharding", "hybrid"]
+    port = str(29_500 + os.getpid() % 1000)
+    nodes = [
+        subprocess.Popen(
+            args,
+            env=os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(rank)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert "FSDP2: hybrid sharding: replicate over 2 node(s), shard over 1 device(s)" in errors[0]
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
+
+
 class RecordGradients(L.Callback):
     """Per micro-batch: did any (sharded) parameter hold a gradient after backward; per step: the loss."""
 
@@ -292,6 +317,16 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(tiny_dataset, tmp_path, c
     )
     assert main(["fit", "--config", str(config)]) == 2
     assert "tokenizer has 512 tokens but the model's vocab_size is 300" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "recipe_path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml")), ids=Path
+)
+def test_every_shipped_recipe_parses(recipe_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", recipe_path, "--print_config"])
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["model"]
 
 
 def test_batch_geometry_and_config_errors(tiny_dataset, tmp_path, capsys):

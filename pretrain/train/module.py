@@ -25,6 +25,7 @@ good state and stops with a clear message.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning as L
@@ -236,6 +237,13 @@ class PretrainModule(L.LightningModule):
             mesh = init_device_mesh(
                 mesh.device_type, (nodes, mesh.size() // nodes), mesh_dim_names=("replicate", "shard")
             )
+        if self.global_rank == 0:
+            layout = (
+                f"hybrid sharding: replicate over {mesh.size(0)} node(s), shard over {mesh.size(1)} device(s)"
+                if self.hparams.sharding == "hybrid"
+                else f"full sharding over {mesh.size()} rank(s)"
+            )
+            print(f"FSDP2: {layout}", file=sys.stderr)
         bf16 = str(self.trainer.precision).startswith("bf16")
         policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
