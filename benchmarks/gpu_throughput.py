@@ -128,6 +128,7 @@ def run_config(
             "1",
         ]
         args += ["--data.sources", json.dumps({"bench": {"path": data, "weight": 1.0}})]
+        args += ["--trainer.strategy", "auto", "--model.sharding", "full"]  # one device unless a config says
         for key, value in overrides.items():
             args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
         if torch.cuda.is_available():
