@@ -207,6 +207,27 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 
 
+def test_killed_before_its_first_commit_reruns_from_the_start(tmp_path, tokenizer, monkeypatch):
+    from pretrain.data import prepare as prepare_module
+
+    for i in range(3):
+        write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(40, seed=i))
+    settings = Settings(shard_tokens=800)
+    pattern = [str(tmp_path / "in" / "*.jsonl")]
+    prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+
+    def killed(self, final: bool = False) -> None:
+        raise KeyboardInterrupt  # shard files are open, nothing is committed yet
+
+    monkeypatch.setattr(prepare_module.Run, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    assert list((tmp_path / "out" / "train").glob("shard_*"))  # it had started writing
+    monkeypatch.undo()
+    prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
+
+
 BAD_CASES = {
     "malformed JSON": ('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', "bad.jsonl:2: Expecting"),
     "missing field": ('{"text": "a"}\n{"body": "b"}\n{"text": "c"}\n', "bad.jsonl:2: missing field 'text'"),

@@ -333,7 +333,9 @@ def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
             f"{root} holds shard folders but no manifest or progress; pass --overwrite to start over"
         )
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    return _fresh_state(identity)
+    state = _fresh_state(identity)
+    write_json_atomic(state_path, state)  # a kill before the first commit resumes from nothing
+    return state
 
 
 class Run:
