@@ -43,13 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
-        from pretrain.train.cli import fit
+        from pretrain import signals
 
+        previous = signals.install_signal_handlers()  # first: SIGUSR1/SIGTERM only set a flag from now
         try:
+            from pretrain.train.cli import fit
+
             return fit(argv[1:])
         except UserError as err:
             print(f"pretrain fit: error: {err}", file=sys.stderr)
             return 2
+        finally:
+            signals.restore_signal_handlers(previous)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -51,12 +51,15 @@ class SlowSteps(L.Callback):
 
 
 class SignalSelf(L.Callback):
-    """Sends SIGUSR1 to its own process before training starts (`setup`) or while the first
-    checkpoint is being written (`save`)."""
+    """Sends SIGUSR1 to its own process while the recipe is being parsed (`parse`: this callback
+    is built then, before the model, data and trainer), before training starts (`setup`), or
+    while the first checkpoint is being written (`save`)."""
 
     def __init__(self, when: str) -> None:
         self.when = when
         self.sent = False
+        if when == "parse":
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def setup(self, trainer, pl_module, stage) -> None:
         if self.when == "setup":
@@ -212,8 +215,9 @@ def fit_with_signal(tmp_path: Path, dataset: Path, when: str) -> tuple[subproces
     return result, run_dir
 
 
-def test_signal_before_training_starts_stops_cleanly_with_a_loadable_checkpoint(tmp_path, tiny_dataset):
-    result, run_dir = fit_with_signal(tmp_path, tiny_dataset, "setup")
+@pytest.mark.parametrize("when", ["parse", "setup"])
+def test_signal_before_training_starts_stops_cleanly_with_a_loadable_checkpoint(tmp_path, tiny_dataset, when):
+    result, run_dir = fit_with_signal(tmp_path, tiny_dataset, when)
     assert result.returncode == 4, result.stderr[-3000:]  # stopped by a signal, not requeued
     assert "SIGUSR1: saved step 0 and stopped without requeueing (not running under SLURM)" in result.stderr
     assert train_losses(run_dir) == {}

@@ -195,11 +195,7 @@ def fit(args: Sequence[str] | None = None) -> int:
         cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from
     elif cli.model.hparams.init_from:
         print(f"new stage: initial weights from {cli.model.hparams.init_from}", file=sys.stderr)
-    previous_handlers = requeue.install_signal_handlers()  # SIGUSR1/SIGTERM only set a flag from now
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    finally:
-        requeue.restore_signal_handlers(previous_handlers)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     if cli.model.stop_reason:
         print(f"pretrain fit: stopped: {cli.model.stop_reason}", file=sys.stderr)
         return 3

@@ -4,7 +4,8 @@ SLURM warns a job before its time limit with the signal asked for by `#SBATCH --
 (sent to every task of the `srun` step), and ends a job (scancel, preemption, the time limit
 itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
 
-- The signal handlers only set a flag. Saving inside a handler can hang (the handler runs at an
+- The signal handlers only set a flag (`pretrain.signals`, installed by `pretrain fit` before it
+  imports torch, so a signal during start-up is kept). Saving inside a handler can hang (the handler runs at an
   arbitrary point, possibly inside a collective or a checkpoint write; Lightning issue #21406),
   so Lightning's own handlers are replaced (`FlagSignalConnector`), SLURM auto-requeue included.
 - At every optimizer-step boundary (and once when training starts, for a signal that came
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -38,41 +38,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
+from pretrain import signals
 from pretrain.train.checkpoints import PeriodicCheckpoint
 
 STOPPED_EXIT_CODE = 4
 REQUEUE_FILE = "requeue.json"
-
-# Flag values, combined across ranks with max(): a requeue request wins over a plain stop.
-_NONE, _STOP, _REQUEUE = 0, 1, 2
-_received = _NONE
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """Only records the signal; everything else happens at the next step boundary."""
-    global _received
-    _received = max(_received, _REQUEUE if signum == signal.SIGUSR1 else _STOP)
-
-
-def install_signal_handlers() -> dict[int, Any]:
-    """Clear the flag and route SIGUSR1 and SIGTERM to it; returns the handlers they replace.
-    Call as early as possible (a signal's default action ends the process). Main thread only."""
-    global _received
-    _received = _NONE
-    return _route_signals()
-
-
-def _route_signals() -> dict[int, Any]:
-    previous = {}
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, _on_signal)
-        signal.siginterrupt(signum, False)  # restart interrupted system calls (I/O, gloo sockets)
-    return previous
-
-
-def restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
 
 
 class FlagSignalConnector(_SignalConnector):
@@ -82,7 +52,7 @@ class FlagSignalConnector(_SignalConnector):
     def register_signal_handlers(self) -> None:
         self.received_sigterm = False
         self._original_handlers = self._get_current_signal_handlers()
-        _route_signals()
+        signals.route_signals()
 
 
 class RequeueOnSignal(Callback):
@@ -95,7 +65,7 @@ class RequeueOnSignal(Callback):
         self.requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # times SLURM requeued this job
         self.outcome: str | None = None  # "requeued" or "stopped"
         self.message = ""
-        self._signal = _NONE
+        self._signal = signals.NONE
         self._last_step = -1
 
     # ---- hooks ------------------------------------------------------------------------------
@@ -124,7 +94,7 @@ class RequeueOnSignal(Callback):
             if reason is None:
                 requeued, reason = self._scontrol_requeue()
         requeued, reason = trainer.strategy.broadcast((requeued, reason), src=0)
-        name = "SIGUSR1" if self._signal == _REQUEUE else "SIGTERM"
+        name = "SIGUSR1" if self._signal == signals.REQUEUE else "SIGTERM"
         step = trainer.global_step
         self.outcome = "requeued" if requeued else "stopped"
         if requeued:
@@ -150,7 +120,7 @@ class RequeueOnSignal(Callback):
         """All ranks agree on the signal flags; on a signal, save and ask the trainer to stop."""
         if self._signal or trainer.global_step >= trainer.max_steps:
             return
-        flag = torch.tensor(_received, dtype=torch.int32, device=pl_module.device)
+        flag = torch.tensor(signals.received(), dtype=torch.int32, device=pl_module.device)
         agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         if not agreed:
             return
@@ -162,7 +132,7 @@ class RequeueOnSignal(Callback):
 
     def _no_requeue_reason(self, trainer: L.Trainer) -> str | None:
         """Why this stop must not requeue the job, or None if it should."""
-        if self._signal != _REQUEUE:
+        if self._signal != signals.REQUEUE:
             return "SIGTERM: SLURM is ending the job and decides itself whether it comes back"
         if not self.job_id:
             return "not running under SLURM"
