@@ -42,6 +42,9 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.temp
 JOBS_FILE = "jobs.jsonl"  # in RUN_DIR/slurm/: one line per submitted job
 
 
+_INT_SETTINGS = ("nodes", "gpus_per_node", "cpus_per_task", "signal_margin", "max_requeues")
+
+
 @dataclass
 class SlurmSettings:
     """The `slurm:` section of a recipe; `pretrain submit --field-name` overrides each field.
@@ -67,7 +70,7 @@ class SlurmSettings:
     nodes: int | None = None
     gpus_per_node: int | None = None
     cpus_per_task: int | None = None
-    time: str | None = None
+    time: str | int | None = None  # int only to say clearly that YAML read an unquoted H:MM:SS
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -76,6 +79,21 @@ class SlurmSettings:
     max_requeues: int | None = None
     env_setup: str | None = None
     job_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time, int) and not isinstance(self.time, bool):
+            raise UserError(
+                f"slurm.time: YAML read an unquoted time limit as the number {self.time} (48:00:00 reads "
+                'as 172800); quote it, e.g. time: "48:00:00"'
+            )
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            wanted = int if field.name in _INT_SETTINGS else str
+            if value is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
+                raise UserError(
+                    f"slurm.{field.name}: expected {'a whole number' if wanted is int else 'text'}, "
+                    f"got {value!r} ({type(value).__name__})"
+                )
 
 
 @dataclass(frozen=True)
@@ -222,6 +240,11 @@ def resolve_job(
         )
     else:
         gpus = _as_int(devices, "trainer.devices")
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise UserError(
+            f"the recipe trains on GPUs (trainer.accelerator: {accelerator}) but the job asks for no GPU "
+            "per node: give --gpus-per-node N >= 1, or set trainer.accelerator: cpu"
+        )
     if on_cpu and gpus:
         raise UserError(
             f"the recipe trains on the CPU (trainer.accelerator: cpu) but the job asks for {gpus} GPUs"

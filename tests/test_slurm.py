@@ -155,6 +155,7 @@ def test_render_takes_cli_over_recipe_slurm_section(tmp_path, tiny_dataset):
         ({"gpus_per_node": 2}, [], {}, "trains on the CPU"),
         ({}, [], {"accelerator": "gpu", "devices": "auto"}, "give --gpus-per-node"),
         ({}, ["--trainer.devices", "x"], {}, "trainer.devices must be a whole number"),
+        ({"gpus_per_node": 0}, [], {"accelerator": "gpu", "devices": 8}, "asks for no GPU per node"),
     ],
 )
 def test_geometry_mismatch_is_a_clear_error(tmp_path, tiny_dataset, cli, overrides, trainer, message):
@@ -170,6 +171,14 @@ def test_geometry_agrees_through_fit_overrides_and_unknown_settings_fail(tmp_pat
     typo, _ = slow_recipe(tmp_path, tiny_dataset, "typo", slurm={"partiton": "gpu"})
     with pytest.raises(UserError, match=r"unknown slurm setting\(s\) \['partiton'\]"):
         resolve_job(str(typo), {}, workdir=tmp_path)
+    # YAML reads an unquoted 48:00:00 as the number 172800, and "2" is text: both named clearly.
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text(config.read_text() + "slurm:\n  time: 48:00:00\n")
+    with pytest.raises(UserError, match=r"slurm.time: YAML read an unquoted time limit as the number 172800"):
+        resolve_job(str(unquoted), {}, workdir=tmp_path)
+    text_nodes, _ = slow_recipe(tmp_path, tiny_dataset, "text", slurm={"nodes": "2"})
+    with pytest.raises(UserError, match=r"slurm.nodes: expected a whole number, got '2'"):
+        resolve_job(str(text_nodes), {}, workdir=tmp_path)
 
 
 def test_time_limits_and_a_margin_longer_than_the_limit(tmp_path, tiny_dataset):
