@@ -22,6 +22,7 @@ import yaml
 from conftest import bare_trainer, require
 
 from pretrain.cli import main
+from pretrain.errors import UserError
 from pretrain.model import Llama
 from pretrain.model.checkpoint import load_model_checkpoint
 from pretrain.train.checkpoints import PeriodicCheckpoint, list_checkpoints, resolve_resume
@@ -277,7 +278,9 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     # A crash mid-write leaves only a partial, which --resume auto never picks.
     (run_dir / "checkpoints" / ".partial-step-00000014.ckpt").write_bytes(b"half")
     assert resolve_resume("auto", run_dir / "checkpoints").name == "step-00000012.ckpt"
-    assert resolve_resume("none", run_dir / "checkpoints") is None
+    with pytest.raises(UserError, match=r"--resume none: .* already holds checkpoints .*step 12"):
+        resolve_resume("none", run_dir / "checkpoints")  # a new run would mix with this one
+    assert resolve_resume("none", tmp_path / "empty") is None
     checkpoint = torch.load(run_dir / "checkpoints" / "step-00000012.ckpt", weights_only=False)
     info = checkpoint["pretrain"]
     assert info["model_config"]["dim"] == 64 and info["tokens_seen"] == 12 * 1024

@@ -40,8 +40,16 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(resume: str, directory: str | os.PathLike) -> Path | None:
-    """`auto`: the newest complete checkpoint (None if there is none); `none`: None; else a path."""
+    """`auto`: the newest complete checkpoint (None if there is none); `none`: None, refused if
+    `directory` already holds checkpoints (a fresh run there would mix with them); else a path."""
     if resume == "none":
+        found = list_checkpoints(directory)
+        if found:
+            raise UserError(
+                f"--resume none: {directory} already holds checkpoints of an earlier run (newest: step "
+                f"{found[-1][0]}); a new run there would mix its checkpoints with them. Use another "
+                "run_dir, move those checkpoints away, or continue the run with --resume auto"
+            )
         return None
     if resume == "auto":
         found = list_checkpoints(directory)
@@ -108,7 +116,7 @@ class PeriodicCheckpoint(Callback):
         assert self.dirpath is not None
         step = trainer.global_step
         final = self.dirpath / checkpoint_name(step)
-        if final.exists():
+        if trainer.strategy.broadcast(final.exists(), src=0):  # rank 0 decides (NFS caches lookups)
             return final
         partial = self.dirpath / f".partial-{checkpoint_name(step)}"
         if trainer.is_global_zero:
@@ -118,6 +126,9 @@ class PeriodicCheckpoint(Callback):
         trainer.save_checkpoint(partial)
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
+            if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
+                with open(partial, "rb+") as f:
+                    os.fsync(f.fileno())
             os.replace(partial, final)
             fsync_dir(self.dirpath)
             self._prune()
