@@ -125,6 +125,14 @@ def next_tokens(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def combine_logits(weights: Sequence[float], logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i weights[i] * logits[i]; for proxy tuning [1, alpha, -alpha] as large + alpha * (expert -
+    base), the difference first, so that an expert equal to its base gives the large model exactly."""
+    if len(logits) == 3 and weights[2] == -weights[1]:
+        return weights[0] * logits[0] + weights[1] * (logits[1] - logits[2])
+    return sum(weight * out for weight, out in zip(weights, logits, strict=True))
+
+
 @torch.no_grad()
 def generate(
     models: Sequence[tuple[Llama, float]],
@@ -160,12 +168,14 @@ def generate(
         for model, _ in models
     ]
 
+    weights = [weight for _, weight in models]
+
     def step_logits(inputs: torch.Tensor) -> torch.Tensor:
-        combined = None
-        for (model, weight), cache in zip(models, caches):
-            logits = model(inputs, cache=cache).logits[:, -1, :vocab].float()
-            combined = weight * logits if combined is None else combined + weight * logits
-        return combined
+        outs = [
+            model(inputs, cache=cache).logits[:, -1, :vocab].float()
+            for (model, _), cache in zip(models, caches)
+        ]
+        return combine_logits(weights, outs)
 
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)

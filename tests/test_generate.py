@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from pretrain.cli import main
 from pretrain.data.tokenizer import train_bpe
 from pretrain.errors import UserError
-from pretrain.generate import Sampling, generate, load_generation_model, next_tokens
+from pretrain.generate import Sampling, combine_logits, generate, load_generation_model, next_tokens
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
 from pretrain.model.hf import save_hf
@@ -143,6 +143,10 @@ def test_proxy_tuning_with_expert_equal_to_base_is_the_large_model():
     alone = generate([(large, 1.0)], PROMPTS, 16, GREEDY, eos_ids=set())
     proxied = generate([(large, 1.0), (small, 1.5), (small, -1.5)], PROMPTS, 16, GREEDY, eos_ids=set())
     assert proxied == alone
+    large_logits, small_logits = torch.randn(4, 101), torch.randn(4, 101)  # exactly, not by luck of ties
+    assert torch.equal(
+        combine_logits([1.0, 1.5, -1.5], [large_logits, small_logits, small_logits]), large_logits
+    )
 
 
 def test_proxy_tuning_with_a_logit_offset_shifts_the_output_as_computed():

@@ -364,14 +364,18 @@ class PretrainModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         inputs, targets = batch
-        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
-        loss_sum = out.loss * targets.numel()
+        loss_sum = self.summed_loss(inputs, targets)
         source = self.trainer.datamodule.val_source_names[dataloader_idx]
         sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
         sums += torch.stack(
             [loss_sum.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64)]
         )
+
+    def summed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy summed over the batch's tokens (validation; also of EMA/LaWA weights)."""
+        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
+        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+        return out.loss * targets.numel()
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""

@@ -29,12 +29,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
-from pretrain.model.attention import document_ids
 
 Copy = dict[str, torch.Tensor]  # parameter name -> (local shard of) a weight
 
@@ -272,11 +270,7 @@ def validation_losses(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[
                 if batch_index >= trainer.num_val_batches[index]:
                     break
                 inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
-                doc_ids = (
-                    document_ids(inputs, pl_module.eos_id) if pl_module.hparams.document_masking else None
-                )
-                logits = pl_module.model(inputs, doc_ids).logits
-                loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+                loss_sum = pl_module.summed_loss(inputs, targets)
                 sums += torch.stack([loss_sum.double(), sums.new_tensor(targets.numel())])
             total = trainer.strategy.reduce(sums, reduce_op="sum")
             losses[sources[index]] = (total[0] / total[1]).float()
