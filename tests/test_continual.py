@@ -10,6 +10,7 @@ import math
 import sysconfig
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -173,6 +174,20 @@ def test_continual_stage_with_replay_and_ramp_resumes_exactly(tiny_dataset, corp
     assert "val/old/loss" in header and "val/new/loss" in header and "train/epoch/old" in header
 
 
+class RecordAppliedLR(L.Callback):
+    """Writes {step: LR the optimizer applies at that step} to `path` when training ends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.applied: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.applied[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text(json.dumps(self.applied))
+
+
 def test_anneal_branch_starts_from_the_constant_lr_without_rewarm(tiny_dataset, tmp_path):
     schedule = {
         "class_path": "pretrain.train.schedules.Infinite",
@@ -190,7 +205,9 @@ def test_anneal_branch_starts_from_the_constant_lr_without_rewarm(tiny_dataset, 
         trainer__max_steps=8,
         branch_from=str(tmp_path / "constant" / "checkpoints" / "step-00000004.ckpt"),
     )
-    run(["fit", "--config", str(branch)])
+    applied = tmp_path / "applied_lr.json"
+    record = {"class_path": "test_continual.RecordAppliedLR", "init_args": {"path": str(applied)}}
+    assert main(["fit", "--config", str(branch), "--trainer.callbacks+", json.dumps(record)]) == 0
     lrs = {}
     for run_dir in ("constant", "branch"):
         with open(tmp_path / run_dir / "logs" / "version_0" / "metrics.csv") as f:
@@ -201,6 +218,8 @@ def test_anneal_branch_starts_from_the_constant_lr_without_rewarm(tiny_dataset, 
     assert sorted(lrs["branch"]) == [4, 5, 6, 7]  # the branch continues the step counter
     assert [lrs["branch"][s] for s in range(4, 8)] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
     assert max(lrs["branch"].values()) <= 1e-3  # no re-warm spike
+    # The LR the optimizer applied is the logged one, from the branch's first step on.
+    assert {int(k): v for k, v in json.loads(applied.read_text()).items()} == pytest.approx(lrs["branch"])
     # Branching keeps the optimizer state: Adam's step counter continues from the branch point.
     checkpoint = torch.load(tmp_path / "branch" / "checkpoints" / "step-00000008.ckpt", weights_only=False)
     assert {float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()} == {8.0}

@@ -279,6 +279,14 @@ class PretrainModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Set the LR of the first step from the schedule: a restored optimizer holds the LR its run
+        computed, which differs when a branch (`branch_from`) changes the schedule."""
+        lr = self.lr_schedule(self.trainer.global_step, self.trainer.max_steps)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._step_micro_batches == 0:  # first micro-batch of an optimizer step
             key = [self.hparams.seed, self.trainer.global_step, self.trainer.global_rank]
