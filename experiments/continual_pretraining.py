@@ -14,8 +14,9 @@ tokenized with A's tokenizer. The `tiny` preset is pretrained on A, then continu
                                 (`pretrain expand --every 2`: 4 -> 6 layers); only the 2 new blocks
                                 train (trainable_blocks: new), with arm 2's schedule, no replay
 
-Every arm sees the same number of tokens on B. The final checkpoint of each arm is evaluated on
-the validation splits of A and B (same windows for all). Writes a markdown report and a plot:
+Every arm trains the same number of stage-B steps (replay arms draw their share of those samples
+from A; arm 5, a branch, reads B from its inherited data position). The final checkpoint of each
+arm is evaluated on the validation splits of A and B (same windows for all). Writes a markdown report and a plot:
 
     python experiments/continual_pretraining.py [--out docs/continual-pretraining] [--steps-a 60] [--steps-b 30]
 """
