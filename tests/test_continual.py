@@ -103,6 +103,29 @@ def test_init_from_loads_exact_weights_and_resets_optimizer_step_and_schedule(
     assert main(["fit", "--config", str(config), "--resume", str(stage_a)]) == 2
 
 
+def test_validation_only_source_is_logged_but_never_trained_on(tiny_dataset, corpus_b, tmp_path, capsys):
+    only_new = {"sources": {"new": {"path": str(corpus_b), "weight": 1.0}}}
+    watched = mixture_recipe(
+        tmp_path,
+        tiny_dataset,
+        corpus_b,
+        "watched",
+        data=only_new | {"val_sources": {"old": str(tiny_dataset)}},
+        trainer__max_steps=4,
+    )
+    plain = mixture_recipe(tmp_path, tiny_dataset, corpus_b, "plain", data=only_new, trainer__max_steps=4)
+    for config in (watched, plain):
+        assert main(["fit", "--config", str(config)]) == 0
+    assert train_losses(tmp_path / "watched") == train_losses(tmp_path / "plain")  # same training
+    with open(tmp_path / "watched" / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(__import__("csv").DictReader(f))
+    assert any(r["val/old/loss"] for r in rows) and any(r["val/new/loss"] for r in rows)
+    assert {k for k in rows[0] if "old" in k} == {"val/old/loss", "val/old/ppl"}  # only evaluated
+    twice = ["--data.val_sources", json.dumps({"new": str(tiny_dataset)})]
+    assert main(["fit", "--config", str(plain), "--resume", "auto", *twice]) == 2
+    assert "data.val_sources ['new'] are also training sources" in capsys.readouterr().err
+
+
 def test_init_from_hf_directory_reproduces_hf_logits(stage_a, tmp_path):
     transformers = require("transformers")
     assert main(["export-hf", str(stage_a), str(tmp_path / "hf")]) == 0

@@ -50,6 +50,9 @@ class PretrainDataModule(L.LightningDataModule):
         val_tokens: cap on validation tokens per source (None: the whole validation split).
         allow_data_change: resume even if a source's or the tokenizer's fingerprint changed.
         ramp: optionally ramp one source's share linearly at the start (TinyLlama v1.1 style).
+        val_sources: name -> prepared dataset (a path) whose validation split is evaluated and
+            logged like the training sources' but never trained on, e.g. the previous stage's data
+            in a continual stage without replay, to watch forgetting. Not part of the fingerprint.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class PretrainDataModule(L.LightningDataModule):
         val_tokens: int | None = None,
         allow_data_change: bool = False,
         ramp: Ramp | None = None,
+        val_sources: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -82,6 +86,11 @@ class PretrainDataModule(L.LightningDataModule):
         self.allow_data_change = allow_data_change
         self.ramp = ramp if ramp is None or isinstance(ramp, Ramp) else Ramp(**ramp)
         self.source_names = list(self.sources)
+        self.val_sources = dict(val_sources or {})
+        if overlap := sorted(set(self.val_sources) & set(self.sources)):
+            raise UserError(
+                f"data.val_sources {overlap} are also training sources (validated already): rename or drop them"
+            )
         self.val_source_names: list[str] = []
         self.tokenizer_json: str | None = None
         self.bos_id: int | None = None
@@ -93,7 +102,7 @@ class PretrainDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         from pretrain.data.loader import data_fingerprint, open_sources
 
-        manifests = open_sources(self.sources)
+        manifests = open_sources(self.sources | self.val_sources)  # one tokenizer for all
         first = next(iter(manifests.values()))
         self.tokenizer_json = first.tokenizer_path.read_text() if first.tokenizer_path.is_file() else None
         self.eos_id, self.vocab_size = first.eos_id, first.vocab_size
@@ -138,7 +147,7 @@ class PretrainDataModule(L.LightningDataModule):
         rank, world = self._check_geometry()
         max_samples = self.val_tokens // self.seq_len if self.val_tokens else None
         datasets = build_val_datasets(
-            self.sources,
+            self.sources | self.val_sources,
             seq_len=self.seq_len,
             micro_batch_size=self.micro_batch_size,
             rank=rank,
