@@ -178,6 +178,16 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     run(args)
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(STEPS))
+    # Killed and resumed = uninterrupted, bit for bit, on 2 FSDP2 processes too.
+    uninterrupted = tmp_path / "fsdp-uninterrupted"
+    run(
+        [
+            "fit",
+            "--config",
+            str(recipe(tmp_path, tiny_dataset, uninterrupted, trainer__devices=2, trainer__strategy="fsdp2")),
+        ]
+    )
+    assert losses == train_losses(uninterrupted)
     # Same global batch, same order: FSDP2 over 2 ranks matches the single-process run.
     assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
 
@@ -200,6 +210,20 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     with torch.no_grad():
         assert (ours(tokens).logits - theirs(tokens).logits).abs().max() < 1e-4
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_ddp_two_processes_match_one_process(tiny_dataset, tmp_path, reference):
+    run_dir = tmp_path / "ddp"
+    run(
+        [
+            "fit",
+            "--config",
+            str(recipe(tmp_path, tiny_dataset, run_dir, trainer__devices=2, trainer__strategy="ddp")),
+        ]
+    )
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(STEPS))
+    assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
 
 
 def test_hybrid_sharding_over_two_nodes_matches_one_process(tiny_dataset, tmp_path, reference):
