@@ -291,6 +291,23 @@ def test_fsdp2_reduces_gradients_once_per_accumulated_step(tiny_dataset):
     torch.testing.assert_close(records["fsdp2"].losses, records["auto"].losses, atol=1e-6, rtol=0)
 
 
+def test_a_tensorboard_logger_records_beside_the_csv_log(tiny_dataset, tmp_path):
+    require("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "tb"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4)
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger"]
+    assert (
+        main(["fit", "--config", str(config), *logger, "--trainer.logger.save_dir", str(run_dir / "tb")]) == 0
+    )
+    [events] = list((run_dir / "tb").rglob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(events.parent)).Reload()
+    logged = {e.step: e.value for e in scalars.Scalars("train/loss")}
+    assert logged == pytest.approx(train_losses(run_dir))  # the same values as the CSV log
+    assert "val/stdlib/loss" in scalars.Tags()["scalars"]
+
+
 def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, tmp_path):
     run_dir = tmp_path / "keep"
     config = recipe(
