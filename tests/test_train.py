@@ -8,6 +8,7 @@ relaunches the command line for the second rank).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -348,6 +349,34 @@ def test_resume_refuses_changed_data_unless_allowed(tiny_dataset, tmp_path, caps
     ]
     assert main(["fit", "--config", str(config), *override]) == 2
     assert "training data changed since this checkpoint" in capsys.readouterr().err
+    # The same documents under another tokenizer: named as such.
+    retokenized, other_tokenizer = tmp_path / "retokenized", str(tmp_path / "other.json")
+    train = [
+        "data",
+        "train-tokenizer",
+        "--input",
+        str(corpus),
+        "--vocab-size",
+        "400",
+        "--output",
+        other_tokenizer,
+    ]
+    assert main(train) == 0
+    prepare = [
+        "data",
+        "prepare",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        other_tokenizer,
+        "--output",
+        str(retokenized),
+    ]
+    assert main(prepare + ["--val-fraction", "0.1", "--num-proc", "1"]) == 0
+    capsys.readouterr()
+    other = ["--data.sources", json.dumps({"stdlib": {"path": str(retokenized), "weight": 1.0}})]
+    assert main(["fit", "--config", str(config), *other, "--trainer.max_steps", "8"]) == 2
+    assert "tokenized with another tokenizer than this checkpoint was trained on" in capsys.readouterr().err
     assert main(["fit", "--config", str(config), *override, "--data.allow_data_change", "true"]) == 0
     assert sorted(train_losses(run_dir)) == list(range(8))
 

@@ -97,6 +97,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.eos_id: int | None = None
         self.vocab_size: int | None = None
         self.fingerprint: str | None = None
+        self.tokenizer_fingerprint: str | None = None
         self._train = None
 
     def setup(self, stage: str) -> None:
@@ -108,6 +109,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.eos_id, self.vocab_size = first.eos_id, first.vocab_size
         self.bos_id = first.data["tokenizer"].get("bos_id")
         self.fingerprint = data_fingerprint(self.sources)
+        self.tokenizer_fingerprint = first.tokenizer_fingerprint
 
     def _check_geometry(self) -> tuple[int, int]:
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -176,6 +178,7 @@ class PretrainDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "sources": {n: vars(s) for n, s in self.sources.items()},
             "ramp": vars(self.ramp) if self.ramp else None,
         }
@@ -183,6 +186,14 @@ class PretrainDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse to resume on data that changed since the checkpoint (unless allowed)."""
         ramp = vars(self.ramp) if self.ramp else None
+        saved_tokenizer = state.get("tokenizer_fingerprint")
+        if saved_tokenizer not in (None, self.tokenizer_fingerprint) and not self.allow_data_change:
+            raise UserError(
+                f"the data is tokenized with another tokenizer than this checkpoint was trained on "
+                f"(fingerprint {str(self.tokenizer_fingerprint)[:16]} vs {saved_tokenizer[:16]}): token ids "
+                "would change meaning. Prepare the data with the run's original tokenizer.json (or pass "
+                "--data.allow_data_change true if this is really meant)"
+            )
         if (
             state.get("fingerprint") == self.fingerprint and state.get("ramp") == ramp
         ) or self.allow_data_change:
