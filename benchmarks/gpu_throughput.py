@@ -78,6 +78,21 @@ GPU_CONFIGS: list[dict[str, Any]] = [
         **{"model.activation_checkpointing": "full"},
     ),
     config("sdpa, compile, mb 8, chunked CE, fsdp2", **COMPILED, **CHUNKED, **{"trainer.strategy": "fsdp2"}),
+    # The cost of an EMA of the weights updated every step (kept on the CPU, or on the GPU).
+    *(
+        config(
+            f"sdpa, compile, mb 8, chunked CE, EMA on {where}",
+            **COMPILED,
+            **CHUNKED,
+            **{
+                "trainer.callbacks+": {
+                    "class_path": "pretrain.train.ema.EMA",
+                    "init_args": {"on_cpu": where == "CPU"},
+                }
+            },
+        )
+        for where in ("CPU", "GPU")
+    ),
 ]
 CPU_CONFIGS: list[dict[str, Any]] = [
     config("sdpa, eager, mb 8", micro_batch=8),
