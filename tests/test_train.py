@@ -309,6 +309,30 @@ def test_a_tensorboard_logger_records_beside_the_csv_log(tiny_dataset, tmp_path)
     assert "val/stdlib/loss" in scalars.Tags()["scalars"]
 
 
+def test_final_weights_are_validated_and_precision_defaults_to_the_device(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    from pretrain.train import cli as fit_cli
+
+    run_dir = tmp_path / "final"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=6)  # validate_every_steps: 4
+    text = yaml.safe_load(config.read_text())
+    del text["trainer"]["precision"]
+    config.write_text(yaml.safe_dump(text))
+    assert main(["fit", "--config", str(config)]) == 0
+    with open(run_dir / "logs" / "version_0" / "metrics.csv") as f:
+        validated = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/stdlib/loss")]
+    assert len(validated) == 2 and validated[0] < validated[1]  # at step 4, and the final step 6
+    assert (
+        yaml.safe_load((run_dir / "logs" / "version_0" / "config.yaml").read_text())["trainer"]["precision"]
+        == "32-true"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert fit_cli.default_precision("gpu") == fit_cli.default_precision("auto") == "bf16-mixed"
+    assert fit_cli.default_precision("cpu") == "32-true"
+
+
 def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, tmp_path):
     run_dir = tmp_path / "keep"
     config = recipe(

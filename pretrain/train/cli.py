@@ -37,6 +37,7 @@ from pretrain.slurm import SlurmSettings, check_srun_geometry
 from pretrain.train import requeue
 from pretrain.train.checkpoints import PeriodicCheckpoint, resolve_resume
 from pretrain.train.data import PretrainDataModule
+from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
 from pretrain.train.monitor import TrainingMonitor
 from pretrain.train.progress_bar import StepProgressBar
@@ -54,6 +55,13 @@ def count_devices(devices: Any, accelerator: Any) -> int:
         return len([d for d in devices.split(",") if d.strip()])
     on_gpu = str(accelerator) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     return torch.cuda.device_count() if on_gpu else 1
+
+
+def default_precision(accelerator: Any) -> str:
+    """bf16-mixed when training on a GPU that supports bf16, float32 otherwise (the CPU)."""
+    wants_gpu = str(accelerator) in ("gpu", "cuda", "auto")
+    has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if wants_gpu and has_bf16 else "32-true"
 
 
 def next_log_version(run_dir: Path) -> int:
@@ -129,6 +137,8 @@ class FitCLI(LightningCLI):
         if trainer.max_steps in (None, -1):
             raise UserError("set max_tokens (or trainer.max_steps): the LR schedule needs a training length")
         trainer.max_epochs = -1  # the data stream is endless (epochs are walked inside it)
+        if trainer.precision is None:
+            trainer.precision = default_precision(trainer.accelerator)
         if c.validate_every_steps:
             trainer.val_check_interval = c.validate_every_steps * trainer.accumulate_grad_batches
             trainer.check_val_every_n_epoch = None
@@ -157,6 +167,8 @@ class FitCLI(LightningCLI):
         checkpoint = PeriodicCheckpoint(dirpath=run_dir / "checkpoints", **self.config.checkpoint)
         on_signal = requeue.RequeueOnSignal(run_dir, self.config.slurm.max_requeues)
         self.trainer_defaults["callbacks"] = [checkpoint, on_signal, TrainingMonitor(), StepProgressBar()]
+        if self.config.validate_every_steps:
+            self.trainer_defaults["callbacks"].append(FinalValidation(self.config.validate_every_steps))
         if "SLURM_JOB_ID" not in os.environ:  # outside a job, not launching with srun is expected
             warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
