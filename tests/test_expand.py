@@ -171,7 +171,14 @@ def test_training_new_blocks_only_resumes_exactly(tiny_dataset, expanded, refere
     resumed = run(["fit", "--config", str(config)])
     assert "resuming from" in resumed.stderr
     assert train_losses(tmp_path / "killed") == reference  # bit-identical per-step losses
-    assert_only_new_blocks_changed(tmp_path / "killed" / "checkpoints" / f"step-{STEPS:08d}.ckpt", expanded)
+    final = tmp_path / "killed" / "checkpoints" / f"step-{STEPS:08d}.ckpt"
+    assert_only_new_blocks_changed(final, expanded)
+    # The trained checkpoint keeps the expansion record: a next stage can train "new" again.
+    assert load_model_checkpoint(final).meta["expansion"]["new_layers"] == NEW
+    next_stage = PretrainModule(
+        model="tiny", model_overrides={**MODEL, "n_layers": 4}, init_from=str(final), trainable_blocks="new"
+    )
+    assert next_stage._trainable_block_indices() == NEW
 
 
 def test_training_new_blocks_only_under_fsdp2_resumes(tiny_dataset, expanded, reference, tmp_path):

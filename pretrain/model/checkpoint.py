@@ -118,6 +118,8 @@ def _from_training_checkpoint(
     model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     meta = {k: info.get(k) for k in ("bos_id", "eos_id", "global_step", "tokens_seen")}
     meta["source"] = {"kind": "training-checkpoint", "path": str(path.resolve())}
+    if info.get("expansion"):  # a LLaMA Pro stage: which blocks `pretrain expand` added
+        meta["expansion"] = info["expansion"]
     return ModelCheckpoint(
         LlamaConfig.from_dict(info["model_config"]), model_state, info.get("tokenizer"), meta
     )

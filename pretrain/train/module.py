@@ -117,6 +117,7 @@ class PretrainModule(L.LightningModule):
         self.stop_reason: str | None = None
         self.resuming = False  # set by `pretrain fit` when a checkpoint will restore the weights
         self.init_source: dict[str, Any] | None = None
+        self.expansion: dict[str, Any] | None = None  # `pretrain expand`'s record, kept in checkpoints
         self._val_sums: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
@@ -169,6 +170,7 @@ class PretrainModule(L.LightningModule):
         else:
             checkpoint = load_model_checkpoint(path)
             config, state = checkpoint.config, checkpoint.state_dict
+            self.expansion = checkpoint.meta.get("expansion")
             self.init_source = {"kind": "checkpoint", "path": str(path.resolve())} | {
                 k: checkpoint.meta[k]
                 for k in ("global_step", "tokens_seen")
@@ -354,6 +356,7 @@ class PretrainModule(L.LightningModule):
             "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
             "skipped_steps": self.skipped_steps,
             "init_from": self.init_source,
+            "expansion": self.expansion,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -365,6 +368,7 @@ class PretrainModule(L.LightningModule):
             )
         self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
         self.init_source = checkpoint.get("pretrain", {}).get("init_from")
+        self.expansion = checkpoint.get("pretrain", {}).get("expansion")
 
     # ---- validation --------------------------------------------------------------------------
 
