@@ -425,6 +425,33 @@ def test_three_requeues_then_max_requeues_stops_the_job(reference, tiny_dataset,
     assert f"step {last} of {STEPS}" in report and "ETA" in report
 
 
+def test_sigterm_at_the_time_limit_checkpoints_requeues_and_resumes(cluster, tiny_dataset, tmp_path):
+    """A job whose USR1 warning never comes (its line removed from the script): the SIGTERM that
+    SLURM sends at the 1-minute time limit checkpoints and requeues the job, which then resumes
+    and finishes. 46 steps of 2 s outlast one launch (SLURM enforces the limit 60-90 s in) and the
+    rest fit in the second."""
+    run_dir, steps = tmp_path / "timelimit", 46
+    slow = [{"class_path": "test_slurm.SlowSteps", "init_args": {"seconds": 1.0}}]
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=steps, trainer__callbacks=slow)
+    cli = {"time": "1", "cpus_per_task": 1, "env_setup": ENV_SETUP, "signal_margin": 30}
+    job = resolve_job(str(config), cli, workdir=ROOT)
+    script = "\n".join(line for line in render(job).splitlines() if not line.startswith("#SBATCH --signal"))
+    job.log_dir.mkdir(parents=True)
+    job.script_path.write_text(script + "\n")
+    submitted = subprocess.run(["sbatch", "--parsable", str(job.script_path)], capture_output=True, text=True)
+    job_id = submitted.stdout.strip().split(";")[0]
+    assert job_id.isdigit(), submitted.stderr
+    deadline = time.monotonic() + 240
+    while (info := job_info(job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, f"job {job_id} still {info.get('JobState')}:\n{job_logs(run_dir)}"
+        time.sleep(1)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_logs(run_dir)
+    [event] = json.loads((run_dir / "requeue.json").read_text())["events"]
+    assert event["signal"] == "SIGTERM" and event["action"] == "requeued" and 0 < event["step"] < steps
+    assert f"resuming from {run_dir}/checkpoints/step-{event['step']:08d}.ckpt" in job_logs(run_dir)
+    assert sorted(train_losses(run_dir)) == list(range(steps))
+
+
 def test_fsdp2_two_tasks_via_srun_complete_and_resume(reference, tiny_dataset, tmp_path):
     config, run_dir = slow_recipe(
         tmp_path, tiny_dataset, "fsdp2", trainer__devices=2, trainer__strategy="fsdp2"

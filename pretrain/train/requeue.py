@@ -15,8 +15,11 @@ itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
   stops. In `on_train_end`, after the step's metrics are logged, rank 0 runs
   `scontrol requeue $SLURM_JOB_ID` if the signal was SIGUSR1, the job's requeue count
   (`SLURM_RESTART_COUNT`) is below `max_requeues` and the launch made progress since the last
-  requeue. SIGTERM never requeues from here: SLURM sends it when it ends the job itself, and it
-  requeues a preempted `--requeue` job on its own; a cancelled job must stay cancelled.
+  requeue. SIGTERM requeues the same way only when SLURM is ending the job for its time limit
+  (squeue reports the reason "TimeLimit"): the USR1 warning was missed or came too late, and the
+  step boundary and checkpoint must fit in the cluster's KillWait (30 s by default). Any other
+  SIGTERM never requeues from here: a cancelled job must stay cancelled, and SLURM requeues a
+  preempted `--requeue` job on its own.
 - The requeue count is logged as `train/requeues` and kept, with every stop, in
   `RUN_DIR/requeue.json` (read by `pretrain status`).
 
@@ -132,10 +135,10 @@ class RequeueOnSignal(Callback):
 
     def _no_requeue_reason(self, trainer: L.Trainer) -> str | None:
         """Why this stop must not requeue the job, or None if it should."""
-        if self._signal != signals.REQUEUE:
-            return "SIGTERM: SLURM is ending the job and decides itself whether it comes back"
         if not self.job_id:
             return "not running under SLURM"
+        if self._signal != signals.REQUEUE and not self._at_time_limit():
+            return "SIGTERM before the time limit (scancel or preemption): SLURM decides whether the job comes back"
         if self.max_requeues is not None and self.requeues >= self.max_requeues:
             return f"the job was already requeued {self.requeues} times, max_requeues is {self.max_requeues}"
         events = read_requeue_record(self.run_dir).get("events", [])
@@ -143,6 +146,19 @@ class RequeueOnSignal(Callback):
         if last and last["action"] == "requeued" and last["step"] == trainer.global_step:
             return f"no progress since the last requeue at step {last['step']}"
         return None
+
+    def _at_time_limit(self) -> bool:
+        """Whether SLURM is ending the job for its time limit (squeue's reason "TimeLimit")."""
+        try:
+            result = subprocess.run(
+                ["squeue", "-h", "-j", str(self.job_id), "-o", "%r"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.stdout.strip() == "TimeLimit"
 
     def _scontrol_requeue(self) -> tuple[bool, str | None]:
         try:
