@@ -167,7 +167,7 @@ def test_chunked_loss_and_selective_checkpointing_train_like_the_reference(tiny_
     assert max(abs(losses[step] - reference[step]) for step in reference) < 1e-4  # summation order only
 
 
-def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tmp_path, reference):
+def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tmp_path, reference, capsys):
     require("torch.distributed")
     assert torch.distributed.is_gloo_available()
     run_dir = tmp_path / "fsdp"
@@ -194,6 +194,13 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
 
     # Resume the 2-process run's step-8 checkpoint on ONE process: same data order continues.
     one = tmp_path / "one"
+    sharded = ["--resume", str(run_dir / "checkpoints" / "step-00000008.ckpt")]
+    plain = recipe(tmp_path, tiny_dataset, tmp_path / "plain", trainer__devices=1)
+    assert main(["fit", "--config", str(plain), *sharded]) == 2  # not without FSDP2
+    assert (
+        "is a sharded FSDP2 checkpoint (a folder): resume it with trainer.strategy: fsdp2"
+        in capsys.readouterr().err
+    )
     config_one = recipe(tmp_path, tiny_dataset, one, trainer__devices=1, trainer__strategy="fsdp2")
     run(["fit", "--config", str(config_one), "--resume", str(run_dir / "checkpoints" / "step-00000008.ckpt")])
     continued = train_losses(one)

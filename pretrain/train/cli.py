@@ -31,6 +31,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
 from pretrain.slurm import SlurmSettings, check_srun_geometry
@@ -202,6 +203,15 @@ def fit(args: Sequence[str] | None = None) -> int:
             )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
             ckpt_path = resolve_resume(cli.config.branch_from, run_dir)
+    if (
+        ckpt_path is not None
+        and ckpt_path.is_dir()
+        and not isinstance(cli.trainer.strategy, ModelParallelStrategy)
+    ):
+        raise UserError(
+            f"{ckpt_path} is a sharded FSDP2 checkpoint (a folder): resume it with trainer.strategy: fsdp2, "
+            "on any number of devices (one included)"
+        )
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
         cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from
