@@ -220,6 +220,11 @@ def resolve_job(
     devices = given.get("trainer.devices", trainer.get("devices", "auto"))
     trainer_nodes = _as_int(given.get("trainer.num_nodes", trainer.get("num_nodes", 1)), "trainer.num_nodes")
     run_dir = Path(str(given.get("run_dir", recipe.get("run_dir", "runs/default"))))
+    if str(given.get("resume", recipe.get("resume", "auto"))) == "none":
+        raise UserError(
+            "resume: none cannot be submitted: a requeued job must continue from its own checkpoints "
+            "(resume: auto); start a fresh run with a new run_dir instead"
+        )
     num_workers = (recipe.get("data") or {}).get("num_workers", 2)
 
     nodes = settings.nodes if settings.nodes is not None else trainer_nodes

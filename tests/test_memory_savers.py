@@ -80,6 +80,40 @@ def test_chunked_cross_entropy_scales_the_incoming_gradient_and_works_under_auto
         assert abs(linear_cross_entropy(hidden, weight, targets, chunk_tokens=7) - plain.float()) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_cross_entropy_gradients_under_autocast_match_plain_without_underflow(dtype):
+    """Under autocast the gradients match the plain form's, also with fp16's loss scale: the
+    1/N of the mean is applied in float32, so tiny softmax gradients do not flush to zero."""
+    torch.manual_seed(0)
+    hidden = torch.randn(512, 64, requires_grad=True)
+    weight = (0.02 * torch.randn(4096, 64)).requires_grad_()
+    targets = torch.randint(0, 4096, (512,))
+    grads = {}
+    for chunk_tokens in (None, 100):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=dtype):
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+        (65536.0 * loss).backward()  # the scale a GradScaler applies in fp16 training
+        grads[chunk_tokens] = hidden.grad.clone(), weight.grad.clone()
+    (plain_hidden, plain_weight), (hidden_grad, weight_grad) = grads[None], grads[100]
+    assert (hidden_grad - plain_hidden).norm() < 2e-2 * plain_hidden.norm()
+    assert (weight_grad - plain_weight).norm() < 2e-2 * plain_weight.norm()
+    assert (weight_grad == 0).float().mean() <= (plain_weight == 0).float().mean() + 1e-3
+
+
+def test_chunked_cross_entropy_with_a_frozen_head_computes_no_head_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16)  # frozen (e.g. LLaMA Pro trains only new blocks)
+    targets = torch.randint(0, 300, (50,))
+    linear_cross_entropy(hidden, weight, targets).backward()
+    expected = hidden.grad.clone()
+    hidden.grad = None
+    linear_cross_entropy(hidden, weight, targets, chunk_tokens=7).backward()
+    torch.testing.assert_close(hidden.grad, expected)
+    assert weight.grad is None
+
+
 def test_chunked_cross_entropy_keeps_no_logits_for_backward():
     model, tokens, targets = model_and_batch()
     _, plain = saved_bytes(lambda: model(tokens, targets=targets))

@@ -140,6 +140,8 @@ def test_sdpa_pinned_to_one_kernel_matches_sdpa(kernel, masked):
     doc_ids = document_ids(tokens, eos_id=0) if masked else None
     expected = get_attention("sdpa")(q, k, v, doc_ids)
     torch.testing.assert_close(get_attention(kernel)(q, k, v, doc_ids), expected, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError):  # pinning is real: a kernel the CPU lacks cannot run
+        get_attention("sdpa-efficient")(q, k, v, doc_ids)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

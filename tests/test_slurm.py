@@ -156,6 +156,7 @@ def test_render_takes_cli_over_recipe_slurm_section(tmp_path, tiny_dataset):
         ({}, [], {"accelerator": "gpu", "devices": "auto"}, "give --gpus-per-node"),
         ({}, ["--trainer.devices", "x"], {}, "trainer.devices must be a whole number"),
         ({"gpus_per_node": 0}, [], {"accelerator": "gpu", "devices": 8}, "asks for no GPU per node"),
+        ({}, ["--resume", "none"], {}, "resume: none cannot be submitted"),
     ],
 )
 def test_geometry_mismatch_is_a_clear_error(tmp_path, tiny_dataset, cli, overrides, trainer, message):

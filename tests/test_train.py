@@ -335,9 +335,12 @@ def test_final_weights_are_validated_and_precision_defaults_to_the_device(
         == "32-true"
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert fit_cli.default_precision("gpu") == fit_cli.default_precision("auto") == "bf16-mixed"
     assert fit_cli.default_precision("cpu") == "32-true"
+    # A GPU that only emulates bf16 (V100, T4) trains in float32 by default.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert fit_cli.default_precision("gpu") == "32-true"
 
 
 def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, tmp_path):

@@ -62,11 +62,11 @@ def test_chunked_cross_entropy_in_bf16_matches_plain_with_less_memory():
     require_gpu()
     torch.manual_seed(0)
     hidden = torch.randn(8 * 2048, 2048, device="cuda", requires_grad=True)
-    weight = torch.randn(32000, 2048, device="cuda", requires_grad=True) * 0.02
+    weight = (0.02 * torch.randn(32000, 2048, device="cuda")).requires_grad_()
     targets = torch.randint(0, 32000, (8 * 2048,), device="cuda")
     results = {}
     for chunk_tokens in (None, 4096):
-        hidden.grad = None
+        hidden.grad = weight.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -74,8 +74,12 @@ def test_chunked_cross_entropy_in_bf16_matches_plain_with_less_memory():
             loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
         loss.backward()
         peak = torch.cuda.max_memory_allocated() - before
-        results[chunk_tokens] = (loss.item(), hidden.grad.clone(), peak)
-    (plain_loss, plain_grad, plain_peak), (loss, grad, peak) = results[None], results[4096]
+        results[chunk_tokens] = (loss.item(), hidden.grad.clone(), weight.grad.clone(), peak)
+    (plain_loss, plain_grad, plain_wgrad, plain_peak), (loss, grad, wgrad, peak) = (
+        results[None],
+        results[4096],
+    )
     assert abs(loss - plain_loss) < 1e-3 * plain_loss
     assert (grad - plain_grad).norm() < 2e-2 * plain_grad.norm()
+    assert (wgrad - plain_wgrad).norm() < 2e-2 * plain_wgrad.norm()
     assert peak < 0.5 * plain_peak, (peak, plain_peak)

@@ -1,13 +1,14 @@
 """Next-token cross-entropy through the LM head, plain or in chunks that never hold all the logits.
 
 At seq 2048 and a 32k vocabulary the logits of one micro-batch of 8 are 8 x 2048 x 32000 values:
-1 GiB in bf16 and 2 GiB more as the float32 copy the softmax needs, all kept for backward. The
+1 GiB in bf16, plus the float32 log-softmax (2 GiB) that the plain form keeps for backward. The
 chunked form computes, for one chunk of tokens at a time, the logits, the loss and right away the
 gradients of the loss with respect to the hidden states and the LM-head weight (softmax minus
 one-hot, over the token count), then drops the chunk's logits. Backward only scales the stored
 gradients by the incoming gradient. It does the same matmuls as the plain form (one forward,
 two backward per chunk) with the same precision rules (matmuls in the autocast dtype, softmax in
-float32), so only the summation order differs.
+float32), so only the summation order differs. The stored gradients are float32 and the 1/N
+is applied in float32, so that nothing underflows before a loss scale (fp16) multiplies them.
 """
 
 from __future__ import annotations
@@ -48,31 +49,35 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk_tokens: int,
     ) -> torch.Tensor:
         n_tokens = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        want_weight_grad = ctx.needs_input_grad[1]
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        w = None
         for start in range(0, n_tokens, chunk_tokens):
             h = hidden[start : start + chunk_tokens]
             t = targets[start : start + chunk_tokens]
             logits = F.linear(h, weight)  # autocast dtype, as in the plain form
+            if w is None:
+                w = weight.to(logits.dtype)  # one cast for all chunks
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             loss_sum -= log_probs.gather(1, t[:, None]).sum()
-            grad_logits = log_probs.exp_()  # softmax - one_hot, over the token count
+            grad_logits = log_probs.exp_()  # softmax - one_hot; the 1/N comes later, in float32
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_logits = (grad_logits / n_tokens).to(logits.dtype)
-            grad_hidden[start : start + chunk_tokens] = grad_logits @ weight.to(logits.dtype)
-            grad_weight += (grad_logits.T @ h.to(logits.dtype)).float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            grad_logits = grad_logits.to(logits.dtype)
+            grad_hidden[start : start + chunk_tokens] = (grad_logits @ w).float() / n_tokens
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h.to(logits.dtype)).float() / n_tokens
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
         return loss_sum / n_tokens
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            grad_hidden * grad_loss.to(grad_hidden.dtype),
-            grad_weight * grad_loss.to(grad_weight.dtype),
-            None,
-            None,
-        )
+        hidden_dtype, weight_dtype = ctx.dtypes
+        scale = grad_loss.float()
+        weight_grad = None if grad_weight is None else (grad_weight * scale).to(weight_dtype)
+        return (grad_hidden * scale).to(hidden_dtype), weight_grad, None, None

@@ -61,7 +61,7 @@ def count_devices(devices: Any, accelerator: Any) -> int:
 def default_precision(accelerator: Any) -> str:
     """bf16-mixed when training on a GPU that supports bf16, float32 otherwise (the CPU)."""
     wants_gpu = str(accelerator) in ("gpu", "cuda", "auto")
-    has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16-mixed" if wants_gpu and has_bf16 else "32-true"
 
 

@@ -154,7 +154,7 @@ class RequeueOnSignal(Callback):
                 ["squeue", "-h", "-j", str(self.job_id), "-o", "%r"],
                 capture_output=True,
                 text=True,
-                timeout=30,
+                timeout=5,  # well inside KillWait: the checkpoint and the requeue must fit there too
             )
         except (OSError, subprocess.TimeoutExpired):
             return False
