@@ -334,6 +334,13 @@ def test_final_weights_are_validated_and_precision_defaults_to_the_device(
         yaml.safe_load((run_dir / "logs" / "version_0" / "config.yaml").read_text())["trainer"]["precision"]
         == "32-true"
     )
+    # `pretrain plot` on this real run draws what it logged: 6 training losses, 2 validations.
+    from pretrain.plot import load_run
+
+    run = load_run(run_dir)
+    assert len(run.series["train/loss"].values) == 6 and len(run.series["val/stdlib/loss"].values) == 2
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "loss.png")]) == 0
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert fit_cli.default_precision("gpu") == fit_cli.default_precision("auto") == "bf16-mixed"
@@ -464,6 +471,16 @@ class PoisonGradients(L.Callback):
         self.params_before[step] = torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()])
         if step in self.steps:
             next(pl_module.parameters()).grad[0] = float("nan")
+
+
+def test_pretrain_fit_stops_on_nonfinite_steps_with_exit_code_3(tiny_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "nan"
+    config = recipe(tmp_path, tiny_dataset, run_dir)
+    poison = {"class_path": "test_train.PoisonGradients", "init_args": {"steps": [3, 4]}}
+    args = ["--model.max_nonfinite_steps", "2", "--trainer.callbacks+", json.dumps(poison)]
+    assert main(["fit", "--config", str(config), *args]) == 3
+    assert "2 optimizer steps in a row had a non-finite loss or gradient" in capsys.readouterr().err
+    assert list_checkpoints(run_dir / "checkpoints")[-1][0] == 5  # the last good state, then stop
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_dataset, tmp_path):
