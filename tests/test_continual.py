@@ -246,6 +246,7 @@ def test_anneal_branch_starts_from_the_constant_lr_without_rewarm(tiny_dataset, 
     # Branching keeps the optimizer state: Adam's step counter continues from the branch point.
     checkpoint = torch.load(tmp_path / "branch" / "checkpoints" / "step-00000008.ckpt", weights_only=False)
     assert {float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()} == {8.0}
+    assert checkpoint["pretrain"]["branched_from"].endswith("constant/checkpoints/step-00000004.ckpt")
 
 
 def schedule_of(recipe_path: Path):

@@ -203,6 +203,7 @@ def fit(args: Sequence[str] | None = None) -> int:
             )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
             ckpt_path = resolve_resume(cli.config.branch_from, run_dir)
+            cli.model.branched_from = str(ckpt_path.resolve())
     if (
         ckpt_path is not None
         and ckpt_path.is_dir()

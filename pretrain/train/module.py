@@ -118,6 +118,7 @@ class PretrainModule(L.LightningModule):
         self.resuming = False  # set by `pretrain fit` when a checkpoint will restore the weights
         self.init_source: dict[str, Any] | None = None
         self.expansion: dict[str, Any] | None = None  # `pretrain expand`'s record, kept in checkpoints
+        self.branched_from: str | None = None  # the checkpoint a `branch_from` run started from
         self._val_sums: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
@@ -357,6 +358,7 @@ class PretrainModule(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "init_from": self.init_source,
             "expansion": self.expansion,
+            "branched_from": self.branched_from,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -369,6 +371,8 @@ class PretrainModule(L.LightningModule):
         self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
         self.init_source = checkpoint.get("pretrain", {}).get("init_from")
         self.expansion = checkpoint.get("pretrain", {}).get("expansion")
+        # A branch's first launch loads its parent's checkpoint: keep the branch point set by `fit`.
+        self.branched_from = self.branched_from or checkpoint.get("pretrain", {}).get("branched_from")
 
     # ---- validation --------------------------------------------------------------------------
 
