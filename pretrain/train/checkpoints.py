@@ -123,7 +123,7 @@ class PeriodicCheckpoint(Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
             _remove(partial)
         trainer.strategy.barrier("checkpoint-prepare")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # full: optimizer, loops, callbacks
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
