@@ -42,9 +42,6 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.temp
 JOBS_FILE = "jobs.jsonl"  # in RUN_DIR/slurm/: one line per submitted job
 
 
-_INT_SETTINGS = ("nodes", "gpus_per_node", "cpus_per_task", "signal_margin", "max_requeues")
-
-
 @dataclass
 class SlurmSettings:
     """The `slurm:` section of a recipe; `pretrain submit --field-name` overrides each field.
@@ -88,7 +85,7 @@ class SlurmSettings:
             )
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            wanted = int if field.name in _INT_SETTINGS else str
+            wanted = int if str(field.type).startswith("int") else str  # "int | None", "str | None"
             if value is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
                 raise UserError(
                     f"slurm.{field.name}: expected {'a whole number' if wanted is int else 'text'}, "

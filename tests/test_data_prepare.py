@@ -180,14 +180,20 @@ def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
     assert splits["train"]["documents"] + splits["val"]["documents"] == 240 * 25
 
 
-def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
-    from pretrain.data import prepare as prepare_module
-
-    for i in range(4):
+def inputs_and_clean_run(tmp_path: Path, tokenizer, files: int) -> tuple[list[str], Settings]:
+    """`files` small input files, and their uninterrupted preparation in tmp_path/clean."""
+    for i in range(files):
         write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(40, seed=i))
     settings = Settings(shard_tokens=800)
     pattern = [str(tmp_path / "in" / "*.jsonl")]
     prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    return pattern, settings
+
+
+def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
+    from pretrain.data import prepare as prepare_module
+
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
     real_publish = prepare_module.publish
     calls = []
 
@@ -210,11 +216,7 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
 def test_killed_before_its_first_commit_reruns_from_the_start(tmp_path, tokenizer, monkeypatch):
     from pretrain.data import prepare as prepare_module
 
-    for i in range(3):
-        write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(40, seed=i))
-    settings = Settings(shard_tokens=800)
-    pattern = [str(tmp_path / "in" / "*.jsonl")]
-    prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=3)
 
     def killed(self, final: bool = False) -> None:
         raise KeyboardInterrupt  # shard files are open, nothing is committed yet

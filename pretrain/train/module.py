@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
-from pretrain.model import Llama, LlamaConfig, get_preset
+from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
 from pretrain.model.attention import document_ids
 from pretrain.train import strategy  # noqa: F401  (registers the `fsdp2` strategy name)
 from pretrain.train.checkpointing import checkpointed
@@ -296,9 +296,7 @@ class PretrainModule(L.LightningModule):
             torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+        out = self._forward(*batch)
         loss = out.loss
         detached = loss.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
@@ -389,9 +387,12 @@ class PretrainModule(L.LightningModule):
 
     def summed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over the batch's tokens (validation; also of EMA/LaWA weights)."""
+        return self._forward(inputs, targets).loss * targets.numel()
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> LlamaOutput:
+        """The model on a batch, with its mean loss (document masking and loss chunking as configured)."""
         doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        out = self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
-        return out.loss * targets.numel()
+        return self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""

@@ -5,9 +5,10 @@ SLURM warns a job before its time limit with the signal asked for by `#SBATCH --
 itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
 
 - The signal handlers only set a flag (`pretrain.signals`, installed by `pretrain fit` before it
-  imports torch, so a signal during start-up is kept). Saving inside a handler can hang (the handler runs at an
-  arbitrary point, possibly inside a collective or a checkpoint write; Lightning issue #21406),
-  so Lightning's own handlers are replaced (`FlagSignalConnector`), SLURM auto-requeue included.
+  imports torch, so a signal during start-up is kept). Saving inside a handler can hang (the
+  handler runs at an arbitrary point, possibly inside a collective or a checkpoint write;
+  Lightning issue #21406), so Lightning's own handlers are replaced (`FlagSignalConnector`),
+  SLURM auto-requeue included.
 - At every optimizer-step boundary (and once when training starts, for a signal that came
   during start-up) all ranks agree on the flags with one all-reduce, so either every rank stops
   at the same step or none does. A flag set during a checkpoint write is read only after it.
