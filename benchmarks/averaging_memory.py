@@ -79,7 +79,7 @@ def main() -> None:
         model_bytes, file_bytes = write_checkpoints(directory, args.preset, args.k)
         paths = sorted(str(p) for p in directory.glob("step-*.ckpt"))
         pretrain = str(Path(sys.executable).with_name("pretrain"))
-        baseline, _, _ = peak_memory([sys.executable, "-c", "import torch, pretrain.average"])
+        baseline, _, _ = peak_memory([sys.executable, "-c", "import torch, pretrain.model.average"])
         anon, file, seconds = peak_memory([pretrain, "average", *paths, "-o", str(directory / "avg.pt")])
         gib = 2**30
         print(

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pretrain.average import average_checkpoints, lawa_checkpoints
 from pretrain.data.loader import build_val_datasets
 from pretrain.model import Llama
 from pretrain.model.attention import document_ids
+from pretrain.model.average import average_checkpoints, lawa_checkpoints
 from pretrain.model.checkpoint import ModelCheckpoint
-from pretrain.train.checkpoints import list_checkpoints
+from pretrain.run_dir import list_checkpoints
 
 
 def run_recipe(run_dir: Path) -> dict:
@@ -45,7 +45,7 @@ def run_recipe(run_dir: Path) -> dict:
 def validation_loss(checkpoint: ModelCheckpoint, recipe: dict, device: torch.device) -> dict[str, float]:
     """Token-weighted validation loss per source, as `PretrainModule.validation_step` computes it."""
     data, model_args = recipe["data"], recipe["model"]
-    model = Llama(checkpoint.config.replace(attention_backend="sdpa"))
+    model = Llama(checkpoint.config)
     model.load_state_dict(checkpoint.state_dict)
     model.to(device).eval()
     seq_len = data["seq_len"]

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.data.loader import build_train_dataset
 from pretrain.model import Llama, get_preset
-from pretrain.train.cli import FitCLI
+from pretrain.train.fit import FitCLI
 from pretrain.train.schedules import WarmupCosine
 
 

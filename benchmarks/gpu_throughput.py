@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from pretrain.model.flops import flops_per_token
-from pretrain.train.cli import FitCLI
+from pretrain.train.fit import FitCLI
 from pretrain.train.monitor import peak_flops
 
 
@@ -42,7 +42,7 @@ def config(name: str, backend: str = "sdpa", micro_batch: int = 8, **overrides: 
     """One benchmark configuration: recipe overrides (dotted keys) plus its display name."""
     return {
         "name": name,
-        "model.model_overrides": {"attention_backend": backend},
+        "model.attention_backend": backend,
         "data.micro_batch_size": micro_batch,
         **overrides,
     }

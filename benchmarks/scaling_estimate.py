@@ -8,7 +8,7 @@ stops hiding. Used for `docs/scaling.md`; the assumptions are the arguments:
 
 - FSDP2 with bf16 parameters (2 bytes) gathered for forward and again for backward
   (reshard after forward), float32 gradients (4 bytes) reduced once per optimizer step
-  (`pretrain.train.strategy`: no reduction on the micro-batches before a step's last).
+  (`pretrain.train.parallelize`: no reduction on the micro-batches before a step's last).
 - "hybrid": shard within a node (NVLink), replicate across nodes; per step a ring all-reduce of each
   GPU's gradient shard across nodes. "full": shard over all GPUs; every gather crosses nodes.
 - A micro-batch's gathers hide behind its compute (prefetch); the step's gradient reduction

@@ -1,157 +1,25 @@
-"""`pretrain plot`: loss curves of training runs, drawn from their Lightning CSV logs.
+"""`pretrain plot`'s drawing: loss curves and learning rate of runs against tokens seen.
 
-A run directory holds `logs/version_<k>/metrics.csv`, one version per launch; version k+1
-resumed version k from a checkpoint. How the logs are read:
-
-- columns are `step` plus metric names, in any order; an empty cell means "not logged";
-- the run may still be writing: a last line without a newline is skipped, cells that are not
-  numbers are ignored, and a version with no rows yet is skipped;
-- a later version wins on overlapping steps: version k is cut at the first step of version k+1,
-  and a resume is marked there;
-- the tokens seen at a point come from `train/tokens_seen`, linear in step: exact at a step that
-  logged it, interpolated between such steps and extrapolated beyond them from the two nearest
-  (from step 0 with 0 tokens if only one step logged it). A run that never logged
-  `train/tokens_seen` makes the plot use steps for its x-axis.
+The logs are read by `pretrain.run_dir.RunDir.read_logs` (all launches merged, resumes marked).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.errors import UserError
+from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series
 
 if TYPE_CHECKING:
-    import argparse
-
     import numpy as np
     from matplotlib.figure import Figure
 
-TOKENS = "train/tokens_seen"
-TRAIN_LOSS = "train/loss"
-LR = "train/lr"
-_VERSION_DIR = re.compile(r"version_(\d+)")
-_VAL_LOSS = re.compile(r"val/(.+)/loss")
 # Line styles of validation sources; "--" is left for resume marks.
 _VAL_STYLES: tuple[Any, ...] = ("-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
-
-Row = tuple[int, dict[str, float]]
-
-
-@dataclass(frozen=True)
-class Series:
-    """One metric of a run in logging order."""
-
-    steps: np.ndarray
-    tokens: np.ndarray
-    values: np.ndarray
-
-
-@dataclass(frozen=True)
-class RunLog:
-    """All launches of one run merged: metric name -> series, and (step, tokens) of each resume."""
-
-    name: str
-    series: dict[str, Series]
-    resumes: list[tuple[int, float]]
-
-    def val_sources(self) -> list[str]:
-        """Names of the validation sources with a `val/<source>/loss` series, sorted."""
-        return sorted(match[1] for name in self.series if (match := _VAL_LOSS.fullmatch(name)))
-
-
-def load_run(run_dir: str | os.PathLike[str]) -> RunLog:
-    """Read and merge all `logs/version_<k>/metrics.csv` of a run directory."""
-    import numpy as np
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: not a directory")
-    versions = {}
-    for path in (run_dir / "logs").glob("version_*/metrics.csv"):
-        if match := _VERSION_DIR.fullmatch(path.parent.name):
-            versions[int(match[1])] = path
-    if not versions:
-        raise UserError(f"{run_dir}: no logs/version_<k>/metrics.csv (is this a run directory?)")
-    paths = [versions[k] for k in sorted(versions)]
-
-    rows: list[Row] = []
-    resume_steps: list[int] = []
-    for path in paths:
-        version_rows = _read_metrics(path)
-        if not version_rows:
-            continue
-        first = min(step for step, _ in version_rows)
-        if rows:
-            resume_steps.append(first)
-            rows = [row for row in rows if row[0] < first]
-        rows += version_rows
-    if not rows:
-        raise UserError(f"no usable metrics rows in {', '.join(map(str, paths))}")
-
-    known_tokens = {step: metrics[TOKENS] for step, metrics in rows if TOKENS in metrics}
-    series = {}
-    for name in dict.fromkeys(name for _, metrics in rows for name in metrics):
-        steps = np.array([step for step, metrics in rows if name in metrics])
-        values = np.array([metrics[name] for _, metrics in rows if name in metrics])
-        series[name] = Series(steps, _tokens_at(steps, known_tokens), values)
-    resume_tokens = _tokens_at(np.array(resume_steps), known_tokens)
-    return RunLog(
-        run_dir.resolve().name, series, list(zip(resume_steps, resume_tokens.tolist(), strict=True))
-    )
-
-
-def _read_metrics(path: Path) -> list[Row]:
-    """The complete rows of one metrics.csv as (step, {metric: value}), empty cells left out."""
-    try:
-        text = path.read_text()
-        if not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]  # the last line is still being written
-        rows = []
-        for record in csv.DictReader(io.StringIO(text)):
-            step = _number(record.pop("step", None))
-            if step is None or not math.isfinite(step):
-                continue
-            metrics = {
-                name: value for name, cell in record.items() if name and (value := _number(cell)) is not None
-            }
-            if metrics:
-                rows.append((int(step), metrics))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"cannot read {path}: {err}") from err
-    return rows
-
-
-def _number(cell: str | None) -> float | None:
-    try:
-        return float(cell)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _tokens_at(steps: np.ndarray, known: dict[int, float]) -> np.ndarray:
-    """Tokens seen at `steps`, linear in step through the steps in `known` (see the module docstring)."""
-    import numpy as np
-
-    if not known:
-        return np.full(len(steps), np.nan)
-    xs = np.array(sorted(known), dtype=float)
-    ys = np.array([known[step] for step in sorted(known)], dtype=float)
-    if len(xs) == 1 and xs[0] > 0:
-        xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
-    tokens = np.interp(steps, xs, ys)
-    if len(xs) > 1:
-        before, after = steps < xs[0], steps > xs[-1]
-        tokens[before] = ys[0] + (steps[before] - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
-        tokens[after] = ys[-1] + (steps[after] - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return tokens
 
 
 def smooth(values: Sequence[float] | np.ndarray, weight: float = 0.9) -> np.ndarray:
@@ -198,7 +66,7 @@ def plot_runs(
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    logs = [run if isinstance(run, RunLog) else load_run(run) for run in runs]
+    logs = [run if isinstance(run, RunLog) else RunDir(run).read_logs() for run in runs]
     by_steps = any(TOKENS not in run.series for run in logs)
     sources = sorted({source for run in logs for source in run.val_sources()})
 
@@ -281,33 +149,3 @@ def summarize(run: RunLog) -> str:
         f"val/{source} loss {run.series[f'val/{source}/loss'].values[-1]:.4f}" for source in run.val_sources()
     ]
     return f"{run.name}: {', '.join(parts)}"
-
-
-def register(subcommands: Any) -> None:
-    """Add the `plot` subcommand to an argparse subparsers action."""
-    parser = subcommands.add_parser(
-        "plot",
-        help="plot loss curves of runs from their CSV logs",
-        description="Plot training loss (raw and smoothed), validation loss per source and the learning rate "
-        "of one or more runs against tokens seen, from RUN_DIR/logs/version_<k>/metrics.csv.",
-    )
-    parser.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holds logs/version_<k>/)"
-    )
-    parser.add_argument("-o", "--out", default="loss.png", help="PNG file to write (default: %(default)s)")
-    parser.add_argument(
-        "--smoothing",
-        type=float,
-        default=0.9,
-        help="EMA weight for the training loss, in [0, 1); 0 plots it unsmoothed (default: %(default)s)",
-    )
-    parser.set_defaults(run=_plot)
-
-
-def _plot(args: argparse.Namespace) -> int:
-    runs = [load_run(run_dir) for run_dir in args.run_dirs]
-    plot_runs(runs, args.out, args.smoothing)
-    print(f"wrote {args.out}")
-    for run in runs:
-        print(summarize(run))
-    return 0

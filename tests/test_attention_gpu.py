@@ -78,9 +78,8 @@ def test_model_trains_in_bf16_with_backend(backend):
         n_kv_heads=2,
         mlp_hidden=512,
         max_seq_len=128,
-        attention_backend=backend,
     )
-    model = Llama(config).cuda()
+    model = Llama(config, attention_backend=backend).cuda()
     tokens = torch.randint(0, 256, (4, 128), device="cuda")
     doc_ids = None if backend in ("sdpa-flash", "sdpa-cudnn") else document_ids(tokens, eos_id=0)
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -19,10 +19,15 @@ import torch
 from conftest import bare_trainer, require
 from test_train import MODEL, recipe, run
 
-from pretrain.average import average_checkpoints, open_checkpoint
 from pretrain.cli import main
 from pretrain.model import Llama, LlamaConfig
-from pretrain.model.checkpoint import ModelCheckpoint, load_model_checkpoint, save_model_checkpoint
+from pretrain.model.average import average_checkpoints, open_checkpoint
+from pretrain.model.checkpoint import (
+    LAWA_STATE_KEY,
+    ModelCheckpoint,
+    load_model_checkpoint,
+    save_model_checkpoint,
+)
 from pretrain.train.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +169,7 @@ class RecordWeights(L.Callback):
 
 
 def test_ema_update_rule(tiny_dataset):
-    from pretrain.train.data import PretrainDataModule, Source
+    from pretrain.train.datamodule import PretrainDataModule, Source
     from pretrain.train.module import PretrainModule
 
     record, ema = RecordWeights(), EMA(decay=0.7, every_n_steps=2, start_step=3, validate=False)
@@ -193,7 +198,7 @@ def test_resumed_run_continues_ema_and_lawa_exactly(single, tiny_dataset, tmp_pa
         for ema in (False, True):
             a, b = weights(ckpt(single, step), ema), weights(ckpt(resumed, step), ema)
             assert all(torch.equal(a[k], b[k]) for k in a), (step, ema)
-    lawa = [torch.load(ckpt(r, 12), weights_only=True)["callbacks"]["OnlineLaWA"] for r in (single, resumed)]
+    lawa = [torch.load(ckpt(r, 12), weights_only=True)["callbacks"][LAWA_STATE_KEY] for r in (single, resumed)]
     assert list(lawa[0]["copies"]) == list(lawa[1]["copies"]) == ["8", "10", "12"]
     for copy in lawa[0]["copies"]:
         assert all(torch.equal(t, lawa[1]["copies"][copy][k]) for k, t in lawa[0]["copies"][copy].items())

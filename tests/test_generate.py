@@ -14,9 +14,9 @@ from tokenizers import Tokenizer
 from pretrain.cli import main
 from pretrain.data.tokenizer import train_bpe
 from pretrain.errors import UserError
-from pretrain.generate import Sampling, combine_logits, generate, load_generation_model, next_tokens
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
+from pretrain.model.generate import Sampling, combine_logits, generate, load_generation_model, next_tokens
 from pretrain.model.hf import save_hf
 from pretrain.model.llama import KVCache
 

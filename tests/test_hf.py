@@ -15,7 +15,6 @@ from pretrain.model.hf import (
     config_from_hf,
     from_hf_state_dict,
     hf_config,
-    load_hf,
     save_hf,
     to_hf_state_dict,
 )
@@ -162,10 +161,10 @@ def test_conversion_errors_are_clear(tmp_path, capsys):
     assert "config.json is missing" in capsys.readouterr().err
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
-        load_hf(tmp_path / "hf")
+        load_model_checkpoint(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(CONFIGS["gqa"])))
     with pytest.raises(UserError, match="no model.safetensors"):
-        load_hf(tmp_path / "hf")
+        load_model_checkpoint(tmp_path / "hf")
     with pytest.raises(UserError, match="no tensor 'model.layers.0.self_attn.q_proj.weight'"):
         from_hf_state_dict(
             {

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.loss import linear_cross_entropy
-from pretrain.train.checkpointing import checkpointed
+from pretrain.train.parallelize import checkpointed
 
 CONFIG = LlamaConfig(
     vocab_size=2048, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128, max_seq_len=64

@@ -236,7 +236,7 @@ def test_config_typos_and_bad_shapes_are_clear_errors():
     with pytest.raises(UserError, match="divisible by n_kv_heads"):
         LlamaConfig(n_heads=32, n_kv_heads=5)
     with pytest.raises(UserError, match="attention_backend 'flashy'"):
-        LlamaConfig(attention_backend="flashy")
+        Llama(LlamaConfig(vocab_size=11, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=8), "flashy")
 
 
 @pytest.mark.parametrize("backend,extra", [("flash", "flash"), ("xformers", "xformers")])
@@ -247,7 +247,7 @@ def test_missing_backend_package_names_the_extra(backend, extra):
         "from pretrain.errors import UserError\n"
         "from pretrain.model import Llama, LlamaConfig\n"
         "Llama(LlamaConfig(vocab_size=11, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=8, max_seq_len=8))\n"
-        f"try:\n    Llama(LlamaConfig(vocab_size=11, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=8, max_seq_len=8, attention_backend='{backend}'))\n"
+        f"try:\n    Llama(LlamaConfig(vocab_size=11, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=8, max_seq_len=8), attention_backend='{backend}')\n"
         "except UserError as err:\n    print(err)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

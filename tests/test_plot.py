@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain.commands import plot as plot_command
 from pretrain.errors import UserError
-from pretrain.plot import format_tokens, load_run, plot_runs, register, smooth
+from pretrain.plot import format_tokens, plot_runs, smooth
+from pretrain.run_dir import RunDir
 
 TOKENS_PER_STEP = 4096
 
@@ -71,7 +73,7 @@ def lines_by_gid(fig) -> dict[str, list]:
 
 
 def test_later_version_wins_on_overlapping_steps(resumed_run):
-    run = load_run(resumed_run)
+    run = RunDir(resumed_run).read_logs()
     loss = run.series["train/loss"]
     assert loss.steps.tolist() == list(range(1, 14))  # the cut-off step-14 line is skipped
     expected = [10.0 - s * 0.1 for s in range(1, 8)] + [5.0 - s * 0.1 for s in range(8, 14)]
@@ -88,21 +90,21 @@ def test_later_version_wins_on_overlapping_steps(resumed_run):
 def test_val_tokens_come_from_train_rows_by_step(tmp_path):
     rows = [train_row(step, 3.0) for step in (4, 6, 8)] + [val_row(step, 2.0, 2.1) for step in (2, 6, 7, 11)]
     write_metrics(tmp_path / "r/logs/version_0/metrics.csv", rows)
-    val = load_run(tmp_path / "r").series["val/old/loss"]
+    val = RunDir(tmp_path / "r").read_logs().series["val/old/loss"]
     # step 6 exact; 7 interpolated; 2 and 11 extrapolated linearly from the nearest train rows
     np.testing.assert_allclose(val.tokens, np.array([2, 6, 7, 11]) * TOKENS_PER_STEP)
 
 
 def test_one_train_row_extrapolates_from_step_zero(tmp_path):
     write_metrics(tmp_path / "r/logs/version_0/metrics.csv", [train_row(10, 3.0), val_row(5, 2.0, 2.1)])
-    assert load_run(tmp_path / "r").series["val/old/loss"].tokens.tolist() == [5 * TOKENS_PER_STEP]
+    assert RunDir(tmp_path / "r").read_logs().series["val/old/loss"].tokens.tolist() == [5 * TOKENS_PER_STEP]
 
 
 def test_versions_are_ordered_numerically(tmp_path):
     run = tmp_path / "r"
     write_metrics(run / "logs/version_9/metrics.csv", [train_row(step, 3.0) for step in range(1, 6)])
     write_metrics(run / "logs/version_10/metrics.csv", [train_row(step, 2.0) for step in range(4, 8)])
-    loss = load_run(run).series["train/loss"]
+    loss = RunDir(run).read_logs().series["train/loss"]
     assert loss.steps.tolist() == list(range(1, 8))
     assert loss.values.tolist() == [3.0] * 3 + [2.0] * 4
 
@@ -112,7 +114,7 @@ def test_live_run_with_an_unwritten_new_version_still_loads(tmp_path):
     write_metrics(run / "logs/version_0/metrics.csv", [train_row(step, 3.0) for step in range(1, 4)])
     (run / "logs/version_1").mkdir()
     (run / "logs/version_1/metrics.csv").write_text("step,train/lo")  # header being written
-    loaded = load_run(run)
+    loaded = RunDir(run).read_logs()
     assert loaded.series["train/loss"].steps.tolist() == [1, 2, 3]
     assert loaded.resumes == []
 
@@ -125,7 +127,7 @@ def test_plot_draws_exactly_the_logged_values(resumed_run, other_run, tmp_path):
 
     lines = lines_by_gid(fig)
     loss_ax, lr_ax = fig.axes
-    run = load_run(resumed_run)
+    run = RunDir(resumed_run).read_logs()
     (raw,) = lines["run-a:train/loss:raw"]
     assert raw.axes is loss_ax
     np.testing.assert_allclose(raw.get_xdata(), np.arange(1, 14) * TOKENS_PER_STEP)
@@ -195,7 +197,7 @@ def test_unusable_run_dirs_raise_user_error_naming_the_path(tmp_path, make):
     run = tmp_path / "bad-run"
     make(run)
     with pytest.raises(UserError, match="bad-run"):
-        load_run(run)
+        RunDir(run).read_logs()
 
 
 def test_header_only_csv_error_names_the_file(tmp_path):
@@ -206,11 +208,11 @@ def test_header_only_csv_error_names_the_file(tmp_path):
 
 def test_plot_subcommand_writes_png_and_prints_a_summary_per_run(resumed_run, other_run, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    plot_command.add_arguments(parser)
     out = tmp_path / "curves.png"
-    args = parser.parse_args(["plot", str(resumed_run), str(other_run), "-o", str(out)])
+    args = parser.parse_args([str(resumed_run), str(other_run), "-o", str(out)])
     assert args.smoothing == 0.9
-    assert args.run(args) == 0
+    assert plot_command.run(args) == 0
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"wrote {out}"

@@ -29,8 +29,10 @@ from test_train import recipe, train_losses
 
 from pretrain.cli import main
 from pretrain.errors import UserError
-from pretrain.slurm import check_srun_geometry, render, resolve_job, status, time_limit_seconds
-from pretrain.train.checkpoints import list_checkpoints
+from pretrain.run_dir import list_checkpoints
+from pretrain.slurm.job import render, resolve_job, time_limit_seconds
+from pretrain.slurm.status import status
+from pretrain.train.slurm_settings import check_srun_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(Path(sys.executable).with_name("pretrain"))

@@ -26,7 +26,8 @@ from pretrain.cli import main
 from pretrain.errors import UserError
 from pretrain.model import Llama
 from pretrain.model.checkpoint import load_model_checkpoint
-from pretrain.train.checkpoints import PeriodicCheckpoint, list_checkpoints, resolve_resume
+from pretrain.run_dir import RunDir, list_checkpoints
+from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
 
 PRETRAIN = str(Path(sys.executable).with_name("pretrain"))
 STEPS = 12
@@ -277,7 +278,7 @@ class RecordGradients(L.Callback):
 def test_fsdp2_reduces_gradients_once_per_accumulated_step(tiny_dataset):
     """Under FSDP2, micro-batches before a step's last keep their gradients unsharded (no
     reduce-scatter: no sharded .grad appears), and the losses equal single-device accumulation."""
-    from pretrain.train.data import PretrainDataModule, Source
+    from pretrain.train.datamodule import PretrainDataModule, Source
     from pretrain.train.module import PretrainModule
 
     records = {}
@@ -335,9 +336,9 @@ def test_final_weights_are_validated_and_precision_defaults_to_the_device(
         == "32-true"
     )
     # `pretrain plot` on this real run draws what it logged: 6 training losses, 2 validations.
-    from pretrain.plot import load_run
+    from pretrain.run_dir import RunDir
 
-    run = load_run(run_dir)
+    run = RunDir(run_dir).read_logs()
     assert len(run.series["train/loss"].values) == 6 and len(run.series["val/stdlib/loss"].values) == 2
     assert main(["plot", str(run_dir), "-o", str(tmp_path / "loss.png")]) == 0
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
@@ -360,10 +361,10 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     assert steps == [2, 10, 12]
     # A crash mid-write leaves only a partial, which --resume auto never picks.
     (run_dir / "checkpoints" / ".partial-step-00000014.ckpt").write_bytes(b"half")
-    assert resolve_resume("auto", run_dir / "checkpoints").name == "step-00000012.ckpt"
+    assert RunDir(run_dir).resolve_resume("auto").name == "step-00000012.ckpt"
     with pytest.raises(UserError, match=r"--resume none: .* already holds checkpoints .*step 12"):
-        resolve_resume("none", run_dir / "checkpoints")  # a new run would mix with this one
-    assert resolve_resume("none", tmp_path / "empty") is None
+        RunDir(run_dir).resolve_resume("none")  # a new run would mix with this one
+    assert RunDir(tmp_path / "empty").resolve_resume("none") is None
     checkpoint = torch.load(run_dir / "checkpoints" / "step-00000012.ckpt", weights_only=False)
     info = checkpoint["pretrain"]
     assert info["model_config"]["dim"] == 64 and info["tokens_seen"] == 12 * 1024
@@ -484,7 +485,7 @@ def test_pretrain_fit_stops_on_nonfinite_steps_with_exit_code_3(tiny_dataset, tm
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_dataset, tmp_path):
-    from pretrain.train.data import PretrainDataModule, Source
+    from pretrain.train.datamodule import PretrainDataModule, Source
     from pretrain.train.module import PretrainModule
 
     module = PretrainModule(model="tiny", model_overrides=MODEL, max_nonfinite_steps=3)
@@ -496,7 +497,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_d
         num_workers=0,
     )
     poison = PoisonGradients({2, 5, 6, 7})
-    checkpoints = PeriodicCheckpoint(tmp_path / "checkpoints", every_n_steps=None)
+    checkpoints = PeriodicCheckpoint(tmp_path, every_n_steps=None)
     trainer = bare_trainer(
         max_steps=20,
         accumulate_grad_batches=2,

@@ -49,7 +49,7 @@ def test_resume_on_gpu_is_exact_with_deterministic_settings(tiny_dataset, tmp_pa
     for name in ("uninterrupted", "killed"):
         run_dir = tmp_path / name
         config = recipe(tmp_path, tiny_dataset, run_dir, trainer=trainer)
-        args = ["fit", "--config", str(config), "--model.model_overrides.attention_backend", "sdpa-math"]
+        args = ["fit", "--config", str(config), "--model.attention_backend", "sdpa-math"]
         if name == "killed":
             run_and_kill_after_checkpoint(args, run_dir / "checkpoints" / "step-00000004.ckpt")
         run(args)

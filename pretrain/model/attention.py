@@ -118,7 +118,7 @@ def _pinned_sdpa(kernel: SDPBackend) -> AttentionFn:
     return attend
 
 
-_BACKENDS: dict[str, AttentionFn] = {
+BACKENDS: dict[str, AttentionFn] = {
     "sdpa": _sdpa,
     "sdpa-flash": _pinned_sdpa(SDPBackend.FLASH_ATTENTION),
     "sdpa-cudnn": _pinned_sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -131,8 +131,8 @@ _BACKENDS: dict[str, AttentionFn] = {
 
 def get_attention(backend: str) -> AttentionFn:
     """The attention function for `backend`; a clear error if its optional package is missing."""
-    if backend not in _BACKENDS:
-        raise UserError(f"unknown attention backend {backend!r}; choose one of: {', '.join(_BACKENDS)}")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown attention backend: attention_backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend in _PACKAGES:
         module, extra = _PACKAGES[backend]
         try:
@@ -142,4 +142,4 @@ def get_attention(backend: str) -> AttentionFn:
                 f"attention backend {backend!r} needs the {module.split('.')[0]} package, which is not "
                 f"importable ({err}); install it with: pip install 'pretrain[{extra}]', or use attention_backend: sdpa"
             ) from None
-    return _BACKENDS[backend]
+    return BACKENDS[backend]

@@ -1,21 +1,35 @@
-"""Model checkpoints: the model config, its weights and (optionally) its tokenizer.
+"""Weights on disk: the one module that opens them, in every form the project reads.
 
-`load_model_checkpoint` reads any of:
-- our model file (`torch.save` of a dict, read with `weights_only=True`):
+`open_checkpoint(path)` reads a checkpoint's model config, tokenizer and metadata and lists its
+tensors without reading them (`LazyCheckpoint.read(name)` reads one; averaging streams this way);
+`load_model_checkpoint(path)` reads them all. Both accept:
+
+- a model file, written by `save_model_checkpoint` (`import-hf`, `average`, `expand`): a
+  `torch.save` dict read with `weights_only=True`:
     {"format": "pretrain-model/1", "model_config": {...LlamaConfig fields...},
-     "state_dict": {name: tensor}, "tokenizer": "<tokenizer.json text>" | None, "meta": {...}}
+     "state_dict": {name: tensor}, "tokenizer": "<tokenizer.json text>" | None, "meta": {...}};
 - a training checkpoint written by `pretrain fit`: a Lightning `.ckpt` file, or under FSDP2 a
-  directory of shards (torch.distributed.checkpoint) with `meta.pt`, read on the CPU without any
-  process group; model keys carry the LightningModule's `model.` prefix and the model config,
-  tokenizer and special-token ids are under the checkpoint's "pretrain" entry;
+  directory of shards (torch.distributed.checkpoint) with `meta.pt`, read on the CPU without a
+  process group. Model keys carry the LightningModule's `model.` prefix; the model config,
+  tokenizer and special-token ids are under the checkpoint's "pretrain" entry. With `ema=True`
+  the EMA weights are read instead: the entry `EMA_STATE_KEY` of the checkpoint's callbacks (in
+  a sharded checkpoint, the `state_dict` entries named by `weight_copy_key`);
+- a local Hugging Face Llama/Mixtral directory (config.json + safetensors, optional tokenizer.json);
 - a plain state dict (`torch.save(model.state_dict())`) when the caller names its preset.
-`save_model_checkpoint` writes aside and renames into place, so a crash never leaves a
-truncated file under the final name.
+
+`meta` holds `bos_id`, `eos_id` and, where known, `global_step`, `tokens_seen`, `expansion` (the
+new blocks of `pretrain expand`) and `source` (where the weights came from).
+`save_model_checkpoint` writes aside and renames into place, so a crash never leaves a truncated
+file under the final name.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,19 +38,101 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig, get_preset
+from pretrain.progress import progress
 
 FORMAT = "pretrain-model/1"
+EMA_STATE_KEY = "pretrain.ema"  # the EMA callback's entry in a training checkpoint
+LAWA_STATE_KEY = "pretrain.lawa"  # the online LaWA callback's entry
+EMA_COPY = "ema"  # the one copy the EMA callback keeps
+
+Tensors = dict[str, torch.Tensor]
+
+
+def weight_copy_key(state_key: str, copy: str, name: str) -> str:
+    """Name of a weight copy's tensor among the `state_dict` entries of a sharded checkpoint."""
+    return f"{state_key}/{copy}/{name}"
 
 
 @dataclass
 class ModelCheckpoint:
+    """A model's config and weights, with its tokenizer and metadata (module docstring)."""
+
     config: LlamaConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Tensors
     tokenizer_json: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class LazyCheckpoint:
+    """A checkpoint's config, tokenizer and metadata, with its tensors read on demand."""
+
+    path: Path
+    config: LlamaConfig
+    tokenizer_json: str | None
+    meta: dict[str, Any]
+    names: list[str]
+    read_many: Callable[[Iterable[str]], Tensors]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_many([name])[name]
+
+    def load(self) -> ModelCheckpoint:
+        """All tensors, read now."""
+        return ModelCheckpoint(self.config, self.read_many(self.names), self.tokenizer_json, self.meta)
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def load_model_checkpoint(
+    path: str | os.PathLike, preset: str | None = None, ema: bool = False
+) -> ModelCheckpoint:
+    """Every tensor of any form in the module docstring."""
+    return open_checkpoint(path, preset=preset, ema=ema).load()
+
+
+def open_checkpoint(path: str | os.PathLike, preset: str | None = None, ema: bool = False) -> LazyCheckpoint:
+    """Any form in the module docstring, its tensors not read yet (files are memory-mapped)."""
+    path = Path(path)
+    if is_hf_dir(path):
+        if ema:
+            raise UserError(f"{path} is a Hugging Face directory (one set of weights); --ema needs a training checkpoint")
+        return _open_hf(path)
+    if path.is_dir():
+        return _open_sharded(path, ema)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    payload = _read_torch_file(path, mmap=True)
+    if "pretrain" in payload and "state_dict" in payload:
+        if ema:
+            weights = _ema_entry(path, payload)["copies"][EMA_COPY]
+        else:
+            weights = _model_entries(payload["state_dict"])
+        return _lazy(path, payload, weights)
+    if payload.get("format") == FORMAT:
+        if ema:
+            raise UserError(f"{path} is a model file (one set of weights); --ema needs a training checkpoint")
+        config = LlamaConfig.from_dict(payload["model_config"])
+        weights = payload["state_dict"]
+        return LazyCheckpoint(
+            path, config, payload.get("tokenizer"), payload.get("meta", {}), list(weights), _getter(weights)
+        )
+    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        if preset is None:
+            raise UserError(
+                f"{path} is a plain state dict with no model config; say which preset it was built from (--preset NAME)"
+            )
+        return LazyCheckpoint(path, get_preset(preset), None, {}, list(payload), _getter(payload))
+    raise UserError(
+        f"{path} is neither a checkpoint of `pretrain fit`, a pretrain model file, a Hugging Face directory "
+        "nor a plain state dict"
+    )
+
+
 def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) -> Path:
+    """Write a model file (module docstring) aside, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -52,37 +148,22 @@ def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) 
     return path
 
 
-def load_model_checkpoint(path: str | os.PathLike, preset: str | None = None) -> ModelCheckpoint:
-    """Load any checkpoint format of the module docstring (model weights only)."""
-    path = Path(path)
-    if path.is_dir():
-        return _from_training_checkpoint(path, _read_torch_file(path / "meta.pt"), _read_sharded_model(path))
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    payload = _read_torch_file(path)
-    if "pretrain" in payload and "state_dict" in payload:
-        return _from_training_checkpoint(path, payload, payload["state_dict"])
-    if payload.get("format") == FORMAT:
-        return ModelCheckpoint(
-            LlamaConfig.from_dict(payload["model_config"]),
-            payload["state_dict"],
-            payload.get("tokenizer"),
-            payload.get("meta", {}),
-        )
-    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        if preset is None:
-            raise UserError(
-                f"{path} is a plain state dict with no model config; say which preset it was built from (--preset NAME)"
-            )
-        return ModelCheckpoint(get_preset(preset), payload)
-    raise UserError(f"{path} is neither a pretrain model checkpoint nor a plain state dict")
+# ---- the forms ----------------------------------------------------------------------------------
 
 
-def _read_torch_file(path: Path) -> dict[str, Any]:
+def _getter(weights: Tensors) -> Callable[[Iterable[str]], Tensors]:
+    return lambda names: {name: weights[name] for name in names}
+
+
+def _model_entries(state_dict: dict[str, Any]) -> Tensors:
+    return {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+
+
+def _read_torch_file(path: Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (incomplete sharded checkpoint?)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise UserError(f"checkpoint {path} could not be read as a torch file: {err}") from None
     if not isinstance(payload, dict):
@@ -90,36 +171,104 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _read_sharded_model(path: Path) -> dict[str, torch.Tensor]:
-    """The full model state dict of an FSDP2 checkpoint directory, gathered on the CPU."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    try:
-        _load_state_dict(
-            state,
-            storage_reader=FileSystemReader(path),
-            planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
-            no_dist=True,
-        )
-    except Exception as err:
-        raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
-    return state["state_dict"]
-
-
-def _from_training_checkpoint(
-    path: Path, payload: dict[str, Any], state_dict: dict[str, Any]
-) -> ModelCheckpoint:
+def _lazy(path: Path, payload: dict[str, Any], weights: Tensors) -> LazyCheckpoint:
+    """A training checkpoint (file, or meta.pt of a directory) whose tensors `weights` gives."""
     info = payload.get("pretrain")
     if not isinstance(info, dict) or "model_config" not in info:
         raise UserError(f"{path} is a Lightning checkpoint without pretrain's model config")
-    model_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
     meta = {k: info.get(k) for k in ("bos_id", "eos_id", "global_step", "tokens_seen")}
     meta["source"] = {"kind": "training-checkpoint", "path": str(path.resolve())}
     if info.get("expansion"):  # a LLaMA Pro stage: which blocks `pretrain expand` added
         meta["expansion"] = info["expansion"]
-    return ModelCheckpoint(
-        LlamaConfig.from_dict(info["model_config"]), model_state, info.get("tokenizer"), meta
-    )
+    config = LlamaConfig.from_dict(info["model_config"])
+    return LazyCheckpoint(path, config, info.get("tokenizer"), meta, list(weights), _getter(weights))
+
+
+def _ema_entry(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    entry = payload.get("callbacks", {}).get(EMA_STATE_KEY)
+    if entry is None or EMA_COPY not in entry["copies"]:
+        raise UserError(
+            f"{path} holds no EMA weights: train with the pretrain.train.ema.EMA callback to have them"
+        )
+    return entry
+
+
+def _open_sharded(path: Path, ema: bool) -> LazyCheckpoint:
+    """An FSDP2 checkpoint directory: metadata from meta.pt and the DCP index, tensors on demand."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (path / "meta.pt").is_file():
+        raise UserError(f"{path} is a directory but not a sharded checkpoint of `pretrain fit` (no meta.pt)")
+    payload = _read_torch_file(path / "meta.pt")
+    try:
+        index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
+    if ema:
+        _ema_entry(path, payload)
+        prefix = weight_copy_key(EMA_STATE_KEY, EMA_COPY, "")
+    else:
+        prefix = "model."
+    names = [k.removeprefix("state_dict." + prefix) for k in index if k.startswith("state_dict." + prefix)]
+
+    def read_many(wanted: Iterable[str]) -> Tensors:
+        tensors = {}
+        for name in wanted:
+            entry = index[f"state_dict.{prefix}{name}"]
+            tensors[name] = torch.empty(entry.size, dtype=entry.properties.dtype)  # type: ignore[union-attr]
+        with warnings.catch_warnings():  # no process group: loading in this one process is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            state = {"state_dict": {prefix + name: t for name, t in tensors.items()}}
+            try:
+                dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+            except Exception as err:
+                raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
+        return tensors
+
+    checkpoint = _lazy(path, payload, {})
+    checkpoint.names, checkpoint.read_many = names, read_many
+    return checkpoint
+
+
+def _open_hf(path: Path) -> LazyCheckpoint:
+    """A local Hugging Face directory, converted to our names (read whole: its tensors are fused here)."""
+    from safetensors.torch import load_file
+
+    from pretrain.model.hf import config_from_hf, from_hf_state_dict
+
+    config_path = path / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path}: invalid JSON ({err})") from None
+    try:
+        config = config_from_hf(hf, str(config_path))
+    except KeyError as err:
+        raise UserError(f"{config_path}: missing field {err}") from None
+    weights: Tensors = {}
+    for file in progress(_hf_weight_files(path), "reading weights", "file"):
+        weights |= load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+    state = from_hf_state_dict(weights, config)
+    tokenizer_path = path / "tokenizer.json"
+    tokenizer_json = tokenizer_path.read_text() if tokenizer_path.is_file() else None
+    meta = {
+        "bos_id": hf.get("bos_token_id"),
+        "eos_id": hf.get("eos_token_id"),
+        "source": {"kind": "huggingface", "path": str(path.resolve())},
+    }
+    return LazyCheckpoint(path, config, tokenizer_json, meta, list(state), _getter(state))
+
+
+def _hf_weight_files(hf_dir: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = hf_dir / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [hf_dir / f for f in files]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (hf_dir / name).is_file():
+            return [hf_dir / name]
+    shards = sorted(p for p in hf_dir.iterdir() if re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
+    if shards:
+        return shards
+    raise UserError(f"{hf_dir} has no model.safetensors, sharded safetensors or pytorch_model.bin weights")

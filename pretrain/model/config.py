@@ -9,12 +9,18 @@ from typing import Any
 
 from pretrain.errors import UserError
 
-ATTENTION_BACKENDS = ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flash", "xformers")
+# Execution settings that checkpoints written before they left the architecture still carry.
+LEGACY_RUNTIME_FIELDS = ("attention_backend",)
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama decoder; `n_experts > 0` turns every feed-forward into a sparse MoE."""
+    """Shape of a Llama decoder; `n_experts > 0` turns every feed-forward into a sparse MoE.
+
+    Architecture only: how a run executes it (attention kernel, compile, activation
+    checkpointing, loss chunking) is set per run (`PretrainModule`), never compared between
+    checkpoints.
+    """
 
     vocab_size: int = 32000
     dim: int = 2048
@@ -30,8 +36,6 @@ class LlamaConfig:
     n_experts: int = 0
     moe_top_k: int = 2
     moe_capacity_factor: float | None = None  # None: no capacity limit, no token is ever dropped
-    # Attention kernel: "sdpa" (PyTorch's choice), "sdpa-<kernel>" (pinned), "flash" (flash-attn), "xformers".
-    attention_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
         checks = [
@@ -41,10 +45,6 @@ class LlamaConfig:
                 f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})",
             ),
             ((self.dim // self.n_heads) % 2 == 0, "head dimension (dim / n_heads) must be even for RoPE"),
-            (
-                self.attention_backend in ATTENTION_BACKENDS,
-                f"attention_backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}",
-            ),
             (
                 self.n_experts == 0 or 1 <= self.moe_top_k <= self.n_experts,
                 "moe_top_k must be in [1, n_experts]",
@@ -85,6 +85,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in LEGACY_RUNTIME_FIELDS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(

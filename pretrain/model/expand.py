@@ -18,7 +18,6 @@ averaged over all layers, so its value (not the logits) changes with the number 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -90,24 +89,11 @@ def expand(
     return config.replace(n_layers=index), expanded, record
 
 
-def load_weights(source: str | os.PathLike) -> ModelCheckpoint:
-    """A checkpoint of ours (any format `load_model_checkpoint` reads) or a local HF directory."""
-    from pretrain.model.hf import load_hf
-
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        return load_model_checkpoint(path)
-    config, state, tokenizer_json = load_hf(path)
-    hf_config = json.loads((path / "config.json").read_text())
-    meta = {"bos_id": hf_config.get("bos_token_id"), "eos_id": hf_config.get("eos_token_id")}
-    return ModelCheckpoint(config, state, tokenizer_json, meta)
-
-
 def expand_checkpoint(
     source: str | os.PathLike, every: int | None = None, positions: Sequence[int] | None = None
 ) -> ModelCheckpoint:
     """The expanded model of `source` (module docstring), with the expansion recorded in its meta."""
-    original = load_weights(source)
+    original = load_model_checkpoint(source)
     copy_after = blocks_to_copy(original.config.n_layers, every, positions)
     config, state, record = expand(original.config, original.state_dict, copy_after)
     meta = {

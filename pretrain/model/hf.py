@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
@@ -223,40 +222,3 @@ def _tokenizer_config(tokenizer_json: str, special_ids: dict[str, int | None]) -
         if token_id is not None and token_id in added:
             config[name] = added[token_id]
     return config
-
-
-def load_hf(hf_dir: str | os.PathLike) -> tuple[LlamaConfig, Tensors, str | None]:
-    """Read a local HF model directory: (our config, our state dict, tokenizer.json text or None)."""
-    hf_dir = Path(hf_dir)
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{hf_dir} is not a Hugging Face model directory: {config_path} is missing")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path}: invalid JSON ({err})") from None
-    try:
-        config = config_from_hf(hf, str(config_path))
-    except KeyError as err:
-        raise UserError(f"{config_path}: missing field {err}") from None
-    weights: Tensors = {}
-    for path in progress(_weight_files(hf_dir), "reading weights", "file"):
-        weights |= load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
-    tokenizer_path = hf_dir / "tokenizer.json"
-    tokenizer_json = tokenizer_path.read_text() if tokenizer_path.is_file() else None
-    return config, from_hf_state_dict(weights, config), tokenizer_json
-
-
-def _weight_files(hf_dir: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = hf_dir / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [hf_dir / f for f in files]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (hf_dir / name).is_file():
-            return [hf_dir / name]
-    shards = sorted(p for p in hf_dir.iterdir() if re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name))
-    if shards:
-        return shards
-    raise UserError(f"{hf_dir} has no model.safetensors, sharded safetensors or pytorch_model.bin weights")

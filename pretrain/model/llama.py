@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.model.attention import get_attention, masked_attention
+from pretrain.model.attention import AttentionFn, get_attention, masked_attention
 from pretrain.model.config import LlamaConfig
 from pretrain.model.loss import linear_cross_entropy
 
@@ -131,13 +131,13 @@ class LayerCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, attend: AttentionFn) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.dim, qkv_dim, bias=False)
         self.out_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        self.attend = get_attention(config.attention_backend)
+        self.attend = attend
 
     def forward(
         self,
@@ -205,10 +205,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, attend: AttentionFn) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, attend)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.is_moe else MLP(config.dim, config.mlp_hidden)
 
@@ -234,11 +234,15 @@ class LlamaOutput(NamedTuple):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """The decoder of `config`; `attention_backend` is the attention kernel this instance runs
+    (`pretrain.model.attention.BACKENDS`), an execution choice, not part of the architecture."""
+
+    def __init__(self, config: LlamaConfig, attention_backend: str = "sdpa") -> None:
         super().__init__()
         self.config = config
+        attend = get_attention(attention_backend)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, attend) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -15,7 +15,7 @@ Add it to a recipe (validation then also logs `val_ema/<source>/loss`):
         - class_path: pretrain.train.ema.EMA
           init_args: {decay: 0.999}
 
-The EMA is saved in every checkpoint (`pretrain.train.shadow`) and resumes exactly; export it with
+The EMA is saved in every checkpoint (`pretrain.train.weight_copies`) and resumes exactly; export it with
 `pretrain average --ema CHECKPOINT -o ema.pt`, then `pretrain export-hf ema.pt OUT_DIR`.
 """
 
@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.errors import UserError
-from pretrain.train.shadow import Copy, ShadowWeights
+from pretrain.model.checkpoint import EMA_COPY, EMA_STATE_KEY
+from pretrain.train.weight_copies import Copy, WeightCopies
 
-COPY = "ema"  # the name of the one copy this callback keeps
+COPY = EMA_COPY  # the name of the one copy this callback keeps
 
 
-class EMA(ShadowWeights):
+class EMA(WeightCopies):
     """Exponential moving average of the weights (module docstring).
 
     Args:
@@ -40,6 +41,7 @@ class EMA(ShadowWeights):
         validate: also validate the EMA weights at each validation (`val_ema/<source>/loss`).
     """
 
+    state_key = EMA_STATE_KEY  # stable: `pretrain average --ema` finds the copies by it
     log_prefix = "val_ema"
 
     def __init__(

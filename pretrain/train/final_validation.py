@@ -8,16 +8,16 @@ any early stop.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 
+from pretrain.train.step_callback import StepCallback
 
-class FinalValidation(L.Callback):
+
+class FinalValidation(StepCallback):
     def __init__(self, every_n_steps: int) -> None:
+        super().__init__()
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step  # reaches max_steps only once the last optimizer step is done
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if step >= trainer.max_steps and step % self.every_n_steps:
             trainer.should_stop = True

@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.errors import UserError
-from pretrain.train.shadow import Copy, ShadowWeights
+from pretrain.model.checkpoint import LAWA_STATE_KEY
+from pretrain.train.weight_copies import Copy, WeightCopies
 
 
-class OnlineLaWA(ShadowWeights):
+class OnlineLaWA(WeightCopies):
     """Uniform average of the last `last_k` copies taken every `every_n_steps` steps (module docstring).
 
     Args:
@@ -34,6 +35,7 @@ class OnlineLaWA(ShadowWeights):
         on_cpu: keep the copies in CPU memory (else on the parameters' device).
     """
 
+    state_key = LAWA_STATE_KEY  # stable: `pretrain average --ema` finds the copies by it
     log_prefix = "val_lawa"
 
     def __init__(self, every_n_steps: int, last_k: int = 5, on_cpu: bool = True) -> None:

@@ -6,11 +6,11 @@ varies over training is a pure function of the optimizer step: the LR (`pretrain
 the data position (the data module), and the RNG, which is reseeded from (seed, step, rank) at
 every step, so a resumed run needs no RNG state and reproduces an uninterrupted one exactly.
 
-Parallelism is applied in `configure_model` (the Lightning hook for it): optional activation
-checkpointing and `torch.compile` per transformer block, then, under Lightning's
-`ModelParallelStrategy`, FSDP2 `fully_shard` per block and on the root (hybrid sharding when
-`sharding="hybrid"`: replicate across nodes, shard within a node). The model is built on the
-CPU from the seed, so its initial weights are the same whatever the number of devices.
+The model is built on the CPU from the seed in `configure_model` (the Lightning hook for it),
+so its initial weights are the same whatever the number of devices, then parallelized there
+(`pretrain.train.parallelize`: activation checkpointing, compile, FSDP2). The execution settings
+(attention kernel, compile, activation checkpointing, loss chunking) are arguments of this
+module, not fields of the architecture: a run may change them when it resumes.
 
 With `trainable_blocks`, only the named transformer blocks train (LLaMA Pro's recipe for new
 blocks inserted by `pretrain expand`): every other parameter is frozen (requires_grad False)
@@ -25,22 +25,20 @@ good state and stops with a clear message.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
-from pretrain.model.attention import document_ids
-from pretrain.train import strategy  # noqa: F401  (registers the `fsdp2` strategy name)
-from pretrain.train.checkpointing import checkpointed
+from pretrain.model.attention import BACKENDS, document_ids
+from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint
+from pretrain.train.evaluation import LossSums
+from pretrain.train.parallelize import ACTIVATION_CHECKPOINTING, parallelize
 from pretrain.train.schedules import LRSchedule, WarmupCosine
-
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,14 +50,17 @@ class PretrainModule(L.LightningModule):
 
     Args:
         model: a preset name (`pretrain model-info` lists them).
-        model_overrides: fields of `LlamaConfig` to change from the preset (e.g. `attention_backend`).
+        model_overrides: fields of `LlamaConfig` to change from the preset (e.g. `n_layers`).
         lr_schedule: LR as a function of the optimizer step (default: TinyLlama's cosine).
         weight_decay, betas, eps: AdamW (fused on CUDA).
         decay_norms_and_embeddings: also apply weight decay to norm gains and the embedding.
         moe_aux_loss_coef: weight of the MoE load-balancing loss.
         document_masking: attend only within documents (EOS boundaries) of a packed sequence.
+        attention_backend: attention kernel (`pretrain.model.attention.BACKENDS`): "sdpa" (PyTorch
+            picks), "sdpa-flash" / "sdpa-cudnn" / "sdpa-efficient" / "sdpa-math" (pinned), "flash"
+            (flash-attn), "xformers".
         activation_checkpointing: "none"; "selective" (keep the outputs of matmuls and attention,
-            recompute the cheap element-wise ops: norms, RoPE, SiLU; `pretrain.train.checkpointing`);
+            recompute the cheap element-wise ops: norms, RoPE, SiLU; `pretrain.train.parallelize`);
             or "full" (keep only each block's input, recompute the whole block in backward).
         compile: `torch.compile` each transformer block.
         loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
@@ -87,6 +88,7 @@ class PretrainModule(L.LightningModule):
         decay_norms_and_embeddings: bool = False,
         moe_aux_loss_coef: float = 0.01,
         document_masking: bool = False,
+        attention_backend: str = "sdpa",
         activation_checkpointing: str = "none",
         compile: bool = False,
         loss_chunk_tokens: int | None = None,
@@ -100,6 +102,8 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(ignore=["lr_schedule"])
         self.config: LlamaConfig = get_preset(model).replace(**(model_overrides or {}))
         self.lr_schedule = lr_schedule or WarmupCosine(max_lr=4e-4, min_lr=4e-5, warmup_steps=2000)
+        if attention_backend not in BACKENDS:
+            raise UserError(f"model.attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}")
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
@@ -119,7 +123,7 @@ class PretrainModule(L.LightningModule):
         self.init_source: dict[str, Any] | None = None
         self.expansion: dict[str, Any] | None = None  # `pretrain expand`'s record, kept in checkpoints
         self.branched_from: str | None = None  # the checkpoint a `branch_from` run started from
-        self._val_sums: dict[str, torch.Tensor] = {}
+        self._val_sums = LossSums()
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
@@ -139,7 +143,7 @@ class PretrainModule(L.LightningModule):
         generator_state = torch.get_rng_state()
         torch.manual_seed(self.hparams.seed)
         with torch.device("cpu"):
-            model = Llama(self.config)
+            model = Llama(self.config, self.hparams.attention_backend)
         torch.set_rng_state(generator_state)
         if self.hparams.init_from and not self.resuming:
             self._load_initial_weights(model, self.hparams.init_from)
@@ -147,43 +151,38 @@ class PretrainModule(L.LightningModule):
             model.requires_grad_(False)
             for i in self._trainable_block_indices():
                 model.layers[i].requires_grad_(True)
-        for i, block in enumerate(model.layers):
-            if self.hparams.activation_checkpointing != "none":
-                block = checkpointed(block, selective=self.hparams.activation_checkpointing == "selective")
-            if self.hparams.compile:
-                block.compile(fullgraph=False)
-            model.layers[i] = block
-        if isinstance(self._trainer_strategy(), ModelParallelStrategy):
-            self._fully_shard(model)
+        trainer = self._attached_trainer()
+        parallelize(
+            model,
+            activation_checkpointing=self.hparams.activation_checkpointing,
+            compile=self.hparams.compile,
+            strategy=trainer.strategy if trainer is not None else None,
+            sharding=self.hparams.sharding,
+            bf16=trainer is not None and str(trainer.precision).startswith("bf16"),
+            num_nodes=trainer.num_nodes if trainer is not None else 1,
+        )
         self.model = model
 
+    def _attached_trainer(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:  # built outside a Trainer (tests, tools)
+            return None
+
     def _load_initial_weights(self, model: Llama, source: str) -> None:
-        """Copy the weights of `source` (checkpoint or HF directory) into the freshly built model."""
-        from pathlib import Path
-
-        from pretrain.model.checkpoint import load_model_checkpoint
-        from pretrain.model.hf import load_hf
-
-        path = Path(source)
-        if (path / "config.json").is_file():
-            config, state, _ = load_hf(path)
-            self.init_source = {"kind": "huggingface", "path": str(path.resolve())}
-        else:
-            checkpoint = load_model_checkpoint(path)
-            config, state = checkpoint.config, checkpoint.state_dict
-            self.expansion = checkpoint.meta.get("expansion")
-            self.init_source = {"kind": "checkpoint", "path": str(path.resolve())} | {
-                k: checkpoint.meta[k]
-                for k in ("global_step", "tokens_seen")
-                if checkpoint.meta.get(k) is not None
-            }
-        runtime = {"attention_backend": self.config.attention_backend}
-        if config.replace(**runtime) != self.config:
+        """Copy the weights of `source` (any form `pretrain.model.checkpoint` reads) into the new model."""
+        checkpoint = load_model_checkpoint(source)
+        if checkpoint.config != self.config:
             raise UserError(
                 f"model.init_from {source}: its model config differs from this run's "
-                f"({config.to_dict()} vs {self.config.to_dict()}); make model/model_overrides match it"
+                f"({checkpoint.config.to_dict()} vs {self.config.to_dict()}); make model/model_overrides match it"
             )
-        model.load_state_dict(state, strict=True)
+        self.expansion = checkpoint.meta.get("expansion")
+        kind = "huggingface" if checkpoint.meta.get("source", {}).get("kind") == "huggingface" else "checkpoint"
+        self.init_source = {"kind": kind, "path": str(Path(source).resolve())} | {
+            k: checkpoint.meta[k] for k in ("global_step", "tokens_seen") if checkpoint.meta.get(k) is not None
+        }
+        model.load_state_dict(checkpoint.state_dict, strict=True)
 
     def _trainable_block_indices(self) -> list[int]:
         """`trainable_blocks` as block indices ("new": read from the init_from checkpoint's meta)."""
@@ -204,57 +203,17 @@ class PretrainModule(L.LightningModule):
     @staticmethod
     def _expanded_blocks(init_from: str | None) -> list[int]:
         """The new blocks `pretrain expand` recorded in the meta of the model file `init_from`."""
-        from pathlib import Path
-
-        from pretrain.average import open_checkpoint
-
         if not init_from:
             raise UserError(
                 "model.trainable_blocks: new needs model.init_from: a model written by `pretrain expand`"
             )
-        path = Path(init_from)
-        expansion = None if (path / "config.json").is_file() else open_checkpoint(path).meta.get("expansion")
+        expansion = open_checkpoint(init_from).meta.get("expansion")
         if not expansion:
             raise UserError(
                 f"model.trainable_blocks: new: {init_from} records no new blocks (it was not written by "
                 "`pretrain expand`); list the blocks to train instead, e.g. trainable_blocks: [2, 5]"
             )
         return expansion["new_layers"]
-
-    def _trainer_strategy(self) -> Any:
-        return self._trainer.strategy if self._trainer is not None else None
-
-    def _fully_shard(self, model: Llama) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if self.device_mesh["tensor_parallel"].size() > 1:
-            raise UserError(
-                "pretrain shards with FSDP2 only (no tensor parallelism): use `trainer.strategy: fsdp2`, or give "
-                "ModelParallelStrategy data_parallel_size = all ranks and tensor_parallel_size = 1"
-            )
-        mesh = self.device_mesh["data_parallel"]
-        if self.hparams.sharding == "hybrid":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            nodes = self.trainer.num_nodes
-            mesh = init_device_mesh(
-                mesh.device_type, (nodes, mesh.size() // nodes), mesh_dim_names=("replicate", "shard")
-            )
-        if self.global_rank == 0:
-            layout = (
-                f"hybrid sharding: replicate over {mesh.size(0)} node(s), shard over {mesh.size(1)} device(s)"
-                if self.hparams.sharding == "hybrid"
-                else f"full sharding over {mesh.size()} rank(s)"
-            )
-            print(f"FSDP2: {layout}", file=sys.stderr)
-        bf16 = str(self.trainer.precision).startswith("bf16")
-        policy = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        )
-        kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy else {})
-        for block in model.layers:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
 
     # ---- optimization ------------------------------------------------------------------------
 
@@ -378,12 +337,8 @@ class PretrainModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         inputs, targets = batch
-        loss_sum = self.summed_loss(inputs, targets)
         source = self.trainer.datamodule.val_source_names[dataloader_idx]
-        sums = self._val_sums.setdefault(source, torch.zeros(2, device=self.device, dtype=torch.float64))
-        sums += torch.stack(
-            [loss_sum.double(), torch.tensor(targets.numel(), device=self.device, dtype=torch.float64)]
-        )
+        self._val_sums.add(source, self.summed_loss(inputs, targets), targets.numel())
 
     def summed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over the batch's tokens (validation; also of EMA/LaWA weights)."""
@@ -396,9 +351,9 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""
-        for source, sums in sorted(self._val_sums.items()):
-            total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum")
-            loss = (total[0] / total[1]).float()
+        for source, loss in self._val_sums.means(self.sum_over_ranks).items():
             self.log(f"val/{source}/loss", loss, add_dataloader_idx=False, rank_zero_only=True)
             self.log(f"val/{source}/ppl", torch.exp(loss), add_dataloader_idx=False, rank_zero_only=True)
-        self._val_sums.clear()
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")

@@ -14,13 +14,12 @@ tokens/s only.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from pretrain.model.flops import flops_per_token
+from pretrain.train.step_callback import StepCallback
 
 # Dense bf16 tensor-core peak FLOP/s by device-name fragment; the first match wins.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -47,18 +46,19 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for fragment, flops in PEAK_BF16_FLOPS if fragment in name), None)
 
 
-class TrainingMonitor(Callback):
+class TrainingMonitor(StepCallback):
     """Logs train/tokens_seen, train/lr, train/epoch[/source], train/tokens_per_sec, train/mfu,
     train/peak_memory_gib at step boundaries."""
 
     def __init__(self) -> None:
-        self._last_step = -1
+        super().__init__()
         self._last_time = 0.0
         self._last_logged_step = 0
         self.tokens_per_sec: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = self._last_logged_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+        self._last_logged_step = trainer.global_step
         self._last_time = time.perf_counter()
         config = pl_module.config
         seq_len = trainer.datamodule.seq_len
@@ -66,11 +66,7 @@ class TrainingMonitor(Callback):
         peak = peak_flops(pl_module.device)
         self._peak_total = peak * trainer.world_size if peak else None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if step % trainer.log_every_n_steps != 0:
             return
         data = trainer.datamodule

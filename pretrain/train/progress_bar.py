@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
 from pretrain.train.monitor import TrainingMonitor
+from pretrain.train.step_callback import StepCallback
 
 
-class StepProgressBar(ProgressBar):
-    """Replaces Lightning's micro-batch bar: one tick per optimizer step, to `max_steps`."""
+class StepProgressBar(StepCallback, ProgressBar):
+    """Replaces Lightning's micro-batch bar: one tick per optimizer step, to `max_steps`, with the
+    tokens/s that `monitor` measured."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: TrainingMonitor | None = None) -> None:
         super().__init__()
+        self.monitor = monitor
         self._enabled = True
         self._bar: tqdm | None = None
-        self._last_step = -1
 
     def disable(self) -> None:
         self._enabled = False
@@ -28,7 +29,7 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         if self._enabled and trainer.is_global_zero:
             self._bar = tqdm(
                 total=trainer.max_steps,
@@ -40,19 +41,16 @@ class StepProgressBar(ProgressBar):
                 mininterval=1.0,
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self._bar is None or step == self._last_step:
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        if self._bar is None:
             return
-        self._bar.update(step - self._last_step)
-        self._last_step = step
+        self._bar.update(step - self._bar.n)
         postfix = {}
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             postfix["loss"] = f"{float(loss):.4f}"
-        monitor = next((c for c in trainer.callbacks if isinstance(c, TrainingMonitor)), None)
-        if monitor is not None and monitor.tokens_per_sec:
-            postfix["tok/s"] = f"{monitor.tokens_per_sec:,.0f}"
+        if self.monitor is not None and self.monitor.tokens_per_sec:
+            postfix["tok/s"] = f"{self.monitor.tokens_per_sec:,.0f}"
         self._bar.set_postfix(postfix, refresh=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

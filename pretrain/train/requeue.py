@@ -4,7 +4,7 @@ SLURM warns a job before its time limit with the signal asked for by `#SBATCH --
 (sent to every task of the `srun` step), and ends a job (scancel, preemption, the time limit
 itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
 
-- The signal handlers only set a flag (`pretrain.signals`, installed by `pretrain fit` before it
+- The signal handlers only set a flag (`pretrain.train.signals`, installed by `pretrain fit` before it
   imports torch, so a signal during start-up is kept). Saving inside a handler can hang (the
   handler runs at an arbitrary point, possibly inside a collective or a checkpoint write;
   Lightning issue #21406), so Lightning's own handlers are replaced (`FlagSignalConnector`),
@@ -12,7 +12,7 @@ itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
 - At every optimizer-step boundary (and once when training starts, for a signal that came
   during start-up) all ranks agree on the flags with one all-reduce, so either every rank stops
   at the same step or none does. A flag set during a checkpoint write is read only after it.
-- On a stop, every rank saves through `PeriodicCheckpoint.save` (atomic publish) and the trainer
+- On a stop, every rank saves through the run's `PeriodicCheckpoint.save` (atomic publish) and the trainer
   stops. In `on_train_end`, after the step's metrics are logged, rank 0 runs
   `scontrol requeue $SLURM_JOB_ID` if the signal was SIGUSR1, the job's requeue count
   (`SLURM_RESTART_COUNT`) is below `max_requeues` and the launch made progress since the last
@@ -30,26 +30,23 @@ stopped on a signal without requeueing (the run is not finished; the checkpoint 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
-from pretrain import signals
-from pretrain.train.checkpoints import PeriodicCheckpoint
+from pretrain.run_dir import RunDir
+from pretrain.train import signals
+from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.private_apis import SignalConnector
+from pretrain.train.step_callback import StepCallback
 
 STOPPED_EXIT_CODE = 4
-REQUEUE_FILE = "requeue.json"
 
 
-class FlagSignalConnector(_SignalConnector):
+class FlagSignalConnector(SignalConnector):
     """Lightning's signal connector with only our flag handlers: no checkpoint or collective
     inside a handler, and no `SIGTERMException` in the middle of gradient accumulation."""
 
@@ -59,32 +56,30 @@ class FlagSignalConnector(_SignalConnector):
         signals.route_signals()
 
 
-class RequeueOnSignal(Callback):
-    """Checkpoint and stop on SIGUSR1/SIGTERM at a step boundary; requeue the SLURM job on SIGUSR1."""
+class RequeueOnSignal(StepCallback):
+    """Checkpoint (with `checkpoint`) and stop on SIGUSR1/SIGTERM at a step boundary; requeue the
+    SLURM job on SIGUSR1."""
 
-    def __init__(self, run_dir: str | os.PathLike, max_requeues: int | None = None) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunDir, checkpoint: PeriodicCheckpoint, max_requeues: int | None = None) -> None:
+        super().__init__()
+        self.run = run
+        self.checkpoint = checkpoint
         self.max_requeues = max_requeues
         self.job_id = os.environ.get("SLURM_JOB_ID")
         self.requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)  # times SLURM requeued this job
         self.outcome: str | None = None  # "requeued" or "stopped"
         self.message = ""
         self._signal = signals.NONE
-        self._last_step = -1
 
     # ---- hooks ------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and self.job_id:
-            self._update_record(job_id=self.job_id, requeues=self.requeues, max_requeues=self.max_requeues)
+            self.run.update_requeue_record(job_id=self.job_id, requeues=self.requeues, max_requeues=self.max_requeues)
         self._check(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # inside gradient accumulation: not a step boundary
-            return
-        self._last_step = step
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if self.job_id and step % trainer.log_every_n_steps == 0:
             pl_module.log("train/requeues", float(self.requeues), on_step=True)
         self._check(trainer, pl_module)
@@ -115,8 +110,8 @@ class RequeueOnSignal(Callback):
                 "step": step,
                 "action": self.outcome,
             }
-            events = read_requeue_record(self.run_dir).get("events", [])
-            self._update_record(events=[*events, event])
+            events = self.run.requeue_record().get("events", [])
+            self.run.update_requeue_record(events=[*events, event])
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -129,8 +124,7 @@ class RequeueOnSignal(Callback):
         if not agreed:
             return
         self._signal = agreed
-        checkpoint = next(cb for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint))
-        checkpoint.save(trainer)
+        self.checkpoint.save(trainer)
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # Lightning validates before an early stop: not now
 
@@ -142,7 +136,7 @@ class RequeueOnSignal(Callback):
             return "SIGTERM before the time limit (scancel or preemption): SLURM decides whether the job comes back"
         if self.max_requeues is not None and self.requeues >= self.max_requeues:
             return f"the job was already requeued {self.requeues} times, max_requeues is {self.max_requeues}"
-        events = read_requeue_record(self.run_dir).get("events", [])
+        events = self.run.requeue_record().get("events", [])
         last = events[-1] if events else None
         if last and last["action"] == "requeued" and last["step"] == trainer.global_step:
             return f"no progress since the last requeue at step {last['step']}"
@@ -171,21 +165,3 @@ class RequeueOnSignal(Callback):
         if result.returncode != 0:
             return False, f"scontrol requeue failed: {result.stderr.strip() or result.returncode}"
         return True, None
-
-    def _update_record(self, **fields: Any) -> None:
-        """Rank 0: merge `fields` into RUN_DIR/requeue.json (written aside, then renamed)."""
-        record = read_requeue_record(self.run_dir) | fields | {"updated": time.time()}
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.run_dir / f".{REQUEUE_FILE}.partial"
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(partial, self.run_dir / REQUEUE_FILE)
-
-
-def read_requeue_record(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """RUN_DIR/requeue.json ({} when absent): job_id, requeues (SLURM_RESTART_COUNT of the latest
-    launch), max_requeues, updated (a Unix time) and events (one per signal: time, job_id,
-    restart_count, signal, step, action "requeued" or "stopped")."""
-    try:
-        return json.loads((Path(run_dir) / REQUEUE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}

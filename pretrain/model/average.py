@@ -8,118 +8,22 @@ the latest k checkpoints of a run spaced S steps apart (LaWA, arXiv 2306.03241).
 Checkpoints are read lazily, so memory holds one running sum plus the tensor being added, not a
 copy per checkpoint: checkpoint files (`.ckpt` from `pretrain fit`, model files) are
 memory-mapped and only their model tensors are touched (never the optimizer state); FSDP2
-directories of shards are read one tensor at a time with torch.distributed.checkpoint on the CPU,
-without a process group. With `ema=True` the EMA weights a checkpoint holds
-(`pretrain.train.ema.EMA`) are read instead of the raw ones; one checkpoint then just extracts them.
+directories of shards are read one tensor at a time (`pretrain.model.checkpoint.open_checkpoint`).
+With `ema=True` the EMA weights a checkpoint holds (`pretrain.train.ema.EMA`) are read instead of
+the raw ones; one checkpoint then just extracts them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pretrain.errors import UserError
-from pretrain.model.checkpoint import FORMAT, ModelCheckpoint, _from_training_checkpoint
-from pretrain.model.config import LlamaConfig
+from pretrain.model.checkpoint import LazyCheckpoint, ModelCheckpoint, open_checkpoint
 from pretrain.progress import progress
-
-EMA_KEY, EMA_COPY = "EMA", "ema"  # where `pretrain.train.ema.EMA` saves its weights
-
-
-@dataclass
-class LazyCheckpoint:
-    """A checkpoint's config, tokenizer and metadata, with its weights read one tensor at a time."""
-
-    path: Path
-    config: LlamaConfig
-    tokenizer_json: str | None
-    meta: dict[str, Any]
-    names: list[str]
-    read: Callable[[str], torch.Tensor]
-
-
-def open_checkpoint(path: str | os.PathLike, ema: bool = False) -> LazyCheckpoint:
-    """Open a training checkpoint (file or FSDP2 directory) or a model file without reading its weights."""
-    path = Path(path)
-    if path.is_dir():
-        return _open_sharded(path, ema)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise UserError(f"checkpoint {path} could not be read as a torch file: {err}") from None
-    if isinstance(payload, dict) and "pretrain" in payload and "state_dict" in payload:
-        info = _from_training_checkpoint(path, payload, {})
-        if ema:
-            weights = _ema_entry(path, payload)["copies"][EMA_COPY]
-        else:
-            state = payload["state_dict"]
-            weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        return LazyCheckpoint(
-            path, info.config, info.tokenizer_json, info.meta, list(weights), weights.__getitem__
-        )
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        if ema:
-            raise UserError(f"{path} is a model file (one set of weights); --ema needs a training checkpoint")
-        weights = payload["state_dict"]
-        config = LlamaConfig.from_dict(payload["model_config"])
-        meta = payload.get("meta", {})
-        return LazyCheckpoint(
-            path, config, payload.get("tokenizer"), meta, list(weights), weights.__getitem__
-        )
-    raise UserError(
-        f"{path} is not a checkpoint of `pretrain fit` nor a pretrain model file (a plain state dict has no "
-        "model config to check: make it a model file first, e.g. export-hf --preset then import-hf)"
-    )
-
-
-def _ema_entry(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    entry = payload.get("callbacks", {}).get(EMA_KEY)
-    if entry is None or EMA_COPY not in entry["copies"]:
-        raise UserError(
-            f"{path} holds no EMA weights: train with the pretrain.train.ema.EMA callback to have them"
-        )
-    return entry
-
-
-def _open_sharded(path: Path, ema: bool) -> LazyCheckpoint:
-    """An FSDP2 checkpoint directory: metadata from meta.pt and the DCP index, tensors on demand."""
-    import torch.distributed.checkpoint as dcp
-
-    meta_file = path / "meta.pt"
-    if not meta_file.is_file():
-        raise UserError(f"{path} is a directory but not a sharded checkpoint of `pretrain fit` (no meta.pt)")
-    payload = torch.load(meta_file, map_location="cpu", weights_only=True)
-    info = _from_training_checkpoint(path, payload, {})
-    try:
-        index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as err:
-        raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
-    if ema:
-        _ema_entry(path, payload)
-        prefix = f"{EMA_KEY}/{EMA_COPY}/"  # `pretrain.train.shadow.shadow_key`
-    else:
-        prefix = "model."
-    names = [k.removeprefix("state_dict." + prefix) for k in index if k.startswith("state_dict." + prefix)]
-
-    def read(name: str) -> torch.Tensor:
-        entry = index[f"state_dict.{prefix}{name}"]
-        tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
-        with warnings.catch_warnings():  # no process group: loading in this one process is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            reader = dcp.FileSystemReader(path)
-            dcp.load({"state_dict": {prefix + name: tensor}}, storage_reader=reader, no_dist=True)
-        return tensor
-
-    return LazyCheckpoint(path, info.config, info.tokenizer_json, info.meta, names, read)
 
 
 def tokenizer_fingerprint(tokenizer_json: str | None) -> str | None:
@@ -136,9 +40,9 @@ def tokenizer_fingerprint(tokenizer_json: str | None) -> str | None:
 def check_compatible(checkpoints: Sequence[LazyCheckpoint]) -> None:
     """Refuse to average checkpoints of different architectures, tokenizers or parameter sets."""
     first = checkpoints[0]
-    reference = dataclasses.replace(first.config, attention_backend="sdpa").to_dict()
+    reference = first.config.to_dict()
     for other in checkpoints[1:]:
-        config = dataclasses.replace(other.config, attention_backend="sdpa").to_dict()
+        config = other.config.to_dict()
         differences = [f"{k} {reference[k]} vs {config[k]}" for k in reference if reference[k] != config[k]]
         if differences:
             raise UserError(
@@ -180,7 +84,7 @@ def average_checkpoints(
     if not paths:
         raise UserError("name at least one checkpoint to average")
     weights = normalized_weights(weights, len(paths))
-    checkpoints = [open_checkpoint(p, ema) for p in paths]
+    checkpoints = [open_checkpoint(p, ema=ema) for p in paths]
     check_compatible(checkpoints)
     first = checkpoints[0]
     total: dict[str, torch.Tensor] = {}
@@ -213,10 +117,10 @@ def average_checkpoints(
 
 def lawa_checkpoints(run_dir: str | os.PathLike, last_k: int, every: int | None = None) -> list[Path]:
     """The latest `last_k` checkpoints of a run (or checkpoints directory) at multiples of `every` steps."""
-    from pretrain.train.checkpoints import list_checkpoints
+    from pretrain.run_dir import RunDir, list_checkpoints
 
     run_dir = Path(run_dir)
-    directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    directory = RunDir(run_dir).checkpoints if RunDir(run_dir).checkpoints.is_dir() else run_dir
     found = list_checkpoints(directory)
     if not found:
         raise UserError(f"{directory} holds no step-*.ckpt checkpoints")

@@ -1,5 +1,5 @@
-"""`pretrain fit`: LightningCLI over `PretrainModule` + `PretrainDataModule`, with run directories,
-derived batch geometry, and `--resume auto|none|PATH`.
+"""`pretrain fit`'s trainer: LightningCLI over `PretrainModule` + `PretrainDataModule`, with run
+directories (`pretrain.run_dir`), derived batch geometry, and `--resume auto|none|PATH`.
 
     pretrain fit --config configs/tiny.yaml [--section.key value ...] [--print_config]
 
@@ -10,7 +10,8 @@ Besides the usual `trainer`, `model` and `data` sections, a recipe has:
 - `validate_every_steps`: validation cadence in optimizer steps;
 - `resume`: `auto` (default: newest complete checkpoint in the run dir, else start fresh),
   `none`, or a checkpoint path;
-- `checkpoint`: cadence and retention (`pretrain.train.checkpoints.PeriodicCheckpoint`).
+- `checkpoint`: cadence and retention (`pretrain.train.periodic_checkpoint.PeriodicCheckpoint`);
+- `slurm`: `pretrain submit`'s settings (`pretrain.train.slurm_settings.SlurmSettings`).
 
 Gradient accumulation is derived: global_batch_tokens / (micro_batch_size * seq_len * devices * num_nodes).
 """
@@ -19,11 +20,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,14 +33,15 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
-from pretrain.slurm import SlurmSettings, check_srun_geometry
-from pretrain.train import requeue
-from pretrain.train.checkpoints import PeriodicCheckpoint, resolve_resume
-from pretrain.train.data import PretrainDataModule
+from pretrain.run_dir import RunDir
+from pretrain.train import private_apis, requeue
+from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
 from pretrain.train.monitor import TrainingMonitor
+from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
 from pretrain.train.progress_bar import StepProgressBar
+from pretrain.train.slurm_settings import SlurmSettings, check_srun_geometry
 
 
 def count_devices(devices: Any, accelerator: Any) -> int:
@@ -63,15 +63,6 @@ def default_precision(accelerator: Any) -> str:
     wants_gpu = str(accelerator) in ("gpu", "cuda", "auto")
     has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16-mixed" if wants_gpu and has_bf16 else "32-true"
-
-
-def next_log_version(run_dir: Path) -> int:
-    versions = [
-        int(m.group(1))
-        for p in (run_dir / "logs").glob("version_*")
-        if (m := re.fullmatch(r"version_(\d+)", p.name))
-    ]
-    return max(versions, default=-1) + 1
 
 
 # Lightning/jsonargparse notices that say nothing actionable about a pretrain run.
@@ -114,7 +105,7 @@ class FitCLI(LightningCLI):
             help="start this run from another run's checkpoint with its optimizer, step and data position "
             "(e.g. a WSD/infinite decay branched off the constant phase); later launches resume this run",
         )
-        parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"dirpath"})
+        parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"run_dir"})
         # `pretrain submit` settings; `pretrain fit` itself uses only slurm.max_requeues.
         parser.add_class_arguments(SlurmSettings, "slurm")
 
@@ -154,33 +145,34 @@ class FitCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        run_dir = Path(self.config.run_dir)
-        configured = self._get(self.config_init, "trainer", default={}).get("logger")
+        run = RunDir(self.config.run_dir)
+        trainer_init = self.config_init.get("trainer") or {}
+        configured = trainer_init.get("logger")
         # Flushed every step, so that a killed run loses at most the row being written.
-        csv_logger = CSVLogger(
-            run_dir, name="logs", version=next_log_version(run_dir), flush_logs_every_n_steps=1
-        )
+        csv_logger = CSVLogger(run.path, name="logs", version=run.next_log_version(), flush_logs_every_n_steps=1)
         loggers: list[Logger] = [csv_logger]
         if isinstance(configured, Logger):
             loggers.append(configured)
         elif isinstance(configured, list):
             loggers.extend(configured)
-        checkpoint = PeriodicCheckpoint(dirpath=run_dir / "checkpoints", **self.config.checkpoint)
-        on_signal = requeue.RequeueOnSignal(run_dir, self.config.slurm.max_requeues)
-        self.trainer_defaults["callbacks"] = [checkpoint, on_signal, TrainingMonitor(), StepProgressBar()]
+        self.checkpoint = PeriodicCheckpoint(run_dir=run.path, **self.config.checkpoint)
+        self.on_signal = requeue.RequeueOnSignal(run, self.checkpoint, self.config.slurm.max_requeues)
+        monitor = TrainingMonitor()
+        callbacks = [self.checkpoint, self.on_signal, monitor, StepProgressBar(monitor)]
         if self.config.validate_every_steps:
-            self.trainer_defaults["callbacks"].append(FinalValidation(self.config.validate_every_steps))
+            callbacks.append(FinalValidation(self.config.validate_every_steps))
+        self.trainer_defaults["callbacks"] = callbacks
         if "SLURM_JOB_ID" not in os.environ:  # outside a job, not launching with srun is expected
             warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
             geometry = self.config.trainer
             devices = count_devices(geometry.devices, geometry.accelerator)
             check_srun_geometry(devices, geometry.num_nodes or 1)
-            plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+            plugins = trainer_init.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
         trainer = super().instantiate_trainer(logger=loggers, **kwargs)
-        trainer._signal_connector = requeue.FlagSignalConnector(trainer)  # see pretrain.train.requeue
+        private_apis.replace_signal_connector(trainer, requeue.FlagSignalConnector(trainer))
         return trainer
 
 
@@ -189,20 +181,20 @@ def fit(args: Sequence[str] | None = None) -> int:
     requeued its SLURM job, 3 when it stopped after non-finite steps, `requeue.STOPPED_EXIT_CODE`
     (4) when a signal stopped it with a checkpoint and the job was not requeued."""
     cli = FitCLI(args)
-    run_dir = Path(cli.config.run_dir)
+    run = RunDir(cli.config.run_dir)
     if cli.model.hparams.init_from and cli.config.resume not in ("auto", "none"):
         raise UserError(
             "model.init_from (start a new stage from weights) and --resume PATH (continue a run with its "
             "optimizer and step) exclude each other; a stage resumes its own run with --resume auto"
         )
-    ckpt_path = resolve_resume(cli.config.resume, run_dir / "checkpoints")
+    ckpt_path = run.resolve_resume(cli.config.resume)
     if cli.config.branch_from:
         if cli.model.hparams.init_from or cli.config.resume not in ("auto", "none"):
             raise UserError(
                 "branch_from excludes model.init_from and --resume PATH: give only one starting point"
             )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
-            ckpt_path = resolve_resume(cli.config.branch_from, run_dir)
+            ckpt_path = run.resolve_resume(cli.config.branch_from)
             cli.model.branched_from = str(ckpt_path.resolve())
     if (
         ckpt_path is not None
@@ -222,12 +214,12 @@ def fit(args: Sequence[str] | None = None) -> int:
     if cli.model.stop_reason:
         print(f"pretrain fit: stopped: {cli.model.stop_reason}", file=sys.stderr)
         return 3
-    on_signal = next(cb for cb in cli.trainer.callbacks if isinstance(cb, requeue.RequeueOnSignal))
+    on_signal = cli.on_signal
     if on_signal.outcome is not None:  # 0: the job is queued again; else the run is not finished
         if cli.trainer.is_global_zero:
             print(f"pretrain fit: {on_signal.message}", file=sys.stderr)
         return 0 if on_signal.outcome == "requeued" else requeue.STOPPED_EXIT_CODE
     if cli.trainer.is_global_zero:
         log_dir = cli.trainer.loggers[0].log_dir
-        print(f"done: checkpoints in {run_dir / 'checkpoints'}, logs in {log_dir}", file=sys.stderr)
+        print(f"done: checkpoints in {run.checkpoints}, logs in {log_dir}", file=sys.stderr)
     return 0

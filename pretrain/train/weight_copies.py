@@ -1,6 +1,6 @@
-"""Shadow weights: copies of the model's weights kept beside training (the base of `EMA` and `OnlineLaWA`).
+"""Weight copies kept beside training: the base of `EMA` and `OnlineLaWA`.
 
-A `ShadowWeights` callback holds named copies of the parameters, each copy a dict
+A `WeightCopies` callback holds named copies of the parameters, each copy a dict
 {parameter name: tensor}, on the CPU or on the parameters' device. Under FSDP2 the parameters
 are DTensors and each rank keeps copies of its own local shards only, so shadow weights shard
 exactly like the model (and like its optimizer state) and no step gathers anything.
@@ -12,12 +12,15 @@ runs on the raw weights as usual; when `validate` is set, the callback then swap
 weights back.
 
 Checkpoints: the copies are saved with the run's checkpoints, so that a resumed run continues
-them exactly. In a checkpoint file they sit in the callback's entry
-(`checkpoint["callbacks"][state_key]["copies"][copy][name]`). In an FSDP2 directory of shards
-they are written sharded beside the model, as `state_dict` entries named
-`<state_key>/<copy>/<name>` (`shadow_key`), and read back (resharded if the number of ranks
-changed) by torch.distributed.checkpoint; the callback's entry then lists the copies only.
-`pretrain average --ema` reads them back offline.
+them exactly. In a checkpoint file they sit in the callback's entry, under a stable key
+(`checkpoint["callbacks"][state_key]["copies"][copy][name]`, `state_key` from
+`pretrain.model.checkpoint`, e.g. `EMA_STATE_KEY`). In an FSDP2 directory of shards they are
+written sharded beside the model, as `state_dict` entries named `<state_key>/<copy>/<name>`
+(`weight_copy_key`), and read back (resharded if the number of ranks changed) by
+torch.distributed.checkpoint; the callback's entry then lists the copies only.
+`pretrain average --ema` reads them back offline (`pretrain.model.checkpoint`).
+
+Validation of the copies runs the validation batches again through `pretrain.train.evaluation`.
 """
 
 from __future__ import annotations
@@ -25,29 +28,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
+from pretrain.model.checkpoint import weight_copy_key
+from pretrain.train import private_apis
+from pretrain.train.evaluation import evaluate
+from pretrain.train.step_callback import StepCallback
 
 Copy = dict[str, torch.Tensor]  # parameter name -> (local shard of) a weight
 
 
-def shadow_key(state_key: str, copy: str, name: str) -> str:
-    """Name of a shadow tensor among the `state_dict` entries of a sharded checkpoint."""
-    return f"{state_key}/{copy}/{name}"
-
-
 def model_parameters(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
-    """The model's parameters under their checkpoint names (activation-checkpointing wrappers removed)."""
-    return {
-        name.replace("_checkpoint_wrapped_module.", ""): param
-        for name, param in pl_module.model.named_parameters()
-    }
+    """The model's parameters under their checkpoint names."""
+    return dict(pl_module.model.named_parameters())
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,7 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
-class ShadowWeights(Callback, ABC):
+class WeightCopies(StepCallback, ABC):
     """Base class (module docstring). Subclasses implement `update` and `evaluated_weights`.
 
     Args:
@@ -63,9 +62,10 @@ class ShadowWeights(Callback, ABC):
         validate: also validate `evaluated_weights()` and log them under `log_prefix`.
     """
 
-    log_prefix = "val_shadow"
+    log_prefix = "val_copies"
 
     def __init__(self, on_cpu: bool = True, validate: bool = True) -> None:
+        super().__init__()
         self.on_cpu = on_cpu
         self.validate = validate
         self.copies: dict[str, Copy] = {}
@@ -109,19 +109,16 @@ class ShadowWeights(Callback, ABC):
 
     # ---- training hooks ----------------------------------------------------------------------
 
-    @property
-    def state_key(self) -> str:
-        return type(self).__name__
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         self._sharded = isinstance(strategy, ModelParallelStrategy)
-        if self._sharded and not strategy._save_distributed_checkpoint:
+        if self._sharded and not private_apis.saves_sharded_checkpoints(strategy):
             raise UserError(
                 f"{self.state_key} under FSDP2 needs sharded checkpoints (save_distributed_checkpoint: true)"
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._params = model_parameters(pl_module)
         self.copies = {
             copy: {name: t.to(self._device(name)) for name, t in weights.items()}
@@ -129,11 +126,12 @@ class ShadowWeights(Callback, ABC):
         }
         self._catch_up(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         self._catch_up(trainer)
 
     def _catch_up(self, trainer: L.Trainer) -> None:
-        """Run `update` once per optimizer step, whichever hook (batch end, save, validation) sees it first."""
+        """Run `update` once per optimizer step, whichever hook (step end, save, validation) sees it
+        first (another callback may save or validate before this one hears of the step)."""
         if self._params and trainer.global_step != self.last_step:
             self.last_step = trainer.global_step
             with torch.no_grad():
@@ -149,7 +147,7 @@ class ShadowWeights(Callback, ABC):
         if weights is None:
             return
         with swapped_in(pl_module.model, self._params, weights):
-            losses = validation_losses(trainer, pl_module)
+            losses = _validation_losses(trainer, pl_module)
         metrics: dict[str, Any] = dict(self.extra_metrics())
         for source, loss in sorted(losses.items()):
             metrics |= {f"{source}/loss": loss, f"{source}/ppl": torch.exp(loss)}
@@ -169,7 +167,7 @@ class ShadowWeights(Callback, ABC):
         for copy, weights in self.copies.items():
             for name, tensor in weights.items():
                 param = self._params[name]
-                checkpoint["state_dict"][shadow_key(self.state_key, copy, name)] = DTensor.from_local(
+                checkpoint["state_dict"][weight_copy_key(self.state_key, copy, name)] = DTensor.from_local(
                     tensor, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
                 )
 
@@ -206,7 +204,7 @@ def _load_sharded(
     from torch.distributed.tensor import DTensor
 
     placeholders = {
-        shadow_key(state_key, copy, name): DTensor.from_local(
+        weight_copy_key(state_key, copy, name): DTensor.from_local(
             torch.empty_like(local_tensor(param)),
             param.device_mesh,
             param.placements,
@@ -218,7 +216,7 @@ def _load_sharded(
     }
     dcp.load({"state_dict": placeholders}, checkpoint_id=path)
     return {
-        copy: {name: placeholders[shadow_key(state_key, copy, name)].to_local() for name in params}
+        copy: {name: placeholders[weight_copy_key(state_key, copy, name)].to_local() for name in params}
         for copy in copies
     }
 
@@ -257,21 +255,11 @@ def _drop_gathered(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def validation_losses(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """Token-weighted validation loss per source over all ranks, computed as `PretrainModule` does."""
+def _validation_losses(trainer: L.Trainer, pl_module: Any) -> dict[str, torch.Tensor]:
+    """The validation loss per source of the weights in the model now, on the trainer's validation batches."""
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, list) else [loaders]
-    sources = trainer.datamodule.val_source_names
-    losses = {}
-    with torch.no_grad(), trainer.precision_plugin.val_step_context():
-        for index, loader in enumerate(loaders):
-            sums = torch.zeros(2, device=pl_module.device, dtype=torch.float64)
-            for batch_index, (inputs, targets) in enumerate(loader):
-                if batch_index >= trainer.num_val_batches[index]:
-                    break
-                inputs, targets = inputs.to(pl_module.device), targets.to(pl_module.device)
-                loss_sum = pl_module.summed_loss(inputs, targets)
-                sums += torch.stack([loss_sum.double(), sums.new_tensor(targets.numel())])
-            total = trainer.strategy.reduce(sums, reduce_op="sum")
-            losses[sources[index]] = (total[0] / total[1]).float()
-    return losses
+    sources = trainer.datamodule.val_source_names  # type: ignore[attr-defined]
+    batches = {sources[i]: islice(loader, trainer.num_val_batches[i]) for i, loader in enumerate(loaders)}
+    with trainer.precision_plugin.val_step_context():
+        return evaluate(pl_module.summed_loss, batches, pl_module.device, pl_module.sum_over_ranks)

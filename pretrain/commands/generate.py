@@ -1,30 +1,26 @@
-"""`pretrain generate`: sample text from a checkpoint or a Hugging Face directory (`pretrain.generate`).
+"""Sample text with a KV cache, all prompts in one batch; optionally proxy-tuned
+(logits = M_large + alpha * (M_expert - M_base)). See `pretrain.model.generate`.
 
     pretrain generate CKPT_OR_HF_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--seed S]
         [--proxy-expert SMALL_TUNED --proxy-base SMALL_BASE [--proxy-alpha A]]
 
-Prints each prompt followed by its completion. Only argument parsing lives here, so that
-`pretrain --help` never imports torch.
+Prints each prompt followed by its completion.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from pretrain.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def register(subcommands: Any) -> None:
-    parser = subcommands.add_parser(
-        "generate",
-        help="sample text from a checkpoint or HF directory (KV cache, batched; optional proxy tuning)",
-        description="Sample text with a KV cache, all prompts in one batch; optionally proxy-tuned "
-        "(logits = M_large + alpha * (M_expert - M_base)).",
-    )
+HELP = "sample text from a checkpoint or HF directory (KV cache, batched; optional proxy tuning)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model", metavar="CKPT_OR_HF_DIR", help="a pretrain checkpoint or a Hugging Face model directory"
     )
@@ -45,13 +41,12 @@ def register(subcommands: Any) -> None:
     parser.add_argument(
         "--proxy-alpha", type=float, default=1.0, help="weight of the (expert - base) logits (default 1.0)"
     )
-    parser.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pretrain.generate import (
+    from pretrain.model.generate import (
         Sampling,
         check_same_tokenizer,
         encode_prompt,

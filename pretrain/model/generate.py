@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from pretrain.data.tokenizer import BOS_NAMES, EOS_NAMES, fingerprint
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import load_model_checkpoint
-from pretrain.model.hf import load_hf
 from pretrain.model.llama import KVCache, rope_cache
 
 
@@ -66,16 +64,10 @@ class Sampling:
 def load_generation_model(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> GenerationModel:
-    """Load a pretrain checkpoint (any format `load_model_checkpoint` reads) or an HF directory."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        config, state, tokenizer_json = load_hf(path)
-        hf = json.loads((path / "config.json").read_text())
-        eos, bos = hf.get("eos_token_id"), hf.get("bos_token_id")
-    else:
-        checkpoint = load_model_checkpoint(path)
-        config, state, tokenizer_json = checkpoint.config, checkpoint.state_dict, checkpoint.tokenizer_json
-        eos, bos = checkpoint.meta.get("eos_id"), checkpoint.meta.get("bos_id")
+    """Load any form `pretrain.model.checkpoint` reads (an HF directory too)."""
+    checkpoint = load_model_checkpoint(path)
+    config, state, tokenizer_json = checkpoint.config, checkpoint.state_dict, checkpoint.tokenizer_json
+    eos, bos = checkpoint.meta.get("eos_id"), checkpoint.meta.get("bos_id")
     if tokenizer_json is None:
         raise UserError(
             f"{path} holds no tokenizer; generation needs one (a checkpoint written by `pretrain fit`, "
@@ -95,7 +87,6 @@ def _build(
     config: LlamaConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> Llama:
     """The model with `state` loaded, on `device` in `dtype`, without a random initialization first."""
-    config = config.replace(attention_backend="sdpa")  # decoding with a cache runs on SDPA anyway
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=device)

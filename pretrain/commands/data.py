@@ -1,4 +1,9 @@
-"""`pretrain data ...`: train-tokenizer, prepare, info."""
+"""Train a tokenizer, turn raw text into token shards, describe a prepared dataset.
+
+    pretrain data train-tokenizer --input GLOB... --vocab-size N --output tokenizer.json
+    pretrain data prepare --input GLOB... --tokenizer tokenizer.json --output DIR [--num-proc N] ...
+    pretrain data info DIR
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,18 @@ import argparse
 
 from pretrain.data.settings import Settings
 
+HELP = "train a tokenizer, prepare token shards, inspect a dataset"
 
-def register(subcommands: argparse._SubParsersAction) -> None:
-    """Add the `data` command and its subcommands to the `pretrain` parser."""
-    data = subcommands.add_parser("data", help="train a tokenizer, prepare token shards, inspect a dataset")
-    sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS/BOS/PAD tokens")
     p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files, folders or globs")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--output", required=True, help="where to write tokenizer.json")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
-    p.set_defaults(run=run_train_tokenizer)
+    p.set_defaults(handler=_train_tokenizer)
 
     d = Settings()
     p = sub.add_parser("prepare", help="tokenize raw text into token shards (parallel, resumable)")
@@ -57,14 +62,18 @@ def register(subcommands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--eos-token", help="end-of-document token (default: found by name)")
     p.add_argument("--bos-token", help="beginning-of-document token (default: found by name)")
-    p.set_defaults(run=run_prepare)
+    p.set_defaults(handler=_prepare)
 
     p = sub.add_parser("info", help="print a prepared dataset's manifest in human form")
     p.add_argument("dir", help="a dataset directory written by `pretrain data prepare`")
-    p.set_defaults(run=run_info)
+    p.set_defaults(handler=_info)
 
 
-def run_train_tokenizer(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    return args.handler(args)
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
     from pretrain.data.tokenizer import train_tokenizer
 
     info = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field)
@@ -75,7 +84,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_prepare(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> int:
     from pretrain.data.prepare import prepare
 
     settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos, tuple(args.exclude))
@@ -94,7 +103,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_info(args: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
     from pretrain.data.shards import describe, load_manifest
 
     print(describe(load_manifest(args.dir)))

@@ -1,29 +1,24 @@
-"""`pretrain average`: average checkpoints into one model checkpoint (`pretrain.average`).
+"""Average the weights of checkpoints of one architecture and tokenizer into a model checkpoint
+usable by export-hf, generate and init_from (`pretrain.model.average`).
 
     pretrain average CKPT [CKPT ...] -o OUT [--weights w1,w2,...] [--ema]
     pretrain average --last K [--every S] RUN_DIR -o OUT [--ema]
 
 The first form averages the named checkpoints (a model soup; uniform unless --weights). The
 second is LaWA: the latest K checkpoints of a run at multiples of S steps. `--ema` averages (or,
-with one checkpoint, extracts) the EMA weights the checkpoints hold. Only argument parsing lives
-here, so that `pretrain --help` never imports torch.
+with one checkpoint, extracts) the EMA weights the checkpoints hold.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from pretrain.errors import UserError
 
+HELP = "average checkpoints (LaWA along a run, soups across runs) or extract EMA weights"
 
-def register(subcommands: Any) -> None:
-    parser = subcommands.add_parser(
-        "average",
-        help="average checkpoints (LaWA along a run, soups across runs) or extract EMA weights",
-        description="Average the weights of checkpoints of one architecture and tokenizer into a model "
-        "checkpoint usable by export-hf, generate and init_from.",
-    )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help="checkpoints to average (with --last: one RUN_DIR)"
     )
@@ -36,11 +31,10 @@ def register(subcommands: Any) -> None:
         "--every", type=int, metavar="S", help="LaWA: only checkpoints at multiples of S steps"
     )
     parser.add_argument("--ema", action="store_true", help="average the EMA weights the checkpoints hold")
-    parser.set_defaults(run=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pretrain.average import average_checkpoints, lawa_checkpoints
+def run(args: argparse.Namespace) -> int:
+    from pretrain.model.average import average_checkpoints, lawa_checkpoints
     from pretrain.model.checkpoint import save_model_checkpoint
 
     if args.last is None and args.every is not None:

@@ -1,0 +1,34 @@
+"""Plot training loss (raw and smoothed), validation loss per source and the learning rate of one
+or more runs against tokens seen, from RUN_DIR/logs/version_<k>/metrics.csv.
+
+    pretrain plot RUN_DIR [RUN_DIR ...] -o loss.png [--smoothing W]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "plot loss curves of runs from their CSV logs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holds logs/version_<k>/)")
+    parser.add_argument("-o", "--out", default="loss.png", help="PNG file to write (default: %(default)s)")
+    parser.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.9,
+        help="EMA weight for the training loss, in [0, 1); 0 plots it unsmoothed (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.plot import plot_runs, summarize
+    from pretrain.run_dir import RunDir
+
+    runs = [RunDir(run_dir).read_logs() for run_dir in args.run_dirs]
+    plot_runs(runs, args.out, args.smoothing)
+    print(f"wrote {args.out}")
+    for run_log in runs:
+        print(summarize(run_log))
+    return 0

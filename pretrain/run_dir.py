@@ -1,0 +1,349 @@
+"""The run directory: the one module that knows what RUN_DIR holds and what its files are called.
+
+    RUN_DIR/
+      checkpoints/step-00001000.ckpt        a file, or a folder of shards under FSDP2
+      checkpoints/.partial-step-....ckpt    being written; published by an atomic rename, so every
+                                            `step-*.ckpt` is complete (a crash's leftover is removed
+                                            by the next save)
+      logs/version_<k>/metrics.csv          one version per launch (version k+1 resumed version k),
+      logs/version_<k>/config.yaml          with the launch's resolved recipe
+      requeue.json                          SLURM job id, requeue count and every stop on a signal
+      slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
+
+How the logs are read (`RunDir.read_logs`):
+- columns are `step` plus metric names, in any order; an empty cell means "not logged";
+- the run may still be writing: a last line without a newline is skipped, cells that are not
+  numbers are ignored, and a version with no rows yet is skipped;
+- a later version wins on overlapping steps: version k is cut at the first step of version k+1,
+  and a resume is marked there;
+- the tokens seen at a point come from `train/tokens_seen`, linear in step: exact at a step that
+  logged it, interpolated between such steps and extrapolated beyond them from the two nearest
+  (from step 0 with 0 tokens if only one step logged it); NaN if no step logged it.
+
+Nothing here imports torch or Lightning: `pretrain status` and `pretrain plot` start fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pretrain.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+TOKENS = "train/tokens_seen"
+TRAIN_LOSS = "train/loss"
+TOKENS_PER_SEC = "train/tokens_per_sec"
+LR = "train/lr"
+_CHECKPOINT = re.compile(r"step-(\d+)\.ckpt")
+_VERSION = re.compile(r"version_(\d+)")
+_VAL_LOSS = re.compile(r"val/(.+)/loss")
+
+Row = tuple[int, dict[str, float]]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in a checkpoints folder, oldest first, as (step, path)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT.fullmatch(p.name))]
+    return sorted(found)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder we wrote (a checkpoint or its partial), if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric of a run in logging order."""
+
+    steps: np.ndarray
+    tokens: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """All launches of one run merged: metric name -> series, and (step, tokens) of each resume."""
+
+    name: str
+    series: dict[str, Series]
+    resumes: list[tuple[int, float]]
+
+    def val_sources(self) -> list[str]:
+        """Names of the validation sources with a `val/<source>/loss` series, sorted."""
+        return sorted(match[1] for name in self.series if (match := _VAL_LOSS.fullmatch(name)))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Where a run stands, from its files (`pretrain status` adds the SLURM job's state)."""
+
+    steps_done: int
+    max_steps: int | None
+    global_batch_tokens: int | None
+    last_loss: float | None
+    tokens_per_sec: float | None
+    latest_checkpoint: Path | None
+    requeue: dict[str, Any]
+
+
+class RunDir:
+    """One run's directory (module docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def partial_checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f".partial-{checkpoint_name(step)}"
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        return list_checkpoints(self.checkpoints)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.list_checkpoints()
+        return found[-1][1] if found else None
+
+    def resolve_resume(self, resume: str) -> Path | None:
+        """`auto`: the newest complete checkpoint (None if there is none); `none`: None, refused if
+        the run already holds checkpoints (a fresh run here would mix with them); else a path."""
+        if resume == "none":
+            found = self.list_checkpoints()
+            if found:
+                raise UserError(
+                    f"--resume none: {self.checkpoints} already holds checkpoints of an earlier run (newest: step "
+                    f"{found[-1][0]}); a new run there would mix its checkpoints with them. Use another "
+                    "run_dir, move those checkpoints away, or continue the run with --resume auto"
+                )
+            return None
+        if resume == "auto":
+            return self.latest_checkpoint()
+        path = Path(resume)
+        if not path.exists():
+            raise UserError(f"--resume {resume}: no such checkpoint (use 'auto', 'none' or an existing path)")
+        return path
+
+    def prune_checkpoints(self, keep_last: int, pinned: Callable[[int], bool]) -> None:
+        """Delete leftover partials and every checkpoint but the newest `keep_last` and the pinned steps."""
+        for leftover in self.checkpoints.glob(".partial-*"):
+            remove(leftover)
+        for step, path in self.list_checkpoints()[:-keep_last]:
+            if not pinned(step):
+                remove(path)
+
+    # ---- logs -----------------------------------------------------------------------------------
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def log_versions(self) -> dict[int, Path]:
+        """`logs/version_<k>` folders by k."""
+        found = {}
+        for path in self.logs.glob("version_*"):
+            if match := _VERSION.fullmatch(path.name):
+                found[int(match[1])] = path
+        return dict(sorted(found.items()))
+
+    def next_log_version(self) -> int:
+        return max(self.log_versions(), default=-1) + 1
+
+    def latest_config(self) -> dict[str, Any]:
+        """The resolved recipe of the latest launch that saved a readable one ({} if none did)."""
+        import yaml
+
+        for version in reversed(self.log_versions().values()):
+            try:
+                return yaml.safe_load((version / "config.yaml").read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+        return {}
+
+    def read_logs(self) -> RunLog:
+        """All launches' metrics merged (module docstring)."""
+        import numpy as np
+
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: not a directory")
+        paths = [v / "metrics.csv" for v in self.log_versions().values() if (v / "metrics.csv").is_file()]
+        if not paths:
+            raise UserError(f"{self.path}: no logs/version_<k>/metrics.csv (is this a run directory?)")
+        rows: list[Row] = []
+        resume_steps: list[int] = []
+        for path in paths:
+            version_rows = _read_metrics(path)
+            if not version_rows:
+                continue
+            first = min(step for step, _ in version_rows)
+            if rows:
+                resume_steps.append(first)
+                rows = [row for row in rows if row[0] < first]
+            rows += version_rows
+        if not rows:
+            raise UserError(f"no usable metrics rows in {', '.join(map(str, paths))}")
+
+        known_tokens = {step: metrics[TOKENS] for step, metrics in rows if TOKENS in metrics}
+        series = {}
+        for name in dict.fromkeys(name for _, metrics in rows for name in metrics):
+            steps = np.array([step for step, metrics in rows if name in metrics])
+            values = np.array([metrics[name] for _, metrics in rows if name in metrics])
+            series[name] = Series(steps, _tokens_at(steps, known_tokens), values)
+        resume_tokens = _tokens_at(np.array(resume_steps), known_tokens)
+        return RunLog(
+            self.path.resolve().name, series, list(zip(resume_steps, resume_tokens.tolist(), strict=True))
+        )
+
+    # ---- requeue record -------------------------------------------------------------------------
+
+    @property
+    def requeue_file(self) -> Path:
+        return self.path / "requeue.json"
+
+    def requeue_record(self) -> dict[str, Any]:
+        """requeue.json ({} when absent): job_id, requeues (SLURM_RESTART_COUNT of the latest launch),
+        max_requeues, updated (a Unix time) and events (one per signal: time, job_id,
+        restart_count, signal, step, action "requeued" or "stopped")."""
+        try:
+            return json.loads(self.requeue_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def update_requeue_record(self, **fields: Any) -> None:
+        """Merge `fields` into requeue.json (written aside, then renamed). Rank 0 only."""
+        record = self.requeue_record() | fields | {"updated": time.time()}
+        self.path.mkdir(parents=True, exist_ok=True)
+        partial = self.path / f".{self.requeue_file.name}.partial"
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, self.requeue_file)
+
+    # ---- SLURM jobs -----------------------------------------------------------------------------
+
+    @property
+    def slurm(self) -> Path:
+        return self.path / "slurm"
+
+    @property
+    def sbatch_script(self) -> Path:
+        return self.slurm / "train.sbatch"
+
+    def record_job(self, job_id: str) -> None:
+        """Append a submitted job to slurm/jobs.jsonl."""
+        self.slurm.mkdir(parents=True, exist_ok=True)
+        with open(self.slurm / "jobs.jsonl", "a") as f:
+            f.write(json.dumps({"job_id": job_id, "time": time.time(), "script": str(self.sbatch_script)}) + "\n")
+
+    def latest_job_id(self) -> str | None:
+        """The most recently submitted or started job (from jobs.jsonl and requeue.json)."""
+        candidates: list[tuple[float, str]] = []
+        try:
+            lines = (self.slurm / "jobs.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+            if last:
+                candidates.append((last["time"], str(last["job_id"])))
+        except (OSError, ValueError, KeyError):
+            pass
+        record = self.requeue_record()
+        if record.get("job_id"):
+            candidates.append((record.get("updated", 0.0), str(record["job_id"])))
+        return max(candidates)[1] if candidates else None
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def summary(self) -> RunSummary:
+        """Progress, newest checkpoint, requeues and throughput, from the run's files."""
+        if not self.path.is_dir():
+            raise UserError(f"{self.path}: no such run directory")
+        config = self.latest_config()
+        try:
+            log: RunLog | None = self.read_logs()
+        except UserError:
+            log = None
+        loss = log.series.get(TRAIN_LOSS) if log is not None else None
+        speed = log.series.get(TOKENS_PER_SEC) if log is not None else None
+        return RunSummary(
+            # row k of the log holds the loss of optimizer step k + 1
+            steps_done=int(loss.steps[-1]) + 1 if loss is not None else 0,
+            max_steps=(config.get("trainer") or {}).get("max_steps"),
+            global_batch_tokens=(config.get("data") or {}).get("global_batch_tokens"),
+            last_loss=float(loss.values[-1]) if loss is not None else None,
+            tokens_per_sec=float(speed.values[-1]) if speed is not None and len(speed.values) else None,
+            latest_checkpoint=self.latest_checkpoint(),
+            requeue=self.requeue_record(),
+        )
+
+
+def _read_metrics(path: Path) -> list[Row]:
+    """The complete rows of one metrics.csv as (step, {metric: value}), empty cells left out."""
+    try:
+        text = path.read_text()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]  # the last line is still being written
+        rows = []
+        for record in csv.DictReader(io.StringIO(text)):
+            step = _number(record.pop("step", None))
+            if step is None or not math.isfinite(step):
+                continue
+            metrics = {
+                name: value for name, cell in record.items() if name and (value := _number(cell)) is not None
+            }
+            if metrics:
+                rows.append((int(step), metrics))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"cannot read {path}: {err}") from err
+    return rows
+
+
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _tokens_at(steps: np.ndarray, known: dict[int, float]) -> np.ndarray:
+    """Tokens seen at `steps`, linear in step through the steps in `known` (module docstring)."""
+    import numpy as np
+
+    if not known:
+        return np.full(len(steps), np.nan)
+    xs = np.array(sorted(known), dtype=float)
+    ys = np.array([known[step] for step in sorted(known)], dtype=float)
+    if len(xs) == 1 and xs[0] > 0:
+        xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
+    tokens = np.interp(steps, xs, ys)
+    if len(xs) > 1:
+        before, after = steps < xs[0], steps > xs[-1]
+        tokens[before] = ys[0] + (steps[before] - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+        tokens[after] = ys[-1] + (steps[after] - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return tokens

@@ -1,0 +1,269 @@
+"""`pretrain submit`'s job: an sbatch script rendered from a recipe, and its submission.
+
+The script comes from `train.sbatch.template` beside this module (shipped in the wheel):
+`--nodes` x `--ntasks-per-node` tasks (one per GPU, or `trainer.devices` CPU processes for a CPU
+recipe), `--signal=USR1@margin` so that the trainer checkpoints and requeues the job before its
+time limit (`pretrain.train.requeue`), `--requeue`, `--open-mode=append`, logs in RUN_DIR/slurm/,
+and `srun pretrain fit` with the same recipe, whose `resume: auto` continues from the newest
+checkpoint after every requeue. It is written to RUN_DIR/slurm/train.sbatch: a plain file to
+read, edit and `sbatch` by hand.
+
+Settings missing from the command line come from the recipe's `slurm:` section
+(`pretrain.train.slurm_settings.SlurmSettings`); the recipe's `trainer.num_nodes` and
+`trainer.devices` must match the geometry. No torch or Lightning import: submitting starts fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from pretrain.errors import UserError
+from pretrain.run_dir import RunDir
+from pretrain.train.slurm_settings import SlurmSettings
+
+TEMPLATE = Path(__file__).resolve().parent / "train.sbatch.template"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything an sbatch script needs, resolved from the command line, the recipe and defaults."""
+
+    config: str
+    run_dir: Path
+    workdir: Path
+    settings: SlurmSettings
+    nodes: int
+    ntasks_per_node: int
+    gpus_per_node: int
+    cpus_per_task: int
+    job_name: str
+    env_setup: str
+    fit_args: tuple[str, ...]
+
+    @property
+    def log_dir(self) -> Path:
+        return RunDir(self.run_dir).slurm
+
+    @property
+    def script_path(self) -> Path:
+        return RunDir(self.run_dir).sbatch_script
+
+
+def _override_values(overrides: Sequence[str]) -> dict[str, str]:
+    """`--key value` and `--key=value` pairs of `pretrain fit` overrides, by key (last one wins)."""
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if arg.startswith("--") and "=" in arg:
+            key, _, value = arg[2:].partition("=")
+            values[key] = value
+        elif arg.startswith("--") and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            values[arg[2:]] = overrides[i + 1]
+            i += 1
+        i += 1
+    return values
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+        raise UserError(f"{what} must be a whole number for `pretrain submit`, got {value!r}")
+    return int(value)
+
+
+def time_limit_seconds(limit: str) -> int | None:
+    """Seconds in a SLURM time limit ("minutes", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]"); None for
+    "UNLIMITED"/"infinite"."""
+    if limit.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = clock.split(":")
+    if not all(part.isdigit() for part in parts) or (days and not days.isdigit()) or len(parts) > 3:
+        raise UserError(f"time limit {limit!r}: use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
+    numbers = [int(part) for part in parts]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        numbers += [0] * (3 - len(numbers))
+        return int(days) * 86400 + numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
+    units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(numbers)]
+    return sum(n * unit for n, unit in zip(numbers, units))
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with trainer/model/data sections")
+    return recipe
+
+
+def resolve_job(
+    config: str,
+    cli: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    workdir: Path | None = None,
+) -> Job:
+    """Merge command-line settings (`cli`, None = not given) over the recipe's `slurm:` section and
+    the defaults, and check the geometry against the recipe's trainer section."""
+    import yaml
+
+    workdir = workdir or Path.cwd()
+    recipe = load_recipe(config)
+    section = recipe.get("slurm") or {}
+    fields = {f.name for f in dataclasses.fields(SlurmSettings)}
+    if not isinstance(section, dict) or set(section) - fields:
+        unknown = sorted(set(section) - fields) if isinstance(section, dict) else section
+        raise UserError(f"{config}: unknown slurm setting(s) {unknown}; known: {', '.join(sorted(fields))}")
+    settings = SlurmSettings(**(section | {k: v for k, v in cli.items() if v is not None and k in fields}))
+
+    given = {k: yaml.safe_load(v) for k, v in _override_values(overrides).items()}
+    trainer = recipe.get("trainer") or {}
+    accelerator = str(given.get("trainer.accelerator", trainer.get("accelerator", "auto")))
+    devices = given.get("trainer.devices", trainer.get("devices", "auto"))
+    trainer_nodes = _as_int(given.get("trainer.num_nodes", trainer.get("num_nodes", 1)), "trainer.num_nodes")
+    run_dir = Path(str(given.get("run_dir", recipe.get("run_dir", "runs/default"))))
+    if str(given.get("resume", recipe.get("resume", "auto"))) == "none":
+        raise UserError(
+            "resume: none cannot be submitted: a requeued job must continue from its own checkpoints "
+            "(resume: auto); start a fresh run with a new run_dir instead"
+        )
+    num_workers = (recipe.get("data") or {}).get("num_workers", 2)
+
+    nodes = settings.nodes if settings.nodes is not None else trainer_nodes
+    if nodes != trainer_nodes:
+        raise UserError(
+            f"the job asks for {nodes} node(s) but the recipe's trainer.num_nodes is {trainer_nodes}: "
+            f"make them agree (e.g. add `-- --trainer.num_nodes {nodes}`)"
+        )
+    on_cpu = accelerator == "cpu"
+    if settings.gpus_per_node is not None:
+        gpus = settings.gpus_per_node
+    elif on_cpu:
+        gpus = 0
+    elif devices == "auto":
+        raise UserError(
+            "trainer.devices is 'auto': give --gpus-per-node (or slurm.gpus_per_node) for a GPU job, "
+            "or set trainer.accelerator: cpu"
+        )
+    else:
+        gpus = _as_int(devices, "trainer.devices")
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise UserError(
+            f"the recipe trains on GPUs (trainer.accelerator: {accelerator}) but the job asks for no GPU "
+            "per node: give --gpus-per-node N >= 1, or set trainer.accelerator: cpu"
+        )
+    if on_cpu and gpus:
+        raise UserError(
+            f"the recipe trains on the CPU (trainer.accelerator: cpu) but the job asks for {gpus} GPUs"
+        )
+    if gpus:
+        if devices != "auto" and _as_int(devices, "trainer.devices") != gpus:
+            raise UserError(
+                f"the job asks for {gpus} GPU(s) per node but the recipe's trainer.devices is {devices}: "
+                f"one task per GPU needs trainer.devices: {gpus} (e.g. add `-- --trainer.devices {gpus}`)"
+            )
+        ntasks = gpus
+    else:
+        ntasks = 1 if devices == "auto" else _as_int(devices, "trainer.devices")
+    if min(nodes, ntasks) < 1:
+        raise UserError(f"a job needs at least one node and one task per node, got {nodes} x {ntasks}")
+
+    limit = time_limit_seconds(settings.time) if settings.time else None
+    if limit is not None and settings.signal_margin >= limit:
+        raise UserError(
+            f"the signal margin ({settings.signal_margin} s) must be shorter than the time limit "
+            f"({settings.time} = {limit} s): the job would be told to requeue as it starts"
+        )
+    job_name = settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}"
+    for what, value in (("run directory", run_dir), ("working directory", workdir), ("job name", job_name)):
+        if any(c.isspace() for c in str(value)):
+            raise UserError(
+                f"the {what} {str(value)!r} contains white space, which #SBATCH lines cannot hold"
+            )
+    fit_args = ["--config", config]
+    if cli.get("max_requeues") is not None:
+        fit_args += ["--slurm.max_requeues", str(cli["max_requeues"])]
+    return Job(
+        config=config,
+        run_dir=run_dir,
+        workdir=workdir,
+        settings=settings,
+        nodes=nodes,
+        ntasks_per_node=ntasks,
+        gpus_per_node=gpus,
+        cpus_per_task=settings.cpus_per_task or int(num_workers) + 1,
+        job_name=job_name,
+        env_setup=settings.env_setup if settings.env_setup is not None else default_env_setup(workdir),
+        fit_args=(*fit_args, *overrides),
+    )
+
+
+def default_env_setup(workdir: Path) -> str:
+    """Activate the virtual environment this command runs from (relative to `workdir` if inside)."""
+    if sys.prefix == sys.base_prefix:
+        return ""
+    venv = Path(sys.prefix)
+    if venv.is_relative_to(workdir):
+        venv = venv.relative_to(workdir)
+    return f"source {shlex.quote(str(venv / 'bin' / 'activate'))}"
+
+
+
+
+def render(job: Job) -> str:
+    """The sbatch script for `job`, from the template shipped in this package."""
+    s = job.settings
+    options = [f"--gres=gpu:{job.gpus_per_node}"] if job.gpus_per_node else []
+    for name in ("time", "partition", "account", "qos", "constraint"):
+        if getattr(s, name):
+            options.append(f"--{name}={getattr(s, name)}")
+    try:
+        text = TEMPLATE.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read the sbatch template {TEMPLATE}: {err}") from err
+    return Template(text).substitute(
+        config=job.config,
+        job_name=job.job_name,
+        workdir=job.workdir,
+        nodes=job.nodes,
+        ntasks_per_node=job.ntasks_per_node,
+        cpus_per_task=job.cpus_per_task,
+        options="".join(f"#SBATCH {option}\n" for option in options),
+        signal_margin=s.signal_margin,
+        log_dir=job.log_dir,
+        env_setup=job.env_setup or "# (none: `pretrain` must be on PATH)",
+        fit_command=shlex.join(["pretrain", "fit", *job.fit_args]),
+    )
+
+
+def submit(job: Job) -> str:
+    """Write the script into the run directory, `sbatch` it, record and return the job id."""
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: submit from a SLURM login node (--dry-run only prints the script)")
+    script = render(job)
+    run = RunDir(job.workdir / job.run_dir)
+    run.slurm.mkdir(parents=True, exist_ok=True)
+    run.sbatch_script.write_text(script)
+    result = subprocess.run(
+        ["sbatch", "--parsable", str(run.sbatch_script)], capture_output=True, text=True, cwd=job.workdir
+    )
+    if result.returncode != 0:
+        raise UserError(f"sbatch {run.sbatch_script} failed: {result.stderr.strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    run.record_job(job_id)
+    return job_id

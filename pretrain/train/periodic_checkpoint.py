@@ -1,0 +1,99 @@
+"""`PeriodicCheckpoint`: checkpoints that are never half-written, saved on a cadence, pruned to the last K.
+
+Each checkpoint is written under its partial name in the run's checkpoints folder
+(`pretrain.run_dir`) and renamed into place by rank 0 only after every rank has finished writing;
+a rename is atomic, so any `step-*.ckpt` that exists is complete, and `--resume auto` can always
+trust the newest one. A leftover partial from a crash is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from pretrain.data.shards import fsync_dir
+from pretrain.errors import UserError
+from pretrain.run_dir import RunDir, remove
+from pretrain.train.step_callback import StepCallback
+
+
+class PeriodicCheckpoint(StepCallback):
+    """Save every `every_n_steps` optimizer steps and/or `every_n_minutes`, and when training ends.
+
+    Keeps the newest `keep_last` checkpoints plus pinned ones: steps listed in `pin_steps` and
+    multiples of `pin_every_n_steps` (e.g. for LaWA / later evaluation), deleting the rest.
+    `run_dir` is set by `pretrain fit` (the recipe's `run_dir`).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None = None,
+        every_n_steps: int | None = 1000,
+        every_n_minutes: float | None = None,
+        keep_last: int = 3,
+        pin_every_n_steps: int | None = None,
+        pin_steps: Sequence[int] = (),
+        save_on_train_end: bool = True,
+    ) -> None:
+        super().__init__()
+        if keep_last < 1:
+            raise UserError("checkpoint.keep_last must be at least 1")
+        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.every_n_steps = every_n_steps
+        self.every_n_minutes = every_n_minutes
+        self.keep_last = keep_last
+        self.pin_every_n_steps = pin_every_n_steps
+        self.pin_steps = set(pin_steps)
+        self.save_on_train_end = save_on_train_end
+        self._last_save_time = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.run is None:
+            self.run = RunDir(trainer.default_root_dir)
+        self._last_save_time = time.monotonic()
+
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        if self.every_n_minutes:
+            elapsed = time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes
+            due = due or trainer.strategy.broadcast(elapsed)  # every rank must agree
+        if due:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_on_train_end:
+            self.save(trainer)
+
+    def pinned(self, step: int) -> bool:
+        return step in self.pin_steps or bool(self.pin_every_n_steps and step % self.pin_every_n_steps == 0)
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Write the checkpoint for the current step aside, then publish it under its final name."""
+        if self.run is None:
+            self.run = RunDir(trainer.default_root_dir)
+        step = trainer.global_step
+        final = self.run.checkpoint(step)
+        if trainer.strategy.broadcast(final.exists(), src=0):  # rank 0 decides (NFS caches lookups)
+            return final
+        partial = self.run.partial_checkpoint(step)
+        if trainer.is_global_zero:
+            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+            remove(partial)
+        trainer.strategy.barrier("checkpoint-prepare")
+        trainer.save_checkpoint(partial, weights_only=False)  # full: optimizer, loops, callbacks
+        trainer.strategy.barrier("checkpoint-written")
+        if trainer.is_global_zero:
+            if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
+                with open(partial, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(partial, final)
+            fsync_dir(self.run.checkpoints)
+            self.run.prune_checkpoints(self.keep_last, self.pinned)
+        trainer.strategy.barrier("checkpoint-published")
+        self._last_save_time = time.monotonic()
+        return final
