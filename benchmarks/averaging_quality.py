@@ -24,9 +24,9 @@ import yaml
 from pretrain.data.loader import build_val_datasets
 from pretrain.model import Llama
 from pretrain.model.attention import document_ids
-from pretrain.model.average import average_checkpoints, lawa_checkpoints
+from pretrain.model.average import average_checkpoints
 from pretrain.model.checkpoint import ModelCheckpoint
-from pretrain.run_dir import list_checkpoints
+from pretrain.run_dir import RunDir, list_checkpoints
 
 
 def run_recipe(run_dir: Path) -> dict:
@@ -83,7 +83,7 @@ def main() -> None:
     recipe = run_recipe(args.run_dir)
     device = torch.device(args.device)
     last_step, last = list_checkpoints(args.run_dir / "checkpoints")[-1]
-    chosen = lawa_checkpoints(args.run_dir, args.last, args.every)
+    chosen = RunDir(args.run_dir).lawa_checkpoints(args.last, args.every)
     steps = [int(p.name.split("-")[1].split(".")[0]) for p in chosen]
     rows = [
         (f"last checkpoint (step {last_step})", average_checkpoints([last])),

@@ -154,6 +154,25 @@ class RunDir:
             raise UserError(f"--resume {resume}: no such checkpoint (use 'auto', 'none' or an existing path)")
         return path
 
+    def lawa_checkpoints(self, last_k: int, every: int | None = None) -> list[Path]:
+        """The latest `last_k` checkpoints at multiples of `every` steps (LaWA). The run directory
+        may also be given as its checkpoints folder."""
+        directory = self.checkpoints if self.checkpoints.is_dir() else self.path
+        found = list_checkpoints(directory)
+        if not found:
+            raise UserError(f"{directory} holds no step-*.ckpt checkpoints")
+        if last_k < 1 or (every is not None and every < 1):
+            raise UserError("--last and --every must be at least 1")
+        chosen = [(step, path) for step, path in found if every is None or step % every == 0]
+        if len(chosen) < last_k:
+            spacing = f" at multiples of {every} steps" if every else ""
+            raise UserError(
+                f"--last {last_k} needs {last_k} checkpoints{spacing}, but {directory} has {len(chosen)} "
+                f"(steps {', '.join(str(s) for s, _ in found)}); keep them while training with "
+                f"checkpoint.every_n_steps and checkpoint.pin_every_n_steps: {every or 'S'}"
+            )
+        return [path for _, path in chosen[-last_k:]]
+
     def prune_checkpoints(self, keep_last: int, pinned: Callable[[int], bool]) -> None:
         """Delete leftover partials and every checkpoint but the newest `keep_last` and the pinned steps."""
         for leftover in self.checkpoints.glob(".partial-*"):

@@ -1,39 +1,11 @@
-"""Shared test helpers.
-
-`require(module)` imports an optional component a test needs. Locally a missing component
-skips the test; in CI (`PRETRAIN_REQUIRE_ALL=1`, set by `.ci/run`) it fails it, so a
-broken install can never hide behind a skip. Only tests that truly need a GPU may skip in CI.
-"""
+"""Shared fixtures (helpers live in helpers.py)."""
 
 from __future__ import annotations
 
-import importlib
-import os
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-REQUIRE_ALL = os.environ.get("PRETRAIN_REQUIRE_ALL") == "1"
-
-
-def require(module: str) -> ModuleType:
-    """Import `module` or skip (locally) / fail (in CI) the calling test."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        if REQUIRE_ALL:
-            pytest.fail(f"required component {module!r} is missing in CI: {err}")
-        pytest.skip(f"{module} not installed: {err}")
-
-
-def require_gpu() -> None:
-    """Skip unless a CUDA GPU is present (allowed to skip in CI: CI has no GPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-
+from helpers import STEPS, recipe, run, train_losses
 
 STDLIB_FILES = 150  # documents in the small real-text corpus used by training tests
 
@@ -63,17 +35,12 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
-def bare_trainer(**kwargs):
-    """A CPU Lightning Trainer with no logger, checkpointing, progress bar, summary or validation."""
-    import lightning as L
-
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-    )
-    return L.Trainer(**(defaults | kwargs))
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted single-process run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run(["fit", "--config", str(recipe(tmp, tiny_dataset, tmp / "ref"))])
+    losses = train_losses(tmp / "ref")
+    assert sorted(losses) == list(range(STEPS))
+    assert losses[STEPS - 1] < losses[0] - 0.3  # it learns
+    return losses

@@ -7,7 +7,7 @@ The GPU check comes first so that on a GPU machine a missing package fails in CI
 
 import pytest
 import torch
-from conftest import require, require_gpu
+from helpers import require, require_gpu
 
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.attention import document_ids, get_attention

@@ -16,13 +16,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import bare_trainer, require
-from test_train import MODEL, recipe, run
+from helpers import MODEL, bare_trainer, recipe, require, run
 
 from pretrain.cli import main
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.average import average_checkpoints, open_checkpoint
 from pretrain.model.checkpoint import (
+    EMA_STATE_KEY,
     LAWA_STATE_KEY,
     ModelCheckpoint,
     load_model_checkpoint,
@@ -224,7 +224,7 @@ def test_fsdp2_keeps_sharded_ema_that_matches_one_process_and_resumes_exactly_on
 def test_ema_is_exported_from_checkpoints_and_refused_where_absent(single, tmp_path, capsys):
     out = tmp_path / "ema.pt"
     assert main(["average", "--ema", str(ckpt(single, 12)), "-o", str(out)]) == 0
-    state = torch.load(ckpt(single, 12), weights_only=True)["callbacks"]["EMA"]["copies"]["ema"]
+    state = torch.load(ckpt(single, 12), weights_only=True)["callbacks"][EMA_STATE_KEY]["copies"]["ema"]
     assert all(torch.equal(load_model_checkpoint(out).state_dict[k], v) for k, v in state.items())
     assert main(["export-hf", str(out), str(tmp_path / "hf")]) == 0
     assert main(["average", "--ema", str(out), "-o", str(tmp_path / "again.pt")]) == 2

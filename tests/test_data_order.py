@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_dataset
+from helpers import write_dataset
 from torch.utils.data import DataLoader
 
 from pretrain.data.loader import build_train_dataset, build_val_datasets, data_fingerprint

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require
+from helpers import require
 
 from pretrain.cli import main
 from pretrain.data import inputs

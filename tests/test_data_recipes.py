@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require
+from helpers import require
 
 from pretrain.data.loader import build_train_dataset
 from pretrain.data.shards import load_manifest

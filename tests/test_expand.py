@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import require
-from test_train import MODEL, recipe, run, run_and_kill_after_checkpoint, train_losses
+from helpers import MODEL, recipe, require, run, run_and_kill_after_checkpoint, train_losses
 
 from pretrain.cli import main
 from pretrain.model import Llama, LlamaConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import require
+from helpers import require
 from tokenizers import Tokenizer
 
 from pretrain.cli import main

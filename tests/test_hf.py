@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import require
+from helpers import require
 
 from pretrain.cli import main
 from pretrain.errors import UserError

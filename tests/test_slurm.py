@@ -24,8 +24,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REQUIRE_ALL
-from test_train import recipe, train_losses
+from helpers import REQUIRE_ALL, recipe, train_losses
 
 from pretrain.cli import main
 from pretrain.errors import UserError

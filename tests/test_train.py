@@ -10,17 +10,24 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import bare_trainer, require
+from helpers import (
+    MODEL,
+    PRETRAIN,
+    STEPS,
+    bare_trainer,
+    recipe,
+    require,
+    run,
+    run_and_kill_after_checkpoint,
+    train_losses,
+)
 
 from pretrain.cli import main
 from pretrain.errors import UserError
@@ -29,119 +36,29 @@ from pretrain.model.checkpoint import load_model_checkpoint
 from pretrain.run_dir import RunDir, list_checkpoints
 from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
 
-PRETRAIN = str(Path(sys.executable).with_name("pretrain"))
-STEPS = 12
-MODEL = {
-    "vocab_size": 512,
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "mlp_hidden": 128,
-    "max_seq_len": 64,
-}
 
-
-def recipe(tmp_path: Path, dataset: Path, run_dir: Path, **changes) -> Path:
-    """A tiny CPU recipe: 16 sequences x 64 tokens per step, 12 steps, checkpoint every 4."""
-    config = {
-        "run_dir": str(run_dir),
-        "validate_every_steps": 4,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": STEPS,
-            "precision": "32-true",
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0,
-        },
-        "model": {
-            "model": "tiny",
-            "model_overrides": MODEL,
-            "lr_schedule": {
-                "class_path": "pretrain.train.schedules.WarmupCosine",
-                "init_args": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
-            },
-        },
-        "data": {
-            "sources": {"stdlib": {"path": str(dataset), "weight": 1.0}},
-            "seq_len": 64,
-            "global_batch_tokens": 1024,
-            "micro_batch_size": 8,
-            "num_workers": 0,
-            "val_tokens": 4096,
-        },
-        "checkpoint": {"every_n_steps": 4, "keep_last": 2},
-    }
-    for key, value in changes.items():
-        section, _, name = key.partition("__")
-        if name:
-            config[section][name] = value
-        else:
-            config[section] = value
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss over all launches of a run (a later launch overrides re-done steps)."""
-    losses: dict[int, float] = {}
-    versions = sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    for version in versions:
-        if not (version / "metrics.csv").exists():  # a launch that failed before its first step
-            continue
-        with open(version / "metrics.csv") as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
-
-
-def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run([PRETRAIN, *args], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def logged_steps(run_dir: Path) -> int:
-    try:
-        return len(train_losses(run_dir))
-    except (OSError, ValueError, KeyError):  # the first rows are being written
-        return 0
-
-
-def run_and_kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 240) -> None:
-    """Start `pretrain ...`; SIGKILL its whole process group once `checkpoint` is published and
-    the log holds every step up to it (a hard kill may lose the one log row being written)."""
-    process = subprocess.Popen(
-        [PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    deadline = time.monotonic() + timeout
-    step = int(checkpoint.name.split("-")[1].split(".")[0])
-    while not (checkpoint.exists() and logged_steps(checkpoint.parent.parent) >= step):
-        if process.poll() is not None:
-            pytest.fail(
-                f"training exited before {checkpoint.name} appeared: {process.stderr.read().decode()[-2000:]}"
-            )
-        assert time.monotonic() < deadline, "timed out waiting for the checkpoint"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dataset, tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of an uninterrupted single-process run."""
-    tmp = tmp_path_factory.mktemp("reference")
-    run(["fit", "--config", str(recipe(tmp, tiny_dataset, tmp / "ref"))])
-    losses = train_losses(tmp / "ref")
-    assert sorted(losses) == list(range(STEPS))
-    assert losses[STEPS - 1] < losses[0] - 0.3  # it learns
-    return losses
+def test_resume_with_another_attention_backend_continues_and_an_architecture_change_is_refused(
+    tiny_dataset, tmp_path, capsys
+):
+    """The attention kernel is an execution setting: a run trained with `sdpa` resumes with
+    `sdpa-math` and continues the uninterrupted run's losses; a changed architectural field is refused."""
+    first = tmp_path / "sdpa"
+    assert main(["fit", "--config", str(recipe(tmp_path, tiny_dataset, first)), "--checkpoint.keep_last", "3"]) == 0
+    uninterrupted = train_losses(first)
+    step_8 = first / "checkpoints" / "step-00000008.ckpt"
+    resumed = tmp_path / "math"
+    config = recipe(tmp_path, tiny_dataset, resumed)
+    args = ["fit", "--config", str(config), "--resume", str(step_8), "--model.attention_backend", "sdpa-math"]
+    assert main(args) == 0
+    continued = train_losses(resumed)
+    assert sorted(continued) == list(range(8, STEPS))
+    for step, loss in continued.items():  # the same weights, data and optimizer; only kernel rounding differs
+        assert abs(loss - uninterrupted[step]) < 1e-5, (step, loss, uninterrupted[step])
+    deeper = {**MODEL, "n_layers": 3}
+    refused = tmp_path / "deeper"
+    args = ["fit", "--config", str(recipe(tmp_path, tiny_dataset, refused)), "--resume", str(step_8)]
+    assert main([*args, "--model.model_overrides", json.dumps(deeper)]) == 2
+    assert "model config differs" in capsys.readouterr().err
 
 
 def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, reference):
@@ -320,7 +237,7 @@ def test_a_tensorboard_logger_records_beside_the_csv_log(tiny_dataset, tmp_path)
 def test_final_weights_are_validated_and_precision_defaults_to_the_device(
     tiny_dataset, tmp_path, monkeypatch
 ):
-    from pretrain.train import cli as fit_cli
+    from pretrain.train import fit as fit_cli
 
     run_dir = tmp_path / "final"
     config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=6)  # validate_every_steps: 4
@@ -435,7 +352,7 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(tiny_dataset, tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "recipe_path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml")), ids=Path
+    "recipe_path", sorted(str(p) for p in Path(__file__).parents[1].glob("pretrain/recipes/**/*.yaml")), ids=Path
 )
 def test_every_shipped_recipe_parses(recipe_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

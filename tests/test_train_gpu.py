@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import require_gpu
-from test_train import STEPS, recipe, reference, run, run_and_kill_after_checkpoint, train_losses  # noqa: F401
+from helpers import STEPS, recipe, require_gpu, run, run_and_kill_after_checkpoint, train_losses
 
 from pretrain.model.loss import linear_cross_entropy
 

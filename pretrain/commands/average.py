@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.model.average import average_checkpoints, lawa_checkpoints
+    from pretrain.model.average import average_checkpoints
     from pretrain.model.checkpoint import save_model_checkpoint
+    from pretrain.run_dir import RunDir
 
     if args.last is None and args.every is not None:
         raise UserError("--every goes with --last K RUN_DIR")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.weights is not None:
             raise UserError("--weights goes with a list of checkpoints, not with --last (LaWA is uniform)")
-        paths = lawa_checkpoints(args.checkpoints[0], args.last, args.every)
+        paths = RunDir(args.checkpoints[0]).lawa_checkpoints(args.last, args.every)
     else:
         paths = args.checkpoints
     weights = None

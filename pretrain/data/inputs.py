@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from pretrain.errors import UserError
 
@@ -107,7 +107,7 @@ def expand(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-def _open_bytes(path: Path) -> IO[bytes]:
+def _open_bytes(path: Path) -> io.BufferedIOBase:
     _, compression = _stem_and_compression(path)
     if compression == ".gz":
         return gzip.open(path, "rb")

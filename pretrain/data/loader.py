@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pretrain.data.mixture import Mixture
+from pretrain.data.mixture import Mixture, SourceMixture
 from pretrain.data.order import BatchLayout, SampleOrder
 from pretrain.data.ramp import RampedMixture
 from pretrain.data.shards import Manifest, load_manifest
@@ -154,7 +154,7 @@ def build_train_dataset(
             )
     weights = [_spec(s)[1] for s in sources.values()]
     try:
-        mixture = Mixture(weights)
+        mixture: SourceMixture = Mixture(weights)
         if ramp is not None:
             if ramp["source"] not in streams:
                 raise UserError(

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fractions import Fraction
 from math import lcm
+from typing import Protocol
 
 import numpy as np
 
@@ -80,6 +81,14 @@ def edf_schedule(counts: Sequence[int]) -> np.ndarray:
         taken[s] += 1
         jobs[s] = window(s, taken[s] + 1)
     return out
+
+
+class SourceMixture(Protocol):
+    """What `SampleOrder` needs of a mixture: `Mixture`, `pretrain.data.ramp.RampedMixture`."""
+
+    def assign(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def consumed(self, num_samples: int) -> np.ndarray: ...
 
 
 class Mixture:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pretrain.data.mixture import Mixture
+from pretrain.data.mixture import SourceMixture
 from pretrain.data.permutation import Permutation
 
 
@@ -33,7 +33,9 @@ class SampleOrder:
     `Mixture` (fixed shares); a schedule of shares can slot in the same way.
     """
 
-    def __init__(self, names: Sequence[str], windows: Sequence[int], mixture: Mixture, seed: int) -> None:
+    def __init__(
+        self, names: Sequence[str], windows: Sequence[int], mixture: SourceMixture, seed: int
+    ) -> None:
         self.names = list(names)
         self.windows = np.array(windows, dtype=np.int64)
         self.mixture = mixture

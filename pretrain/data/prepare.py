@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -194,7 +194,7 @@ class SplitWriter:
         self.closed: list[int] = []  # closed in the current unit, published after the commit
         (root / split).mkdir(parents=True, exist_ok=True)
         bin_tmp, docs_tmp = _temp_paths(root, split, self.index)
-        self._files = None
+        self._files: tuple[BinaryIO, BinaryIO] | None = None
         if self.tokens:
             self._files = (open(bin_tmp, "r+b"), open(docs_tmp, "r+b"))
             self._files[0].truncate(self.tokens * dtype.itemsize)
@@ -222,7 +222,8 @@ class SplitWriter:
 
     def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         if self._files is None:
-            self._files = tuple(open(p, "wb") for p in _temp_paths(self.root, self.split, self.index))
+            bin_tmp, docs_tmp = _temp_paths(self.root, self.split, self.index)
+            self._files = (open(bin_tmp, "wb"), open(docs_tmp, "wb"))
         self._files[0].write(tokens.astype(self.dtype, copy=False).tobytes())
         self._files[1].write(lengths.astype("<i8").tobytes())
         self.tokens += len(tokens)
@@ -238,6 +239,7 @@ class SplitWriter:
         if self.tokens == 0:
             return
         self.sync()
+        assert self._files is not None  # a shard with tokens has its files open
         for f in self._files:
             f.close()
         self._files = None
@@ -504,10 +506,10 @@ def prepare(
         write_atomic(root / TOKENIZER, tok.path.read_bytes())
     write_json_atomic(root / MANIFEST, manifest)
     shutil.rmtree(root / STATE_DIR)
-    result = load_manifest(root)
+    prepared = load_manifest(root)
     if show_progress:
-        print(summary(result, time.time() - began))
-    return result
+        print(summary(prepared, time.time() - began))
+    return prepared
 
 
 def _warn(message: str, warned: int, bar: tqdm) -> int:

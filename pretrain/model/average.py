@@ -2,8 +2,8 @@
 
 `average_checkpoints(paths, weights)` returns sum_i w_i * theta_i over checkpoints of one
 architecture and one tokenizer (weights non-negative, normalized to sum to 1; uniform by default),
-as a normal model checkpoint for `export-hf`, `generate` or `init_from`. `lawa_checkpoints` picks
-the latest k checkpoints of a run spaced S steps apart (LaWA, arXiv 2306.03241).
+as a normal model checkpoint for `export-hf`, `generate` or `init_from`. LaWA (arXiv 2306.03241)
+averages the latest k checkpoints of a run spaced S steps apart (`RunDir.lawa_checkpoints`).
 
 Checkpoints are read lazily, so memory holds one running sum plus the tensor being added, not a
 copy per checkpoint: checkpoint files (`.ckpt` from `pretrain fit`, model files) are
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -113,25 +112,3 @@ def average_checkpoints(
         },
     }
     return ModelCheckpoint(first.config, state, first.tokenizer_json, meta)
-
-
-def lawa_checkpoints(run_dir: str | os.PathLike, last_k: int, every: int | None = None) -> list[Path]:
-    """The latest `last_k` checkpoints of a run (or checkpoints directory) at multiples of `every` steps."""
-    from pretrain.run_dir import RunDir, list_checkpoints
-
-    run_dir = Path(run_dir)
-    directory = RunDir(run_dir).checkpoints if RunDir(run_dir).checkpoints.is_dir() else run_dir
-    found = list_checkpoints(directory)
-    if not found:
-        raise UserError(f"{directory} holds no step-*.ckpt checkpoints")
-    if last_k < 1 or (every is not None and every < 1):
-        raise UserError("--last and --every must be at least 1")
-    chosen = [(step, path) for step, path in found if every is None or step % every == 0]
-    if len(chosen) < last_k:
-        spacing = f" at multiples of {every} steps" if every else ""
-        raise UserError(
-            f"--last {last_k} needs {last_k} checkpoints{spacing}, but {directory} has {len(chosen)} "
-            f"(steps {', '.join(str(s) for s, _ in found)}); keep them while training with "
-            f"checkpoint.every_n_steps and checkpoint.pin_every_n_steps: {every or 'S'}"
-        )
-    return [path for _, path in chosen[-last_k:]]

@@ -45,6 +45,7 @@ def blocks_to_copy(
         if not 1 <= every <= n_layers:
             raise UserError(f"--every must be between 1 and the number of layers ({n_layers}), got {every}")
         return list(range(every - 1, n_layers, every))
+    assert positions is not None  # exactly one of the two is given (checked above)
     chosen = sorted(positions)
     if not chosen or chosen[0] < 0 or chosen[-1] >= n_layers or len(set(chosen)) != len(chosen):
         raise UserError(

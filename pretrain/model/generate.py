@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer
@@ -121,7 +122,8 @@ def combine_logits(weights: Sequence[float], logits: Sequence[torch.Tensor]) -> 
     base), the difference first, so that an expert equal to its base gives the large model exactly."""
     if len(logits) == 3 and weights[2] == -weights[1]:
         return weights[0] * logits[0] + weights[1] * (logits[1] - logits[2])
-    return sum(weight * out for weight, out in zip(weights, logits, strict=True))
+    # A tensor for any non-empty `logits` (sum's start value, 0, only types the empty case).
+    return cast(torch.Tensor, sum(weight * out for weight, out in zip(weights, logits, strict=True)))
 
 
 @torch.no_grad()

@@ -92,9 +92,12 @@ class KVCache:
         if max_len > config.max_seq_len:
             raise ValueError(f"KV cache of {max_len} slots exceeds max_seq_len {config.max_seq_len}")
         shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
-        empty = {"device": device, "dtype": dtype}
         self.layers = [
-            LayerCache(self, torch.zeros(shape, **empty), torch.zeros(shape, **empty))
+            LayerCache(
+                self,
+                torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape, device=device, dtype=dtype),
+            )
             for _ in range(config.n_layers)
         ]
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
@@ -237,6 +240,8 @@ class Llama(nn.Module):
     """The decoder of `config`; `attention_backend` is the attention kernel this instance runs
     (`pretrain.model.attention.BACKENDS`), an execution choice, not part of the architecture."""
 
+    rope: torch.Tensor  # a non-persistent buffer (registered in __init__)
+
     def __init__(self, config: LlamaConfig, attention_backend: str = "sdpa") -> None:
         super().__init__()
         self.config = config
@@ -294,7 +299,7 @@ class Llama(nn.Module):
         x = self.norm(x)
         aux_loss = aux_loss / len(self.layers)
         if targets is not None and loss_chunk_tokens is not None:
-            loss = linear_cross_entropy(
+            loss: torch.Tensor | None = linear_cross_entropy(
                 x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk_tokens
             )
             return LlamaOutput(None, aux_loss, loss)

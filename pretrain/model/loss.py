@@ -13,6 +13,8 @@ is applied in float32, so that nothing underflows before a loss scale (fp16) mul
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # FunctionCtx's stubs lack needs_input_grad, saved_tensors and custom attributes
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
@@ -73,9 +75,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss_sum / n_tokens
 
     @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         scale = grad_loss.float()

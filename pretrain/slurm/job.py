@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Any, cast
 
 from pretrain.errors import UserError
 from pretrain.run_dir import RunDir
@@ -183,7 +183,8 @@ def resolve_job(
     if min(nodes, ntasks) < 1:
         raise UserError(f"a job needs at least one node and one task per node, got {nodes} x {ntasks}")
 
-    limit = time_limit_seconds(settings.time) if settings.time else None
+    # SlurmSettings.__post_init__ rejects an int time, so a set time is text here.
+    limit = time_limit_seconds(cast(str, settings.time)) if settings.time else None
     if limit is not None and settings.signal_margin >= limit:
         raise UserError(
             f"the signal margin ({settings.signal_margin} s) must be shorter than the time limit "

@@ -11,13 +11,16 @@ stops with a clear message unless `allow_data_change` is set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from pretrain.errors import UserError
+
+if TYPE_CHECKING:
+    from pretrain.data.loader import TrainDataset
 
 
 @dataclass
@@ -98,7 +101,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.vocab_size: int | None = None
         self.fingerprint: str | None = None
         self.tokenizer_fingerprint: str | None = None
-        self._train = None
+        self._train: TrainDataset | None = None
 
     def setup(self, stage: str) -> None:
         from pretrain.data.loader import data_fingerprint, open_sources
@@ -112,6 +115,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.tokenizer_fingerprint = first.tokenizer_fingerprint
 
     def _check_geometry(self) -> tuple[int, int]:
+        assert self.trainer is not None  # attached by the Trainer before it asks for a loader
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if self.global_batch_size % (world * self.micro_batch_size):
             raise UserError(
@@ -124,6 +128,7 @@ class PretrainDataModule(L.LightningDataModule):
         from pretrain.data.loader import build_train_dataset
 
         rank, world = self._check_geometry()
+        assert self.trainer is not None
         self._train = build_train_dataset(
             self.sources,
             seq_len=self.seq_len,
@@ -204,3 +209,9 @@ class PretrainDataModule(L.LightningDataModule):
             f"{ {n: vars(s) for n, s in self.sources.items()} } (fingerprint {str(self.fingerprint)[:16]}). "
             "Restore the original data, or pass --data.allow_data_change true to continue on the new data."
         )
+
+
+def trainer_datamodule(trainer: L.Trainer) -> PretrainDataModule:
+    """`trainer.datamodule` of a `pretrain fit` run, typed. Lightning sets the attribute at fit time
+    but does not declare it on `Trainer`."""
+    return cast(PretrainDataModule, trainer.datamodule)  # type: ignore[attr-defined]

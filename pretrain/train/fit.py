@@ -195,6 +195,8 @@ def fit(args: Sequence[str] | None = None) -> int:
             )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
             ckpt_path = run.resolve_resume(cli.config.branch_from)
+            # A path is checked to exist; only "auto"/"none" could give None (they crashed here before too).
+            assert ckpt_path is not None, f"--branch_from {cli.config.branch_from}: no checkpoint"
             cli.model.branched_from = str(ckpt_path.resolve())
     if (
         ckpt_path is not None

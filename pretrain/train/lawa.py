@@ -19,7 +19,9 @@ cadence (`checkpoint.pin_every_n_steps`) and run `pretrain average --last K --ev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+import torch
 
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import LAWA_STATE_KEY
@@ -56,7 +58,8 @@ class OnlineLaWA(WeightCopies):
         if not self.copies:
             return None
         weights = list(self.copies.values())
-        return {name: sum(w[name] for w in weights) / len(weights) for name in weights[0]}
+        # sum() of tensors is a tensor (its start value 0 only types the empty case, excluded above).
+        return {name: cast(torch.Tensor, sum(w[name] for w in weights)) / len(weights) for name in weights[0]}
 
     def extra_metrics(self) -> dict[str, float]:
         return {"copies": float(len(self.copies))}

@@ -31,11 +31,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
 from pretrain.model.attention import BACKENDS, document_ids
 from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint
+from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import LossSums
 from pretrain.train.parallelize import ACTIVATION_CHECKPOINTING, parallelize
 from pretrain.train.schedules import LRSchedule, WarmupCosine
@@ -126,7 +128,7 @@ class PretrainModule(L.LightningModule):
         self._val_sums = LossSums()
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
+        data = trainer_datamodule(self.trainer)
         if data is not None and data.vocab_size is not None:
             if data.vocab_size > self.config.vocab_size:
                 raise UserError(
@@ -141,23 +143,23 @@ class PretrainModule(L.LightningModule):
         if self.model is not None:
             return
         generator_state = torch.get_rng_state()
-        torch.manual_seed(self.hparams.seed)
+        torch.manual_seed(self.hparams["seed"])
         with torch.device("cpu"):
-            model = Llama(self.config, self.hparams.attention_backend)
+            model = Llama(self.config, self.hparams["attention_backend"])
         torch.set_rng_state(generator_state)
-        if self.hparams.init_from and not self.resuming:
-            self._load_initial_weights(model, self.hparams.init_from)
-        if self.hparams.trainable_blocks is not None:
+        if self.hparams["init_from"] and not self.resuming:
+            self._load_initial_weights(model, self.hparams["init_from"])
+        if self.hparams["trainable_blocks"] is not None:
             model.requires_grad_(False)
             for i in self._trainable_block_indices():
                 model.layers[i].requires_grad_(True)
         trainer = self._attached_trainer()
         parallelize(
             model,
-            activation_checkpointing=self.hparams.activation_checkpointing,
-            compile=self.hparams.compile,
+            activation_checkpointing=self.hparams["activation_checkpointing"],
+            compile=self.hparams["compile"],
             strategy=trainer.strategy if trainer is not None else None,
-            sharding=self.hparams.sharding,
+            sharding=self.hparams["sharding"],
             bf16=trainer is not None and str(trainer.precision).startswith("bf16"),
             num_nodes=trainer.num_nodes if trainer is not None else 1,
         )
@@ -186,9 +188,9 @@ class PretrainModule(L.LightningModule):
 
     def _trainable_block_indices(self) -> list[int]:
         """`trainable_blocks` as block indices ("new": read from the init_from checkpoint's meta)."""
-        blocks = self.hparams.trainable_blocks
+        blocks = self.hparams["trainable_blocks"]
         if blocks == "new":
-            blocks = self._expanded_blocks(self.hparams.init_from)
+            blocks = self._expanded_blocks(self.hparams["init_from"])
         elif isinstance(blocks, str):
             raise UserError(
                 f'model.trainable_blocks must be a list of block indices or "new", got {blocks!r}'
@@ -217,21 +219,23 @@ class PretrainModule(L.LightningModule):
 
     # ---- optimization ------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        assert self.model is not None  # built in configure_model, which Lightning calls first
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
             exempt = param.dim() < 2 or "tok_embeddings" in name
-            (no_decay if exempt and not self.hparams.decay_norms_and_embeddings else decay).append(param)
+            (no_decay if exempt and not self.hparams["decay_norms_and_embeddings"] else decay).append(param)
         groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": decay, "weight_decay": self.hparams["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         fused = self.device.type == "cuda"
         # lr=1.0: the LambdaLR factor below *is* the absolute learning rate.
         optimizer = torch.optim.AdamW(
-            groups, lr=1.0, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused
+            groups, lr=1.0, betas=tuple(self.hparams["betas"]), eps=self.hparams["eps"], fused=fused
         )
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps < 1:
@@ -251,7 +255,7 @@ class PretrainModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._step_micro_batches == 0:  # first micro-batch of an optimizer step
-            key = [self.hparams.seed, self.trainer.global_step, self.trainer.global_rank]
+            key = [self.hparams["seed"], self.trainer.global_step, self.trainer.global_rank]
             torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -262,7 +266,7 @@ class PretrainModule(L.LightningModule):
         self._step_micro_batches += 1
         if self.config.is_moe:
             self.log("train/moe_aux_loss", out.aux_loss.detach(), on_step=True, sync_dist=True)
-            return loss + self.hparams.moe_aux_loss_coef * out.aux_loss
+            return loss + self.hparams["moe_aux_loss_coef"] * out.aux_loss
         return loss
 
     def configure_gradient_clipping(
@@ -275,6 +279,7 @@ class PretrainModule(L.LightningModule):
         and skip the step if it is not finite. Runs once per optimizer step."""
         if gradient_clip_algorithm not in (None, "norm"):
             raise UserError("only gradient_clip_algorithm: norm is supported")
+        assert self.model is not None and self._step_loss_sum is not None  # set up / accumulated by now
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if gradient_clip_val:
@@ -294,7 +299,7 @@ class PretrainModule(L.LightningModule):
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        if self.nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+        if self.nonfinite_in_a_row >= self.hparams["max_nonfinite_steps"]:
             self.trainer.should_stop = True
             self.stop_reason = (
                 f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
@@ -304,7 +309,7 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what `export-hf`, `init_from` and `generate` need to use the weights alone."""
-        data = self.trainer.datamodule
+        data = trainer_datamodule(self.trainer)
         checkpoint["pretrain"] = {
             "model_config": self.config.to_dict(),
             "tokenizer": data.tokenizer_json,
@@ -337,7 +342,7 @@ class PretrainModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         inputs, targets = batch
-        source = self.trainer.datamodule.val_source_names[dataloader_idx]
+        source = trainer_datamodule(self.trainer).val_source_names[dataloader_idx]
         self._val_sums.add(source, self.summed_loss(inputs, targets), targets.numel())
 
     def summed_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -346,8 +351,14 @@ class PretrainModule(L.LightningModule):
 
     def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> LlamaOutput:
         """The model on a batch, with its mean loss (document masking and loss chunking as configured)."""
-        doc_ids = document_ids(inputs, self.eos_id) if self.hparams.document_masking else None
-        return self.model(inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+        assert self.model is not None  # built in configure_model
+        doc_ids = None
+        if self.hparams["document_masking"]:
+            assert self.eos_id is not None  # set in setup from the data module's tokenizer
+            doc_ids = document_ids(inputs, self.eos_id)
+        return self.model(
+            inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams["loss_chunk_tokens"]
+        )
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""

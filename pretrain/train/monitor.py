@@ -14,12 +14,17 @@ tokens/s only.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, cast
 
 import lightning as L
 import torch
 
 from pretrain.model.flops import flops_per_token
+from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.step_callback import StepCallback
+
+if TYPE_CHECKING:
+    from pretrain.train.module import PretrainModule
 
 # Dense bf16 tensor-core peak FLOP/s by device-name fragment; the first match wins.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -60,23 +65,24 @@ class TrainingMonitor(StepCallback):
         super().on_train_start(trainer, pl_module)
         self._last_logged_step = trainer.global_step
         self._last_time = time.perf_counter()
-        config = pl_module.config
-        seq_len = trainer.datamodule.seq_len
+        config = cast("PretrainModule", pl_module).config
+        seq_len = trainer_datamodule(trainer).seq_len
         self._flops_per_token = flops_per_token(config, seq_len)
         peak = peak_flops(pl_module.device)
         self._peak_total = peak * trainer.world_size if peak else None
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        if step % trainer.log_every_n_steps != 0:
+        # Lightning sets trainer.log_every_n_steps without declaring it on Trainer.
+        if step % trainer.log_every_n_steps != 0:  # type: ignore[attr-defined]
             return
-        data = trainer.datamodule
+        data = trainer_datamodule(trainer)
         now = time.perf_counter()
         steps = step - self._last_logged_step
         self.tokens_per_sec = steps * data.global_batch_tokens / max(now - self._last_time, 1e-9)
         self._last_time, self._last_logged_step = now, step
         metrics = {
             "train/tokens_seen": float(step * data.global_batch_tokens),
-            "train/lr": pl_module.lr_schedule(step - 1, trainer.max_steps),
+            "train/lr": cast("PretrainModule", pl_module).lr_schedule(step - 1, trainer.max_steps),
             "train/tokens_per_sec": self.tokens_per_sec,
         }
         for source, epoch in data.epochs_at(step).items():

@@ -78,7 +78,7 @@ def checkpointed(block: torch.nn.Module, selective: bool) -> torch.nn.Module:
     if selective:
         saved = SAVED_OPS | _registered_ops("flash_attn", FLASH_ATTN_OPS)
         options["context_fn"] = partial(create_selective_checkpoint_contexts, partial(_keep, saved))
-    block.forward = partial(checkpoint, block.forward, **options)  # type: ignore[method-assign]
+    block.forward = partial(checkpoint, block.forward, **options)
     return block
 
 

@@ -58,7 +58,7 @@ class PeriodicCheckpoint(StepCallback):
         self._last_save_time = time.monotonic()
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        due = bool(self.every_n_steps and step % self.every_n_steps == 0)
         if self.every_n_minutes:
             elapsed = time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes
             due = due or trainer.strategy.broadcast(elapsed)  # every rank must agree

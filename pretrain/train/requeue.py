@@ -80,7 +80,8 @@ class RequeueOnSignal(StepCallback):
         self._check(trainer, pl_module)
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        if self.job_id and step % trainer.log_every_n_steps == 0:
+        # Lightning sets trainer.log_every_n_steps without declaring it on Trainer.
+        if self.job_id and step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             pl_module.log("train/requeues", float(self.requeues), on_step=True)
         self._check(trainer, pl_module)
 

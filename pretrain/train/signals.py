@@ -35,7 +35,7 @@ def install_signal_handlers() -> dict[int, Any]:
 
 def route_signals() -> dict[int, Any]:
     """Route SIGUSR1 and SIGTERM to the flag (keeping what it holds); returns the old handlers."""
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         previous[signum] = signal.signal(signum, _on_signal)
         signal.siginterrupt(signum, False)  # restart interrupted system calls (I/O, gloo sockets)

@@ -2,7 +2,7 @@
 
 A `WeightCopies` callback holds named copies of the parameters, each copy a dict
 {parameter name: tensor}, on the CPU or on the parameters' device. Under FSDP2 the parameters
-are DTensors and each rank keeps copies of its own local shards only, so shadow weights shard
+are DTensors and each rank keeps copies of its own local shards only, so the copies shard
 exactly like the model (and like its optimizer state) and no step gathers anything.
 
 After every optimizer step the subclass's `update(step)` may refresh its copies. Validation
@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -38,6 +38,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import weight_copy_key
 from pretrain.train import private_apis
+from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import evaluate
 from pretrain.train.step_callback import StepCallback
 
@@ -46,7 +47,7 @@ Copy = dict[str, torch.Tensor]  # parameter name -> (local shard of) a weight
 
 def model_parameters(pl_module: L.LightningModule) -> dict[str, torch.nn.Parameter]:
     """The model's parameters under their checkpoint names."""
-    return dict(pl_module.model.named_parameters())
+    return dict(cast(torch.nn.Module, pl_module.model).named_parameters())
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class WeightCopies(StepCallback, ABC):
         return {}
 
     def extra_metrics(self) -> dict[str, float]:
-        """Logged as `<log_prefix>/<name>` with each validation of the shadow weights."""
+        """Logged as `<log_prefix>/<name>` with each validation of the copies."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -112,7 +113,9 @@ class WeightCopies(StepCallback, ABC):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         self._sharded = isinstance(strategy, ModelParallelStrategy)
-        if self._sharded and not private_apis.saves_sharded_checkpoints(strategy):
+        if isinstance(strategy, ModelParallelStrategy) and not private_apis.saves_sharded_checkpoints(
+            strategy
+        ):
             raise UserError(
                 f"{self.state_key} under FSDP2 needs sharded checkpoints (save_distributed_checkpoint: true)"
             )
@@ -146,7 +149,7 @@ class WeightCopies(StepCallback, ABC):
         weights = self.evaluated_weights()
         if weights is None:
             return
-        with swapped_in(pl_module.model, self._params, weights):
+        with swapped_in(cast(torch.nn.Module, pl_module.model), self._params, weights):
             losses = _validation_losses(trainer, pl_module)
         metrics: dict[str, Any] = dict(self.extra_metrics())
         for source, loss in sorted(losses.items()):
@@ -166,7 +169,7 @@ class WeightCopies(StepCallback, ABC):
 
         for copy, weights in self.copies.items():
             for name, tensor in weights.items():
-                param = self._params[name]
+                param = cast(DTensor, self._params[name])  # FSDP2 parameters are DTensors
                 checkpoint["state_dict"][weight_copy_key(self.state_key, copy, name)] = DTensor.from_local(
                     tensor, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
                 )
@@ -199,15 +202,15 @@ class WeightCopies(StepCallback, ABC):
 def _load_sharded(
     path: Any, state_key: str, copies: list[str], params: dict[str, torch.nn.Parameter]
 ) -> dict[str, Copy]:
-    """Each rank's local shards of the shadow copies in a sharded checkpoint (resharded as needed)."""
+    """Each rank's local shards of the weight copies in a sharded checkpoint (resharded as needed)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
     placeholders = {
         weight_copy_key(state_key, copy, name): DTensor.from_local(
             torch.empty_like(local_tensor(param)),
-            param.device_mesh,
-            param.placements,
+            cast(DTensor, param).device_mesh,  # FSDP2 parameters are DTensors
+            cast(DTensor, param).placements,
             shape=param.shape,
             stride=param.stride(),
         )
@@ -259,7 +262,10 @@ def _validation_losses(trainer: L.Trainer, pl_module: Any) -> dict[str, torch.Te
     """The validation loss per source of the weights in the model now, on the trainer's validation batches."""
     loaders = trainer.val_dataloaders
     loaders = loaders if isinstance(loaders, list) else [loaders]
-    sources = trainer.datamodule.val_source_names  # type: ignore[attr-defined]
-    batches = {sources[i]: islice(loader, trainer.num_val_batches[i]) for i, loader in enumerate(loaders)}
+    sources = trainer_datamodule(trainer).val_source_names
+    # Our validation datasets have a length, so Lightning counts their batches with an int.
+    batches = {
+        sources[i]: islice(loader, cast(int, trainer.num_val_batches[i])) for i, loader in enumerate(loaders)
+    }
     with trainer.precision_plugin.val_step_context():
         return evaluate(pl_module.summed_loss, batches, pl_module.device, pl_module.sum_over_ranks)
