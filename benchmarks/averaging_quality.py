@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from pretrain.data.loader import build_val_datasets
 from pretrain.model import Llama
@@ -27,23 +26,22 @@ from pretrain.model.attention import document_ids
 from pretrain.model.average import average_checkpoints
 from pretrain.model.checkpoint import ModelCheckpoint
 from pretrain.run_dir import RunDir, list_checkpoints
+from pretrain.train.evaluation import evaluate
 
 
 def run_recipe(run_dir: Path) -> dict:
     """The resolved recipe of the run's latest launch."""
-    configs = sorted(
-        (run_dir / "logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1])
-    )
-    if not configs:
+    recipe = RunDir(run_dir).latest_config()
+    if not recipe:
         raise SystemExit(
             f"{run_dir}/logs/version_*/config.yaml not found: is {run_dir} a `pretrain fit` run?"
         )
-    return yaml.safe_load(configs[-1].read_text())
+    return recipe
 
 
-@torch.no_grad()
 def validation_loss(checkpoint: ModelCheckpoint, recipe: dict, device: torch.device) -> dict[str, float]:
-    """Token-weighted validation loss per source, as `PretrainModule.validation_step` computes it."""
+    """Token-weighted validation loss per source, through the trainer's own evaluation
+    (`pretrain.train.evaluation.evaluate`, as `PretrainModule` validates)."""
     data, model_args = recipe["data"], recipe["model"]
     model = Llama(checkpoint.config)
     model.load_state_dict(checkpoint.state_dict)
@@ -56,19 +54,13 @@ def validation_loss(checkpoint: ModelCheckpoint, recipe: dict, device: torch.dev
         max_samples=data["val_tokens"] // seq_len if data.get("val_tokens") else None,
     )
     eos_id = checkpoint.meta.get("eos_id")
-    losses = {}
-    for source, dataset in datasets.items():
-        loss_sum, tokens = 0.0, 0
-        for inputs, targets in dataset:
-            inputs, targets = inputs.to(device), targets.to(device)
-            doc_ids = document_ids(inputs, eos_id) if model_args.get("document_masking") else None
-            logits = model(inputs, doc_ids).logits
-            loss_sum += F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"
-            ).item()
-            tokens += targets.numel()
-        losses[source] = loss_sum / tokens
-    return losses
+
+    def summed_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        doc_ids = document_ids(inputs, eos_id) if model_args.get("document_masking") else None
+        logits = model(inputs, doc_ids).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+
+    return {source: float(loss) for source, loss in evaluate(summed_loss, datasets, device).items()}
 
 
 def main() -> None:

@@ -280,7 +280,9 @@ class RunDir:
         """Append a submitted job to slurm/jobs.jsonl."""
         self.slurm.mkdir(parents=True, exist_ok=True)
         with open(self.slurm / "jobs.jsonl", "a") as f:
-            f.write(json.dumps({"job_id": job_id, "time": time.time(), "script": str(self.sbatch_script)}) + "\n")
+            f.write(
+                json.dumps({"job_id": job_id, "time": time.time(), "script": str(self.sbatch_script)}) + "\n"
+            )
 
     def latest_job_id(self) -> str | None:
         """The most recently submitted or started job (from jobs.jsonl and requeue.json)."""

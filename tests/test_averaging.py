@@ -137,6 +137,7 @@ def test_mismatched_configs_and_tokenizers_are_refused(single, tmp_path, capsys)
     assert not Path(out).exists()
 
 
+@pytest.mark.slow
 def test_averaging_sharded_fsdp2_checkpoints_equals_averaging_their_consolidated_forms(fsdp, tmp_path):
     sharded = [ckpt(fsdp, 8), ckpt(fsdp, 12)]
     assert all(p.is_dir() and (p / "meta.pt").is_file() for p in sharded)
@@ -198,12 +199,15 @@ def test_resumed_run_continues_ema_and_lawa_exactly(single, tiny_dataset, tmp_pa
         for ema in (False, True):
             a, b = weights(ckpt(single, step), ema), weights(ckpt(resumed, step), ema)
             assert all(torch.equal(a[k], b[k]) for k in a), (step, ema)
-    lawa = [torch.load(ckpt(r, 12), weights_only=True)["callbacks"][LAWA_STATE_KEY] for r in (single, resumed)]
+    lawa = [
+        torch.load(ckpt(r, 12), weights_only=True)["callbacks"][LAWA_STATE_KEY] for r in (single, resumed)
+    ]
     assert list(lawa[0]["copies"]) == list(lawa[1]["copies"]) == ["8", "10", "12"]
     for copy in lawa[0]["copies"]:
         assert all(torch.equal(t, lawa[1]["copies"][copy][k]) for k, t in lawa[0]["copies"][copy].items())
 
 
+@pytest.mark.slow
 def test_fsdp2_keeps_sharded_ema_that_matches_one_process_and_resumes_exactly_on_one(
     single, fsdp, tiny_dataset, tmp_path
 ):

@@ -73,6 +73,7 @@ def mixture_recipe(tmp_path, tiny_dataset, corpus_b, name, **changes):
     return recipe(tmp_path, tiny_dataset, tmp_path / name, data=data | changes.pop("data", {}), **changes)
 
 
+@pytest.mark.slow
 def test_init_from_loads_exact_weights_and_resets_optimizer_step_and_schedule(
     tiny_dataset, corpus_b, stage_a, tmp_path
 ):
@@ -125,6 +126,7 @@ def test_validation_only_source_is_logged_but_never_trained_on(tiny_dataset, cor
     assert "data.val_sources ['new'] are also training sources" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_from_hf_directory_reproduces_hf_logits(stage_a, tmp_path):
     transformers = require("transformers")
     assert main(["export-hf", str(stage_a), str(tmp_path / "hf")]) == 0
@@ -171,6 +173,7 @@ def test_ramp_is_linear_exact_and_pure():
     assert np.array_equal(ramp.consumed(3333), np.bincount(source[:3333], minlength=2))
 
 
+@pytest.mark.slow
 def test_continual_stage_with_replay_and_ramp_resumes_exactly(tiny_dataset, corpus_b, stage_a, tmp_path):
     data = {"ramp": {"source": "new", "start_share": 0.1, "tokens": 6 * 1024}}
     reference_config = mixture_recipe(
@@ -210,6 +213,7 @@ class RecordAppliedLR(L.Callback):
         Path(self.path).write_text(json.dumps(self.applied))
 
 
+@pytest.mark.slow
 def test_anneal_branch_starts_from_the_constant_lr_without_rewarm(tiny_dataset, tmp_path):
     schedule = {
         "class_path": "pretrain.train.schedules.Infinite",

@@ -153,6 +153,7 @@ def _units_done(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
     for i in range(240):
         write_jsonl(tmp_path / "in" / f"part{i:03d}.jsonl", make_docs(25, seed=i))

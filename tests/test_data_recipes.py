@@ -17,6 +17,7 @@ from pretrain.data.shards import load_manifest
 from pretrain.data.tokenizer import load_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each recipe runs as a script in a subprocess
 
 
 def run_recipe(name: str, *args: str) -> str:

@@ -162,6 +162,7 @@ def reference(tiny_dataset, expanded, tmp_path_factory) -> dict[int, float]:
     return losses
 
 
+@pytest.mark.slow
 def test_training_new_blocks_only_resumes_exactly(tiny_dataset, expanded, reference, tmp_path):
     config = expansion_recipe(tmp_path, tiny_dataset, expanded, "killed")
     run_and_kill_after_checkpoint(
@@ -180,6 +181,7 @@ def test_training_new_blocks_only_resumes_exactly(tiny_dataset, expanded, refere
     assert next_stage._trainable_block_indices() == NEW
 
 
+@pytest.mark.slow
 def test_training_new_blocks_only_under_fsdp2_resumes(tiny_dataset, expanded, reference, tmp_path):
     require("torch.distributed")
     from torch.distributed.checkpoint import FileSystemReader

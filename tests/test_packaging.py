@@ -24,7 +24,18 @@ def installed(tmp_path_factory) -> Path:
     source = tmp / "source"  # a copy: building writes build/ and *.egg-info beside the sources
     shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*UNSHIPPED))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp),
+            str(source),
+        ],
         check=True,
         capture_output=True,
     )
@@ -42,18 +53,35 @@ def installed(tmp_path_factory) -> Path:
     # `pretrain` (installed by a .pth hook there) is not seen.
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
     )
     names = zipfile.ZipFile(wheel).namelist()
-    for shipped in ("pretrain/recipes/tiny.yaml", "pretrain/slurm/train.sbatch.template", "pretrain/slurm/local/up.sh"):
+    for shipped in (
+        "pretrain/recipes/tiny.yaml",
+        "pretrain/slurm/train.sbatch.template",
+        "pretrain/slurm/local/up.sh",
+    ):
         assert shipped in names
     return venv
 
 
 def pretrain(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([venv / "bin" / "pretrain", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [venv / "bin" / "pretrain", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_installed_wheel_runs_commands_from_any_directory(installed, tmp_path):

@@ -226,6 +226,7 @@ def fit_with_signal(tmp_path: Path, dataset: Path, when: str) -> tuple[subproces
     return result, run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["parse", "setup"])
 def test_signal_before_training_starts_stops_cleanly_with_a_loadable_checkpoint(tmp_path, tiny_dataset, when):
     result, run_dir = fit_with_signal(tmp_path, tiny_dataset, when)
@@ -237,6 +238,7 @@ def test_signal_before_training_starts_stops_cleanly_with_a_loadable_checkpoint(
     assert json.loads((run_dir / "requeue.json").read_text())["events"][0]["action"] == "stopped"
 
 
+@pytest.mark.slow
 def test_signal_during_a_checkpoint_write_is_handled_after_it(tmp_path, tiny_dataset):
     result, run_dir = fit_with_signal(tmp_path, tiny_dataset, "save")
     assert result.returncode == 4, result.stderr[-3000:]
@@ -360,6 +362,7 @@ def reference(cluster, tiny_dataset, tmp_path_factory) -> dict:
     return {"job_id": job_id, "run_dir": run_dir, "info": info, "losses": train_losses(run_dir)}
 
 
+@pytest.mark.slow
 def test_job_runs_to_completion_with_logs_and_checkpoints(reference):
     run_dir, info = reference["run_dir"], reference["info"]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", job_logs(run_dir)
@@ -377,6 +380,7 @@ def test_job_runs_to_completion_with_logs_and_checkpoints(reference):
     assert f"step-{STEPS:08d}.ckpt" in report and "training finished" in report
 
 
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_exactly(reference, tiny_dataset, tmp_path):
     config, run_dir = slow_recipe(tmp_path, tiny_dataset, "usr1")
     job_id = submit(config, run_dir)
@@ -390,6 +394,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(reference, tiny_dataset, 
     assert train_losses(run_dir) == reference["losses"]  # bit-identical per-step losses
 
 
+@pytest.mark.slow
 def test_scontrol_requeue_without_warning_resumes_and_finishes(reference, tiny_dataset, tmp_path):
     config, run_dir = slow_recipe(tmp_path, tiny_dataset, "preempted")
     job_id = submit(config, run_dir)
@@ -402,6 +407,7 @@ def test_scontrol_requeue_without_warning_resumes_and_finishes(reference, tiny_d
     assert train_losses(run_dir) == reference["losses"]
 
 
+@pytest.mark.slow
 def test_three_requeues_then_max_requeues_stops_the_job(reference, tiny_dataset, tmp_path):
     config, run_dir = slow_recipe(tmp_path, tiny_dataset, "thrice")
     job_id = submit(config, run_dir, "--max-requeues", "3")
@@ -427,6 +433,7 @@ def test_three_requeues_then_max_requeues_stops_the_job(reference, tiny_dataset,
     assert f"step {last} of {STEPS}" in report and "ETA" in report
 
 
+@pytest.mark.slow
 def test_sigterm_at_the_time_limit_checkpoints_requeues_and_resumes(cluster, tiny_dataset, tmp_path):
     """A job whose USR1 warning never comes (its line removed from the script): the SIGTERM that
     SLURM sends at the 1-minute time limit checkpoints and requeues the job, which then resumes
@@ -454,6 +461,7 @@ def test_sigterm_at_the_time_limit_checkpoints_requeues_and_resumes(cluster, tin
     assert sorted(train_losses(run_dir)) == list(range(steps))
 
 
+@pytest.mark.slow
 def test_fsdp2_two_tasks_via_srun_complete_and_resume(reference, tiny_dataset, tmp_path):
     config, run_dir = slow_recipe(
         tmp_path, tiny_dataset, "fsdp2", trainer__devices=2, trainer__strategy="fsdp2"
@@ -473,6 +481,7 @@ def test_fsdp2_two_tasks_via_srun_complete_and_resume(reference, tiny_dataset, t
     assert max(abs(losses[s] - reference["losses"][s]) for s in losses) < 1e-5
 
 
+@pytest.mark.slow
 def test_fit_under_srun_refuses_a_task_count_that_differs_from_the_recipe(cluster, tiny_dataset, tmp_path):
     config = recipe(tmp_path, tiny_dataset, tmp_path / "geometry", trainer__devices=2)
     result = subprocess.run(

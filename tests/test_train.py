@@ -43,7 +43,10 @@ def test_resume_with_another_attention_backend_continues_and_an_architecture_cha
     """The attention kernel is an execution setting: a run trained with `sdpa` resumes with
     `sdpa-math` and continues the uninterrupted run's losses; a changed architectural field is refused."""
     first = tmp_path / "sdpa"
-    assert main(["fit", "--config", str(recipe(tmp_path, tiny_dataset, first)), "--checkpoint.keep_last", "3"]) == 0
+    assert (
+        main(["fit", "--config", str(recipe(tmp_path, tiny_dataset, first)), "--checkpoint.keep_last", "3"])
+        == 0
+    )
     uninterrupted = train_losses(first)
     step_8 = first / "checkpoints" / "step-00000008.ckpt"
     resumed = tmp_path / "math"
@@ -61,6 +64,7 @@ def test_resume_with_another_attention_backend_continues_and_an_architecture_cha
     assert "model config differs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, reference):
     run_dir = tmp_path / "killed"
     config = recipe(tmp_path, tiny_dataset, run_dir)
@@ -75,6 +79,7 @@ def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, re
     assert len(list((run_dir / "logs").glob("version_*"))) == 2
 
 
+@pytest.mark.slow
 def test_chunked_loss_and_selective_checkpointing_train_like_the_reference(tiny_dataset, tmp_path, reference):
     run_dir = tmp_path / "savers"
     config = recipe(tmp_path, tiny_dataset, run_dir)
@@ -85,6 +90,7 @@ def test_chunked_loss_and_selective_checkpointing_train_like_the_reference(tiny_
     assert max(abs(losses[step] - reference[step]) for step in reference) < 1e-4  # summation order only
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tmp_path, reference, capsys):
     require("torch.distributed")
     assert torch.distributed.is_gloo_available()
@@ -138,6 +144,7 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tiny_dataset, tmp_path, reference):
     run_dir = tmp_path / "ddp"
     run(
@@ -152,6 +159,7 @@ def test_ddp_two_processes_match_one_process(tiny_dataset, tmp_path, reference):
     assert max(abs(losses[s] - reference[s]) for s in reference) < 1e-5
 
 
+@pytest.mark.slow
 def test_hybrid_sharding_over_two_nodes_matches_one_process(tiny_dataset, tmp_path, reference):
     """`model.sharding: hybrid` on 2 nodes x 1 device (two `pretrain fit` launched by hand, as a
     cluster launcher would): replicate across nodes, shard within; same losses as one process."""
@@ -352,7 +360,9 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(tiny_dataset, tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "recipe_path", sorted(str(p) for p in Path(__file__).parents[1].glob("pretrain/recipes/**/*.yaml")), ids=Path
+    "recipe_path",
+    sorted(str(p) for p in Path(__file__).parents[1].glob("pretrain/recipes/**/*.yaml")),
+    ids=Path,
 )
 def test_every_shipped_recipe_parses(recipe_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,8 +1,8 @@
 """Train a tokenizer, turn raw text into token shards, describe a prepared dataset.
 
-    pretrain data train-tokenizer --input GLOB... --vocab-size N --output tokenizer.json
-    pretrain data prepare --input GLOB... --tokenizer tokenizer.json --output DIR [--num-proc N] ...
-    pretrain data info DIR
+pretrain data train-tokenizer --input GLOB... --vocab-size N --output tokenizer.json
+pretrain data prepare --input GLOB... --tokenizer tokenizer.json --output DIR [--num-proc N] ...
+pretrain data info DIR
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ HELP = "LLaMA Pro block expansion: insert zero-output copies of blocks (same fun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="CKPT_OR_HF_DIR", help="a checkpoint of ours or a local HF directory")
+    parser.add_argument(
+        "source", metavar="CKPT_OR_HF_DIR", help="a checkpoint of ours or a local HF directory"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="model checkpoint file to write")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--every", type=int, metavar="K", help="insert a copy after every K-th block")

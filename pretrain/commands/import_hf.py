@@ -1,6 +1,6 @@
 """Convert a local Hugging Face Llama/Mixtral directory (config.json + safetensors) into a model file.
 
-    pretrain import-hf HF_DIR OUT
+pretrain import-hf HF_DIR OUT
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.model.flops import count_parameters
 
     if not is_hf_dir(args.hf_dir):
-        raise UserError(f"{args.hf_dir} is not a Hugging Face model directory: {args.hf_dir}/config.json is missing")
+        raise UserError(
+            f"{args.hf_dir} is not a Hugging Face model directory: {args.hf_dir}/config.json is missing"
+        )
     checkpoint = load_model_checkpoint(args.hf_dir)
     out = save_model_checkpoint(args.out, checkpoint)
     print(f"wrote {out} ({count_parameters(checkpoint.config).total:,} parameters)")

@@ -1,6 +1,6 @@
 """Print parameter counts, training FLOPs per token and a training-memory estimate of a preset.
 
-    pretrain model-info NAME [--seq-len N] [--micro-batch B] [--shards S]
+pretrain model-info NAME [--seq-len N] [--micro-batch B] [--shards S]
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ HELP = "plot loss curves of runs from their CSV logs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holds logs/version_<k>/)")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory (holds logs/version_<k>/)"
+    )
     parser.add_argument("-o", "--out", default="loss.png", help="PNG file to write (default: %(default)s)")
     parser.add_argument(
         "--smoothing",

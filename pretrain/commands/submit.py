@@ -16,7 +16,9 @@ HELP = "render an sbatch script for a recipe and submit it (auto-requeue before 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", required=True, help="the recipe to train: a YAML file, or a shipped recipe's name (e.g. tiny)"
+        "--config",
+        required=True,
+        help="the recipe to train: a YAML file, or a shipped recipe's name (e.g. tiny)",
     )
     parser.add_argument("--nodes", type=int, help="number of nodes (default: trainer.num_nodes)")
     parser.add_argument(
@@ -69,6 +71,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"  stderr: {out}.err")
     print(f"  status: pretrain status {job.run_dir}")
     return 0
-
-
-

@@ -132,7 +132,9 @@ BACKENDS: dict[str, AttentionFn] = {
 def get_attention(backend: str) -> AttentionFn:
     """The attention function for `backend`; a clear error if its optional package is missing."""
     if backend not in BACKENDS:
-        raise UserError(f"unknown attention backend: attention_backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        raise UserError(
+            f"unknown attention backend: attention_backend {backend!r} is not one of {', '.join(BACKENDS)}"
+        )
     if backend in _PACKAGES:
         module, extra = _PACKAGES[backend]
         try:

@@ -98,7 +98,9 @@ def open_checkpoint(path: str | os.PathLike, preset: str | None = None, ema: boo
     path = Path(path)
     if is_hf_dir(path):
         if ema:
-            raise UserError(f"{path} is a Hugging Face directory (one set of weights); --ema needs a training checkpoint")
+            raise UserError(
+                f"{path} is a Hugging Face directory (one set of weights); --ema needs a training checkpoint"
+            )
         return _open_hf(path)
     if path.is_dir():
         return _open_sharded(path, ema)

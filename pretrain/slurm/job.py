@@ -224,8 +224,6 @@ def default_env_setup(workdir: Path) -> str:
     return f"source {shlex.quote(str(venv / 'bin' / 'activate'))}"
 
 
-
-
 def render(job: Job) -> str:
     """The sbatch script for `job`, from the template shipped in this package."""
     s = job.settings

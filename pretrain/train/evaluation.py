@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-SummedLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> loss summed over tokens
+SummedLoss = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (inputs, targets) -> loss summed over tokens
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks
 
 

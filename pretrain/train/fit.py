@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,7 +150,9 @@ class FitCLI(LightningCLI):
         trainer_init = self.config_init.get("trainer") or {}
         configured = trainer_init.get("logger")
         # Flushed every step, so that a killed run loses at most the row being written.
-        csv_logger = CSVLogger(run.path, name="logs", version=run.next_log_version(), flush_logs_every_n_steps=1)
+        csv_logger = CSVLogger(
+            run.path, name="logs", version=run.next_log_version(), flush_logs_every_n_steps=1
+        )
         loggers: list[Logger] = [csv_logger]
         if isinstance(configured, Logger):
             loggers.append(configured)
@@ -194,9 +197,13 @@ def fit(args: Sequence[str] | None = None) -> int:
                 "branch_from excludes model.init_from and --resume PATH: give only one starting point"
             )
         if ckpt_path is None:  # first launch of the branch; later launches resume the branch's own run
-            ckpt_path = run.resolve_resume(cli.config.branch_from)
-            # A path is checked to exist; only "auto"/"none" could give None (they crashed here before too).
-            assert ckpt_path is not None, f"--branch_from {cli.config.branch_from}: no checkpoint"
+            if cli.config.branch_from in ("auto", "none"):
+                raise UserError(
+                    f"branch_from: {cli.config.branch_from}: give the path of the checkpoint to branch from"
+                )
+            ckpt_path = Path(cli.config.branch_from)
+            if not ckpt_path.exists():
+                raise UserError(f"branch_from {ckpt_path}: no such checkpoint")
             cli.model.branched_from = str(ckpt_path.resolve())
     if (
         ckpt_path is not None

@@ -105,7 +105,9 @@ class PretrainModule(L.LightningModule):
         self.config: LlamaConfig = get_preset(model).replace(**(model_overrides or {}))
         self.lr_schedule = lr_schedule or WarmupCosine(max_lr=4e-4, min_lr=4e-5, warmup_steps=2000)
         if attention_backend not in BACKENDS:
-            raise UserError(f"model.attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}")
+            raise UserError(
+                f"model.attention_backend must be one of {', '.join(BACKENDS)}, got {attention_backend!r}"
+            )
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
@@ -180,9 +182,13 @@ class PretrainModule(L.LightningModule):
                 f"({checkpoint.config.to_dict()} vs {self.config.to_dict()}); make model/model_overrides match it"
             )
         self.expansion = checkpoint.meta.get("expansion")
-        kind = "huggingface" if checkpoint.meta.get("source", {}).get("kind") == "huggingface" else "checkpoint"
+        kind = (
+            "huggingface" if checkpoint.meta.get("source", {}).get("kind") == "huggingface" else "checkpoint"
+        )
         self.init_source = {"kind": kind, "path": str(Path(source).resolve())} | {
-            k: checkpoint.meta[k] for k in ("global_step", "tokens_seen") if checkpoint.meta.get(k) is not None
+            k: checkpoint.meta[k]
+            for k in ("global_step", "tokens_seen")
+            if checkpoint.meta.get(k) is not None
         }
         model.load_state_dict(checkpoint.state_dict, strict=True)
 

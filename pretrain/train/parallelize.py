@@ -104,7 +104,9 @@ def parallelize(
         _fully_shard(model, strategy.device_mesh, sharding, bf16, num_nodes, strategy.global_rank == 0)
 
 
-def _fully_shard(model: Llama, device_mesh: Any, sharding: str, bf16: bool, num_nodes: int, verbose: bool) -> None:
+def _fully_shard(
+    model: Llama, device_mesh: Any, sharding: str, bf16: bool, num_nodes: int, verbose: bool
+) -> None:
     if device_mesh["tensor_parallel"].size() > 1:
         raise UserError(
             "pretrain shards with FSDP2 only (no tensor parallelism): use `trainer.strategy: fsdp2`, or give "
@@ -152,4 +154,6 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 if "fsdp2" not in StrategyRegistry:
-    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="FSDP2 over all ranks (fully_shard per block)")
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="FSDP2 over all ranks (fully_shard per block)"
+    )

@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 
 SignalConnector = _SignalConnector
 
+
 def replace_signal_connector(trainer: Any, connector: Any) -> None:
     trainer._signal_connector = connector
 

@@ -76,7 +76,9 @@ class RequeueOnSignal(StepCallback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and self.job_id:
-            self.run.update_requeue_record(job_id=self.job_id, requeues=self.requeues, max_requeues=self.max_requeues)
+            self.run.update_requeue_record(
+                job_id=self.job_id, requeues=self.requeues, max_requeues=self.max_requeues
+            )
         self._check(trainer, pl_module)
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
