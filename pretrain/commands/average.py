@@ -1,11 +1,9 @@
 """Average the weights of checkpoints of one architecture and tokenizer into a model checkpoint
 usable by export-hf, generate and init_from (`pretrain.model.average`).
 
-    pretrain average CKPT [CKPT ...] -o OUT [--weights w1,w2,...] [--ema]
-    pretrain average --last K [--every S] RUN_DIR -o OUT [--ema]
-
-The first form averages the named checkpoints (a model soup; uniform unless --weights). The
-second is LaWA: the latest K checkpoints of a run at multiples of S steps. `--ema` averages (or,
+`CKPT CKPT ... -o OUT` averages the named checkpoints (a model soup; uniform unless --weights);
+`--last K [--every S] RUN_DIR -o OUT` is LaWA: the latest K checkpoints of a run at multiples of
+S steps. `--ema` averages (or,
 with one checkpoint, extracts) the EMA weights the checkpoints hold.
 """
 

@@ -1,8 +1,6 @@
 """LLaMA Pro block expansion: insert copies of transformer blocks whose attention output and MLP
 down projections are zero, so the deeper model computes exactly the same function.
 
-    pretrain expand CKPT_OR_HF_DIR -o OUT --every K | --positions I,J,...
-
 Writes a model checkpoint that records which blocks are new (train them alone with
 model.trainable_blocks: new).
 """

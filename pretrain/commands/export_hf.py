@@ -1,7 +1,5 @@
 """Convert a checkpoint to a Hugging Face LlamaForCausalLM / MixtralForCausalLM directory.
 
-    pretrain export-hf CHECKPOINT OUT_DIR [--preset NAME]
-
 Writes config.json + model.safetensors (+ tokenizer files) for transformers. CHECKPOINT is any
 form `pretrain.model.checkpoint` reads; a plain state-dict file needs --preset.
 """

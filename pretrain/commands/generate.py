@@ -1,10 +1,6 @@
 """Sample text with a KV cache, all prompts in one batch; optionally proxy-tuned
 (logits = M_large + alpha * (M_expert - M_base)). See `pretrain.model.generate`.
 
-    pretrain generate CKPT_OR_HF_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--top-p P] [--seed S]
-        [--proxy-expert SMALL_TUNED --proxy-base SMALL_BASE [--proxy-alpha A]]
-
 Prints each prompt followed by its completion.
 """
 

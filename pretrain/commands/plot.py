@@ -1,7 +1,5 @@
 """Plot training loss (raw and smoothed), validation loss per source and the learning rate of one
 or more runs against tokens seen, from RUN_DIR/logs/version_<k>/metrics.csv.
-
-    pretrain plot RUN_DIR [RUN_DIR ...] -o loss.png [--smoothing W]
 """
 
 from __future__ import annotations

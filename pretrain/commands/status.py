@@ -1,7 +1,5 @@
 """Report on a run directory: its latest SLURM job's state (squeue, else sacct), the last logged
 step and tokens seen, the newest checkpoint, the requeue count and an ETA from the logged throughput.
-
-    pretrain status RUN_DIR
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """Render an sbatch script for a recipe into RUN_DIR/slurm/train.sbatch and submit it with sbatch
 (`pretrain.slurm.job`). Options not given come from the recipe's `slurm:` section. Arguments after
 `--` are passed to `pretrain fit`.
-
-    pretrain submit --config RECIPE [--nodes N] [--gpus-per-node G] [--time HH:MM:SS] ...
-                    [--dry-run] [-- extra `pretrain fit` overrides]
 """
 
 from __future__ import annotations
@@ -11,7 +8,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from docstring_parser import parse
+
+from pretrain.train.slurm_settings import SlurmSettings
+
 HELP = "render an sbatch script for a recipe and submit it (auto-requeue before the time limit)"
+FIELD_HELP = {
+    p.arg_name: " ".join((p.description or "").split()) for p in parse(SlurmSettings.__doc__ or "").params
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,30 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="the recipe to train: a YAML file, or a shipped recipe's name (e.g. tiny)",
     )
-    parser.add_argument("--nodes", type=int, help="number of nodes (default: trainer.num_nodes)")
-    parser.add_argument(
-        "--gpus-per-node", type=int, help="GPUs (= tasks) per node; 0 for CPU (default: trainer.devices)"
-    )
-    parser.add_argument(
-        "--cpus-per-task", type=int, help="CPU cores per task (default: data.num_workers + 1)"
-    )
-    parser.add_argument("--time", help="time limit, e.g. 48:00:00 (default: the partition's)")
-    parser.add_argument("--partition", help="partition to submit to")
-    parser.add_argument("--account", help="account to charge")
-    parser.add_argument("--qos", help="quality of service")
-    parser.add_argument("--constraint", help="required node features")
-    parser.add_argument(
-        "--signal-margin",
-        type=int,
-        help="send SIGUSR1 (checkpoint + requeue) this many seconds before the time limit (default: 300)",
-    )
-    parser.add_argument(
-        "--max-requeues", type=int, help="requeue the job at most this many times (default: no limit)"
-    )
-    parser.add_argument(
-        "--env-setup", help="shell lines run before srun (default: activate the current virtual environment)"
-    )
-    parser.add_argument("--job-name", help="job name (default: pretrain-<run dir name>)")
+    for field in dataclasses.fields(SlurmSettings):  # --nodes, --time, ...: the recipe's slurm: section
+        kind = int if str(field.type).startswith("int") else str
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=FIELD_HELP[field.name])
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     parser.add_argument(
         "overrides", nargs="*", metavar="-- FIT_OVERRIDES", help="extra `pretrain fit` arguments"
@@ -53,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pretrain.slurm.job import render, resolve_job, submit
     from pretrain.train.recipes import recipe_path
-    from pretrain.train.slurm_settings import SlurmSettings
 
     overrides = list(args.overrides)
     if overrides[:1] == ["--"]:
