@@ -397,3 +397,51 @@ def test_llama_style_tokenizer_and_fingerprint(tmp_path):
     assert fingerprint(other) != info.fingerprint
     with pytest.raises(UserError, match="no end-of-document token"):
         load_tokenizer(path, eos_token="<|eot|>")
+
+
+def test_overwrite_never_deletes_the_users_files(tmp_path, tokenizer, capsys):
+    """Raw data laid out as DATA/train and DATA/val, prepared into DATA: refused up front, with or
+    without --overwrite, and the inputs are untouched; --overwrite deletes only what prepare wrote."""
+    data = tmp_path / "DATA"
+    write_jsonl(data / "train" / "a.jsonl", make_docs(20, seed=1))
+    write_jsonl(data / "val" / "b.jsonl", make_docs(5, seed=2))
+    before = tree(data)
+    base = ["data", "prepare", "--tokenizer", str(tokenizer), "--num-proc", "1"]
+    for extra in ([], ["--overwrite"]):
+        args = [*base, "--input", str(data / "train"), str(data / "val"), "--output", str(data), *extra]
+        assert main(args) == 2
+        assert "holds the input" in capsys.readouterr().err
+        assert tree(data) == before
+    # the output inside an input folder: its sidecars would be read as input next time
+    args = [*base, "--input", str(data), "--output", str(data / "prepared")]
+    assert main(args) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    # a dataset folder with a file of someone else's in a split folder: --overwrite keeps that file
+    out = tmp_path / "out"
+    assert main([*base, "--input", str(data / "train"), "--output", str(out)]) == 0
+    (out / "train" / "NOTES.txt").write_text("mine")
+    assert main([*base, "--input", str(data / "val"), "--output", str(out), "--overwrite"]) == 0
+    assert (out / "train" / "NOTES.txt").read_text() == "mine"
+    assert load_manifest(out).tokens("train") > 0
+    (out / "manifest.json").write_text('{"mine": true}')
+    assert main([*base, "--input", str(data / "val"), "--output", str(out), "--overwrite"]) == 2
+    assert "was not written by `pretrain data prepare`" in capsys.readouterr().err
+    assert (out / "manifest.json").read_text() == '{"mine": true}'
+
+
+def test_the_same_input_reached_twice_is_read_once(tmp_path, tokenizer, capsys, monkeypatch):
+    data = write_jsonl(tmp_path / "in" / "a.jsonl", make_docs(30, seed=3))
+    (tmp_path / "link.jsonl").symlink_to(data)
+    monkeypatch.chdir(tmp_path)
+    once = prepare([str(data)], tokenizer, tmp_path / "once", show_progress=False)
+    twice = prepare(
+        ["in/a.jsonl", str(data), str(tmp_path / "link.jsonl"), "in"],
+        tokenizer,
+        tmp_path / "twice",
+        show_progress=False,
+    )
+    assert "is the same input as in/a.jsonl: read once" in capsys.readouterr().err
+    for split in ("train", "val"):
+        assert twice.tokens(split) == once.tokens(split)
+        docs_once, docs_twice = read_split(tmp_path / "once", split), read_split(tmp_path / "twice", split)
+        assert len(docs_twice) == len(docs_once) and all(map(np.array_equal, docs_once, docs_twice))

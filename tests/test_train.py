@@ -296,6 +296,27 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     assert info["tokenizer"] and checkpoint["PretrainDataModule"]["fingerprint"]
 
 
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (["--data.seed", "7"], "data.seed 42 -> 7"),
+        (["--data.global_batch_tokens", "2048"], "data.global_batch_tokens 1024 -> 2048"),
+        (["--data.seq_len", "32", "--data.global_batch_tokens", "1024"], "data.seq_len 64 -> 32"),
+    ],
+)
+def test_resume_refuses_a_changed_data_order_unless_allowed(tiny_dataset, tmp_path, capsys, change, field):
+    run_dir = tmp_path / "order-change"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 4})
+    assert main(["fit", "--config", str(config)]) == 0
+    capsys.readouterr()
+    longer = ["--trainer.max_steps", "6"]
+    assert main(["fit", "--config", str(config), *longer, *change]) == 2
+    err = capsys.readouterr().err
+    assert "data order changed" in err and field in err and "--data.allow_data_change true" in err
+    assert main(["fit", "--config", str(config), *longer, *change, "--data.allow_data_change", "true"]) == 0
+    assert sorted(train_losses(run_dir)) == list(range(6))
+
+
 def test_resume_refuses_changed_data_unless_allowed(tiny_dataset, tmp_path, capsys):
     run_dir = tmp_path / "data-change"
     config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4)

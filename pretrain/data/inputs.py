@@ -21,8 +21,8 @@ import gzip
 import io
 import json
 import os
+import sys
 import zlib
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -101,10 +101,12 @@ def expand(patterns: Sequence[str]) -> list[Path]:
                 f"{pattern}: no supported input (.jsonl/.json/.txt, optionally .gz/.zst, .parquet, "
                 "or a datasets.save_to_disk folder)"
             )
-    for path, count in Counter(found).items():
-        if count > 1:
-            raise UserError(f"{path}: input given more than once")
-    return found
+    unique: dict[Path, Path] = {}
+    for path in found:  # the same file reached twice (relative and absolute, a link, a folder and a file in it)
+        first = unique.setdefault(path.resolve(), path)
+        if first is not path:
+            print(f"{path} is the same input as {first}: read once", file=sys.stderr)
+    return list(unique.values())
 
 
 def _open_bytes(path: Path) -> io.BufferedIOBase:

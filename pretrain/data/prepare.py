@@ -26,6 +26,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -62,6 +63,7 @@ from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain.errors import UserError
 
 STATE_DIR = ".prepare"
+OUR_FILE = re.compile(r"shard_\d+\.(bin|json|bin\.tmp|docs\.tmp|json\.tmp)")  # what prepare writes in a split
 EXAMPLES = 20  # skipped records listed in the manifest
 WARNINGS = 10  # skipped records printed while running
 
@@ -304,9 +306,43 @@ def _fresh_state(identity: str) -> dict:
 
 
 def _clean(root: Path) -> None:
-    (root / MANIFEST).unlink(missing_ok=True)
-    for name in (*SPLITS, STATE_DIR):
-        shutil.rmtree(root / name, ignore_errors=True)
+    """Delete what an earlier preparation wrote in `root`, recognised by name and format; nothing else."""
+    manifest = root / MANIFEST
+    if manifest.exists():
+        try:
+            ours = json.loads(manifest.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"--overwrite: {manifest} was not written by `pretrain data prepare`; move it away first")
+        manifest.unlink()
+    for split in SPLITS:
+        folder = root / split
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if OUR_FILE.fullmatch(path.name) and path.is_file():
+                    path.unlink()
+            with contextlib.suppress(OSError):  # kept when it holds files of someone else's
+                folder.rmdir()
+    shutil.rmtree(root / STATE_DIR, ignore_errors=True)
+
+
+def _check_apart(root: Path, patterns: Sequence[str], paths: Sequence[Path]) -> None:
+    """The output folder must neither hold an input nor lie inside an input folder."""
+    out = root.resolve()
+    for path in paths:
+        if out in path.resolve().parents:
+            raise UserError(
+                f"--output {root} holds the input {path}: a dataset folder is written and replaced by prepare; "
+                "give the dataset a folder of its own, outside the inputs"
+            )
+    for pattern in patterns:
+        folder = Path(pattern)
+        if folder.is_dir() and (out == folder.resolve() or folder.resolve() in out.parents):
+            raise UserError(
+                f"--output {root} is inside the input folder {pattern}: a later run would read the dataset's "
+                "own files as input; write it outside the inputs"
+            )
 
 
 def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
@@ -436,6 +472,7 @@ def prepare(
         )
     fields = inputs.Fields(settings.text_field, settings.exclude)
     paths = inputs.expand(patterns)
+    _check_apart(Path(output), patterns, paths)
     units, early = inputs.plan(paths, settings.text_field)
     early_messages = [inputs.describe_problem(paths[i], problem, 0) for i, problem in early]
     if strict and early_messages:

@@ -186,7 +186,12 @@ class PretrainDataModule(L.LightningDataModule):
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "sources": {n: vars(s) for n, s in self.sources.items()},
             "ramp": vars(self.ramp) if self.ramp else None,
+            "order": self._order(),
         }
+
+    def _order(self) -> dict[str, int]:
+        """What the sample order depends on besides the data: a change breaks the position's meaning."""
+        return {"seed": self.seed, "global_batch_tokens": self.global_batch_tokens, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse to resume on data that changed since the checkpoint (unless allowed)."""
@@ -198,6 +203,14 @@ class PretrainDataModule(L.LightningDataModule):
                 f"(fingerprint {str(self.tokenizer_fingerprint)[:16]} vs {saved_tokenizer[:16]}): token ids "
                 "would change meaning. Prepare the data with the run's original tokenizer.json (or pass "
                 "--data.allow_data_change true if this is really meant)"
+            )
+        saved_order = state.get("order") or {}
+        changed = [f"data.{k} {saved_order[k]} -> {v}" for k, v in self._order().items() if saved_order.get(k, v) != v]
+        if changed and not self.allow_data_change:
+            raise UserError(
+                f"the data order changed since this checkpoint was written ({', '.join(changed)}): the resumed "
+                "run would not continue its epoch, silently re-reading some samples and skipping others. Restore "
+                "the original values, or pass --data.allow_data_change true to continue with the new order"
             )
         if (
             state.get("fingerprint") == self.fingerprint and state.get("ramp") == ramp
