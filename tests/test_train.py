@@ -296,6 +296,49 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     assert info["tokenizer"] and checkpoint["PretrainDataModule"]["fingerprint"]
 
 
+def test_checkpoints_are_not_staged_in_tmpdir(tiny_dataset, tmp_path, monkeypatch):
+    """A small or unusable $TMPDIR (a RAM-backed /tmp on a cluster) must not matter: checkpoints are
+    written beside their destination."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+    run_dir = tmp_path / "tmpdir"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    assert main(["fit", "--config", str(config)]) == 0
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 4]
+    assert load_model_checkpoint(run_dir / "checkpoints" / "step-00000004.ckpt").meta["global_step"] == 4
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_checkpoints(
+    tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from pretrain.train import periodic_checkpoint
+
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) > 1:
+            Path(path).write_bytes(b"half")  # the disk fills up mid-write
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(periodic_checkpoint.torch, "save", save_until_full)
+    run_dir = tmp_path / "full"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device writing checkpoint" in err and "step-00000004.ckpt" in err
+    assert "earlier checkpoints are intact (newest: " in err and "step-00000002.ckpt" in err
+    assert "Traceback" not in err
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002.ckpt"]  # no partial left
+    monkeypatch.setattr(periodic_checkpoint.torch, "save", real_save)
+    assert main(["fit", "--config", str(config)]) == 0  # space freed: resumes from step 2
+    assert sorted(train_losses(run_dir)) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "change,field",
     [

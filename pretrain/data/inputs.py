@@ -102,7 +102,9 @@ def expand(patterns: Sequence[str]) -> list[Path]:
                 "or a datasets.save_to_disk folder)"
             )
     unique: dict[Path, Path] = {}
-    for path in found:  # the same file reached twice (relative and absolute, a link, a folder and a file in it)
+    for (
+        path
+    ) in found:  # the same file reached twice (relative and absolute, a link, a folder and a file in it)
         first = unique.setdefault(path.resolve(), path)
         if first is not path:
             print(f"{path} is the same input as {first}: read once", file=sys.stderr)

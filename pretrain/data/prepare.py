@@ -314,7 +314,9 @@ def _clean(root: Path) -> None:
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise UserError(f"--overwrite: {manifest} was not written by `pretrain data prepare`; move it away first")
+            raise UserError(
+                f"--overwrite: {manifest} was not written by `pretrain data prepare`; move it away first"
+            )
         manifest.unlink()
     for split in SPLITS:
         folder = root / split

@@ -205,7 +205,11 @@ class PretrainDataModule(L.LightningDataModule):
                 "--data.allow_data_change true if this is really meant)"
             )
         saved_order = state.get("order") or {}
-        changed = [f"data.{k} {saved_order[k]} -> {v}" for k, v in self._order().items() if saved_order.get(k, v) != v]
+        changed = [
+            f"data.{k} {saved_order[k]} -> {v}"
+            for k, v in self._order().items()
+            if saved_order.get(k, v) != v
+        ]
         if changed and not self.allow_data_change:
             raise UserError(
                 f"the data order changed since this checkpoint was written ({', '.join(changed)}): the resumed "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -40,7 +41,7 @@ from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
 from pretrain.train.monitor import TrainingMonitor
-from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.periodic_checkpoint import DirectCheckpointIO, PeriodicCheckpoint
 from pretrain.train.progress_bar import StepProgressBar
 from pretrain.train.slurm_settings import SlurmSettings, check_srun_geometry
 
@@ -167,13 +168,16 @@ class FitCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = callbacks
         if "SLURM_JOB_ID" not in os.environ:  # outside a job, not launching with srun is expected
             warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+        plugins = trainer_init.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(DirectCheckpointIO())  # written beside its destination, never in $TMPDIR
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
             geometry = self.config.trainer
             devices = count_devices(geometry.devices, geometry.accelerator)
             check_srun_geometry(devices, geometry.num_nodes or 1)
-            plugins = trainer_init.get("plugins") or []
-            plugins = plugins if isinstance(plugins, list) else [plugins]
-            kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(logger=loggers, **kwargs)
         private_apis.replace_signal_connector(trainer, requeue.FlagSignalConnector(trainer))
         return trainer

@@ -4,16 +4,24 @@ Each checkpoint is written under its partial name in the run's checkpoints folde
 (`pretrain.run_dir`) and renamed into place by rank 0 only after every rank has finished writing;
 a rename is atomic, so any `step-*.ckpt` that exists is complete, and `--resume auto` can always
 trust the newest one. A leftover partial from a crash is removed by the next save.
+
+`DirectCheckpointIO` writes a checkpoint file straight into that partial name. Lightning's default
+builds the whole file in memory first and has fsspec stage it in `$TMPDIR` before moving it: on a
+cluster whose `/tmp` is small (often RAM-backed) the first checkpoint of a large model fails
+there, although the run directory has room.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from pretrain.data.shards import fsync_dir
 from pretrain.errors import UserError
@@ -85,7 +93,22 @@ class PeriodicCheckpoint(StepCallback):
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
             remove(partial)
         trainer.strategy.barrier("checkpoint-prepare")
-        trainer.save_checkpoint(partial, weights_only=False)  # full: optimizer, loops, callbacks
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # full: optimizer, loops, callbacks
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            remove(partial)
+            previous = self.run.latest_checkpoint()
+            kept = (
+                f"the earlier checkpoints are intact (newest: {previous})"
+                if previous
+                else "no earlier checkpoint"
+            )
+            raise UserError(
+                f"no space left on the device writing checkpoint {final} ({err.strerror}); {kept}. "
+                "Free space (or lower checkpoint.keep_last), then launch the same command again to resume"
+            ) from None
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
@@ -97,3 +120,15 @@ class PeriodicCheckpoint(StepCallback):
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()
         return final
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """`torch.save` straight to the checkpoint's (partial) path: no copy in memory, nothing in $TMPDIR."""
+
+    def save_checkpoint(
+        self, checkpoint: dict, path: str | os.PathLike, storage_options: object = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("DirectCheckpointIO takes no storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
