@@ -189,6 +189,22 @@ def fit(args: Sequence[str] | None = None) -> int:
     (4) when a signal stopped it with a checkpoint and the job was not requeued."""
     cli = FitCLI(args)
     run = RunDir(cli.config.run_dir)
+    owner = launched_as_rank_zero()  # the other ranks are the same run: only rank 0 holds the lease
+    if owner:
+        run.acquire()
+    try:
+        return _fit(cli, run)
+    finally:
+        if owner:
+            run.release()
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is rank 0 of its launch (srun, torchrun or Lightning's own launcher)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("SLURM_PROCID", "RANK", "NODE_RANK", "LOCAL_RANK"))
+
+
+def _fit(cli: FitCLI, run: RunDir) -> int:
     if cli.model.hparams.init_from and cli.config.resume not in ("auto", "none"):
         raise UserError(
             "model.init_from (start a new stage from weights) and --resume PATH (continue a run with its "
