@@ -280,7 +280,9 @@ class RunDir:
                     print(f"{self.path}: taking over from an earlier owner ({gone})", file=sys.stderr)
                     if self.owner() == owner:  # still the stale lease we judged
                         self.lease_file.unlink(missing_ok=True)
-            raise UserError(f"{self.lease_file}: another launch keeps taking the run directory over; try again")
+            raise UserError(
+                f"{self.lease_file}: another launch keeps taking the run directory over; try again"
+            )
         finally:
             offer.unlink(missing_ok=True)
 
@@ -399,7 +401,11 @@ def _process_start(pid: int) -> str | None:
 
 
 def _same_process(owner: dict[str, Any], me: dict[str, Any]) -> bool:
-    return owner.get("host") == me["host"] and owner.get("pid") == me["pid"] and owner.get("start") == me["start"]
+    return (
+        owner.get("host") == me["host"]
+        and owner.get("pid") == me["pid"]
+        and owner.get("start") == me["start"]
+    )
 
 
 def _gone_because(owner: dict[str, Any] | None, me: dict[str, Any]) -> str | None:

@@ -17,6 +17,11 @@ tensors without reading them (`LazyCheckpoint.read(name)` reads one; averaging s
 - a local Hugging Face Llama/Mixtral directory (config.json + safetensors, optional tokenizer.json);
 - a plain state dict (`torch.save(model.state_dict())`) when the caller names its preset.
 
+Downloaded checkpoints cannot run code: files are read with `weights_only=True`; the index of a
+sharded folder (`.metadata`, a pickle) is unpickled with an allow-list of DCP's own classes, and
+only tensors are read from it (`check_sharded_checkpoint` also proves its other entries plain before
+a run resumes from it); safetensors hold tensors only.
+
 `meta` holds `bos_id`, `eos_id` and, where known, `global_step`, `tokens_seen`, `expansion` (the
 new blocks of `pretrain expand`) and `source` (where the weights came from).
 `save_model_checkpoint` writes aside and renames into place, so a crash never leaves a truncated
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -203,7 +209,9 @@ def _open_sharded(path: Path, ema: bool) -> LazyCheckpoint:
         raise UserError(f"{path} is a directory but not a sharded checkpoint of `pretrain fit` (no meta.pt)")
     payload = _read_torch_file(path / "meta.pt")
     try:
-        index = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        index = _safe_reader(path).read_metadata().state_dict_metadata
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
     if ema:
@@ -217,12 +225,12 @@ def _open_sharded(path: Path, ema: bool) -> LazyCheckpoint:
         tensors = {}
         for name in wanted:
             entry = index[f"state_dict.{prefix}{name}"]
-            tensors[name] = torch.empty(entry.size, dtype=entry.properties.dtype)  # type: ignore[union-attr]
+            tensors[name] = torch.empty(entry.size, dtype=entry.properties.dtype)
         with warnings.catch_warnings():  # no process group: loading in this one process is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             state = {"state_dict": {prefix + name: t for name, t in tensors.items()}}
             try:
-                dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+                dcp.load(state, storage_reader=_safe_reader(path), no_dist=True)
             except Exception as err:
                 raise UserError(f"sharded checkpoint {path} could not be read: {err}") from None
         return tensors
@@ -274,3 +282,84 @@ def _hf_weight_files(hf_dir: Path) -> list[Path]:
     if shards:
         return shards
     raise UserError(f"{hf_dir} has no model.safetensors, sharded safetensors or pytorch_model.bin weights")
+
+
+# ---- sharded checkpoints from strangers ------------------------------------------------------------
+
+# What the index (`.metadata`) of a sharded checkpoint may name when unpickled: DCP's own metadata
+# classes and the plain values in them. Anything else (a function, a class that runs code) is refused.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            (module, name) in _METADATA_GLOBALS
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+        return super().find_class(module, name)
+
+
+def _safe_reader(path: Path) -> Any:
+    """A DCP reader of `path` whose index is unpickled with an allow-list (module docstring)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            index = Path(self.path) / ".metadata"
+            try:
+                with open(index, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+                raise UserError(
+                    f"sharded checkpoint {path}: refused to read its index {index}: {err}"
+                ) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def check_sharded_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a sharded checkpoint that could run code when Lightning resumes from it: its index
+    must unpickle with the allow-list and every non-tensor entry (optimizer settings, ...) must load
+    with `weights_only=True`. Called before `--resume`/`branch_from` hand a folder to Lightning."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+
+    class PlainValuesPlanner(DefaultLoadPlanner):
+        refused: list[str] = []
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except Exception:
+                self.refused.append(read_item.dest_index.fqn)
+
+    index = _safe_reader(path).read_metadata().state_dict_metadata
+    entries = {key: 0 for key, item in index.items() if isinstance(item, BytesStorageMetadata)}
+    planner = PlainValuesPlanner(flatten_state_dict=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(entries, storage_reader=_safe_reader(path), planner=planner, no_dist=True)
+    if planner.refused:
+        raise UserError(
+            f"sharded checkpoint {path}: entry {', '.join(planner.refused[:3])} holds more than plain values "
+            "and could run code when loaded; refused (only use checkpoints you trust, or their weights through "
+            "model.init_from, which reads tensors only)"
+        )

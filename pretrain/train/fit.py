@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
+from pretrain.model.checkpoint import check_sharded_checkpoint
 from pretrain.run_dir import RunDir
 from pretrain.train import private_apis, requeue
 from pretrain.train.datamodule import PretrainDataModule
@@ -201,7 +202,9 @@ def fit(args: Sequence[str] | None = None) -> int:
 
 def launched_as_rank_zero() -> bool:
     """Whether this process is rank 0 of its launch (srun, torchrun or Lightning's own launcher)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("SLURM_PROCID", "RANK", "NODE_RANK", "LOCAL_RANK"))
+    return all(
+        os.environ.get(name, "0") == "0" for name in ("SLURM_PROCID", "RANK", "NODE_RANK", "LOCAL_RANK")
+    )
 
 
 def _fit(cli: FitCLI, run: RunDir) -> int:
@@ -234,6 +237,8 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
             f"{ckpt_path} is a sharded FSDP2 checkpoint (a folder): resume it with trainer.strategy: fsdp2, "
             "on any number of devices (one included)"
         )
+    if ckpt_path is not None and ckpt_path.is_dir():
+        check_sharded_checkpoint(ckpt_path)  # a downloaded folder must not run code when loaded
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
         cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from
