@@ -183,6 +183,47 @@ def test_geometry_agrees_through_fit_overrides_and_unknown_settings_fail(tmp_pat
         resolve_job(str(text_nodes), {}, workdir=tmp_path)
 
 
+HOSTILE = "gpu\n#SBATCH --wrap=touch /tmp/pwned\ntouch /tmp/pwned"
+
+
+@pytest.mark.parametrize(
+    "option", ["--partition", "--account", "--qos", "--constraint", "--time", "--job-name"]
+)
+def test_hostile_values_never_reach_the_job_script(tmp_path, tiny_dataset, capsys, option):
+    config, _ = slow_recipe(tmp_path, tiny_dataset, "hostile")
+    args = ["submit", "--config", str(config), "--dry-run"]
+    assert main([*args, option, HOSTILE]) == 2
+    err = capsys.readouterr().err
+    refused = "contains white space or a control character" in err and "#SBATCH line" in err
+    assert refused or (option == "--time" and "time limit 'gpu\\n#SBATCH" in err), err
+    in_recipe, _ = slow_recipe(tmp_path, tiny_dataset, "hostile-recipe", slurm={"account": "lab\nrm -rf ~"})
+    assert main(["submit", "--config", str(in_recipe), "--dry-run"]) == 2
+    assert "slurm.account" in capsys.readouterr().err
+
+
+def test_a_hostile_recipe_path_or_override_cannot_inject_lines(tmp_path, tiny_dataset, capsys):
+    config, _ = slow_recipe(tmp_path, tiny_dataset, "named")
+    odd = tmp_path / "a\ntouch pwned.yaml"
+    odd.write_text(config.read_text())
+    assert main(["submit", "--config", str(odd), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe path" in err and "control character" in err
+    override = f"1e-3\ntouch {tmp_path}/pwned"  # after `--`: passed to `pretrain fit` as one argument
+    args = ["submit", "--config", str(config), "--dry-run", "--", "--model.lr_schedule.init_args.max_lr"]
+    assert main([*args, override]) == 0
+    script = tmp_path / "job.sbatch"
+    script.write_text(capsys.readouterr().out)
+    fake = tmp_path / "bin"  # run the script with an `srun` that only records its arguments
+    fake.mkdir()
+    (fake / "srun").write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > {tmp_path}/argv\n')
+    (fake / "srun").chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, check=True, capture_output=True)
+    argv = (tmp_path / "argv").read_text().split("\0")
+    assert argv[argv.index("--model.lr_schedule.init_args.max_lr") + 1] == override
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_time_limits_and_a_margin_longer_than_the_limit(tmp_path, tiny_dataset):
     assert time_limit_seconds("90") == 5400 and time_limit_seconds("5:30") == 330
     assert time_limit_seconds("48:00:00") == 172800 and time_limit_seconds("2-00:00:00") == 172800

@@ -191,11 +191,30 @@ def resolve_job(
             f"({settings.time} = {limit} s): the job would be told to requeue as it starts"
         )
     job_name = settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}"
-    for what, value in (("run directory", run_dir), ("working directory", workdir), ("job name", job_name)):
-        if any(c.isspace() for c in str(value)):
+    # Values that land on #SBATCH lines (or in the script's comments) must stay on their line.
+    sbatch_values = {
+        "run directory": run_dir,
+        "working directory": workdir,
+        "job name": job_name,
+        **{
+            f"slurm.{name}": getattr(settings, name)
+            for name in ("time", "partition", "account", "qos", "constraint")
+        },
+    }
+    for what, value in sbatch_values.items():
+        if value is not None and any(c.isspace() or not c.isprintable() for c in str(value)):
             raise UserError(
-                f"the {what} {str(value)!r} contains white space, which #SBATCH lines cannot hold"
+                f"the {what} {str(value)!r} contains white space or a control character, which an #SBATCH line "
+                "cannot hold (a newline would start a line of its own in the job script)"
             )
+    if not config.isprintable():
+        raise UserError(
+            f"the recipe path {config!r} contains a control character (a newline?): rename the file"
+        )
+    if any(not c.isprintable() and c not in "\n\t" for c in settings.env_setup or ""):
+        raise UserError(
+            f"slurm.env_setup {settings.env_setup!r} contains a control character other than a newline"
+        )
     fit_args = ["--config", config]
     if cli.get("max_requeues") is not None:
         fit_args += ["--slurm.max_requeues", str(cli["max_requeues"])]
