@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pretrain import __version__
 from pretrain.commands import COMMANDS, command
-from pretrain.errors import UserError
+from pretrain.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(command(args.command).run(args) or 0)
     except UserError as err:
-        print(f"pretrain {args.command}: error: {err}", file=sys.stderr)
+        print(f"pretrain {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pretrain.data.settings import Settings
+from pretrain.errors import UserError
 
 HELP = "train a tokenizer, prepare token shards, inspect a dataset"
 
@@ -64,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bos-token", help="beginning-of-document token (default: found by name)")
     p.set_defaults(handler=_prepare)
 
+    p = sub.add_parser("verify", help="check a prepared dataset's shards: checksums and token ids")
+    p.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="dataset directories written by `pretrain data prepare`"
+    )
+    p.add_argument("--sample", type=int, metavar="N", help="check N random shards per dataset (default: all)")
+    p.set_defaults(handler=_verify)
+
     p = sub.add_parser("info", help="print a prepared dataset's manifest in human form")
     p.add_argument("dir", help="a dataset directory written by `pretrain data prepare`")
     p.set_defaults(handler=_info)
@@ -100,6 +108,16 @@ def _prepare(args: argparse.Namespace) -> int:
         eos_token=args.eos_token,
         bos_token=args.bos_token,
     )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pretrain.data.shards import load_manifest
+    from pretrain.data.verify import verify
+
+    if args.sample is not None and args.sample < 1:
+        raise UserError(f"--sample must be at least 1, got {args.sample}")
+    print(verify([load_manifest(d) for d in args.dirs], args.sample))
     return 0
 
 

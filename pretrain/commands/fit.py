@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, one_line
 
 HELP = "train from a YAML recipe (LightningCLI; `pretrain fit --help` for options)"
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> int:
 
         return fit(_with_recipe_paths(argv))
     except UserError as err:
-        print(f"pretrain fit: error: {err}", file=sys.stderr)
+        print(f"pretrain fit: error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
         signals.restore_signal_handlers(previous)

@@ -89,6 +89,7 @@ class Shard:
 
     path: Path
     tokens: int
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class Manifest:
 
     def shards(self, split: str) -> list[Shard]:
         entries = self.data["splits"].get(split, {}).get("shards", [])
-        return [Shard(self.root / e["file"], e["tokens"]) for e in entries]
+        return [Shard(self.root / e["file"], e["tokens"], e.get("sha256")) for e in entries]
 
     def tokens(self, split: str) -> int:
         return self.data["splits"].get(split, {}).get("tokens", 0)

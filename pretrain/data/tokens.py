@@ -16,6 +16,7 @@ from bisect import bisect_right
 import numpy as np
 
 from pretrain.data.shards import Manifest
+from pretrain.errors import UserError
 
 
 def _allow_open_files(n: int) -> None:
@@ -33,6 +34,8 @@ class TokenStream:
         shards = manifest.shards(split)
         self.paths = [s.path for s in shards]
         self.dtype = manifest.dtype
+        self.vocab_size = manifest.vocab_size
+        self.root = manifest.root
         self.starts = np.cumsum([0] + [s.tokens for s in shards]).tolist()
         self._arrays: list[np.ndarray | None] = [None] * len(shards)
 
@@ -54,6 +57,14 @@ class TokenStream:
             self._arrays[i] = array
         return array
 
+    def _refuse(self, i: int, offset: int, piece: np.ndarray) -> None:
+        bad = int(np.argmax(piece >= self.vocab_size))
+        raise UserError(
+            f"{self.paths[i]}: token id {int(piece[bad])} at position {offset + bad} is outside the tokenizer's "
+            f"vocabulary of {self.vocab_size:,}: the shard is damaged; check it with `pretrain data verify "
+            f"{self.root}` and prepare the dataset again"
+        )
+
     def read(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with tokens [start, start + len(out)) of the stream."""
         i = bisect_right(self.starts, start) - 1
@@ -61,6 +72,8 @@ class TokenStream:
         while done < len(out):
             offset = start + done - self.starts[i]
             piece = self._shard(i)[offset : offset + len(out) - done]
+            if len(piece) and int(piece.max()) >= self.vocab_size:  # one max per window: cheap
+                self._refuse(i, offset, piece)
             out[done : done + len(piece)] = piece
             done += len(piece)
             i += 1

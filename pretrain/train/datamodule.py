@@ -10,6 +10,7 @@ stops with a clear message unless `allow_data_change` is set.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,6 +57,9 @@ class PretrainDataModule(L.LightningDataModule):
         val_sources: name -> prepared dataset (a path) whose validation split is evaluated and
             logged like the training sources' but never trained on, e.g. the previous stage's data
             in a continual stage without replay, to watch forgetting. Not part of the fingerprint.
+        verify_shards: at every launch, check this many random shards of each dataset against the
+            checksums of its manifest (`pretrain.data.verify`; 0: none). Token ids are always checked
+            against the vocabulary as they are read.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class PretrainDataModule(L.LightningDataModule):
         allow_data_change: bool = False,
         ramp: Ramp | None = None,
         val_sources: dict[str, str] | None = None,
+        verify_shards: int = 2,
     ) -> None:
         super().__init__()
         if not sources:
@@ -87,6 +92,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_tokens = val_tokens
         self.allow_data_change = allow_data_change
+        if verify_shards < 0:
+            raise UserError(f"data.verify_shards must be >= 0 (0: none), got {verify_shards}")
+        self.verify_shards = verify_shards
         self.ramp = ramp if ramp is None or isinstance(ramp, Ramp) else Ramp(**ramp)
         self.source_names = list(self.sources)
         self.val_sources = dict(val_sources or {})
@@ -113,6 +121,10 @@ class PretrainDataModule(L.LightningDataModule):
         self.bos_id = first.data["tokenizer"].get("bos_id")
         self.fingerprint = data_fingerprint(self.sources)
         self.tokenizer_fingerprint = first.tokenizer_fingerprint
+        if self.verify_shards and (self.trainer is None or self.trainer.is_global_zero):
+            from pretrain.data.verify import verify
+
+            print(verify(manifests.values(), self.verify_shards, show_progress=False), file=sys.stderr)
 
     def _check_geometry(self) -> tuple[int, int]:
         assert self.trainer is not None  # attached by the Trainer before it asks for a loader

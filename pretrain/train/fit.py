@@ -18,6 +18,7 @@ Gradient accumulation is derived: global_batch_tokens / (micro_batch_size * seq_
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -36,6 +37,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import check_sharded_checkpoint
+from pretrain.model.config import get_preset
+from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.run_dir import RunDir
 from pretrain.train import private_apis, requeue
 from pretrain.train.datamodule import PretrainDataModule
@@ -78,6 +81,16 @@ QUIET = [
 ]
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertisement for its own logger service, printed on every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
+
+
 class FitCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None) -> None:
         for message in QUIET:
@@ -91,7 +104,12 @@ class FitCLI(LightningCLI):
             auto_configure_optimizers=False,
             seed_everything_default=1337,
             parser_kwargs={"prog": "pretrain fit", "description": __doc__.split("\n\n")[0]},
-            trainer_defaults={"use_distributed_sampler": False, "enable_checkpointing": False},
+            # Lightning's summary table reads "FLOPs 0" for this model: `model` prints ours instead.
+            trainer_defaults={
+                "use_distributed_sampler": False,
+                "enable_checkpointing": False,
+                "enable_model_summary": False,
+            },
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -144,6 +162,12 @@ class FitCLI(LightningCLI):
             f"{data.seq_len} tokens x {devices} device(s) x {trainer.num_nodes} node(s) x "
             f"{trainer.accumulate_grad_batches} accumulation step(s); {trainer.max_steps:,} optimizer steps "
             f"= {trainer.max_steps * data.global_batch_tokens:,} tokens",
+            file=sys.stderr,
+        )
+        model = get_preset(c.model.model).replace(**(c.model.model_overrides or {}))
+        print(
+            f"model: {c.model.model} preset, {count_parameters(model).total:,} parameters, "
+            f"{flops_per_token(model, data.seq_len) / 1e9:.3g} GFLOP per token (training, seq_len {data.seq_len})",
             file=sys.stderr,
         )
 
