@@ -41,7 +41,7 @@ def main() -> None:
         subprocess.run(
             [sys.executable, str(ROOT / "data/pystdlib/prepare.py"), "--out", str(corpus_dir)], check=True
         )
-    corpus, tokenizer = corpus_dir / "corpus.jsonl", corpus_dir / "tokenizer.json"
+    corpus, tokenizer = args.work / "pystdlib-raw" / "corpus.jsonl", corpus_dir / "tokenizer.json"
     docs = [json.loads(line)["text"] for line in corpus.open()]
     tok = Tokenizer.from_file(str(tokenizer))
     mb = corpus.stat().st_size / 1e6

@@ -183,6 +183,22 @@ class RunDir:
             )
         return [path for _, path in chosen[-last_k:]]
 
+    def set_aside_after(self, resume: Path) -> list[Path]:
+        """When `resume` is one of this run's checkpoints, rename those of later steps to
+        `abandoned-step-*.ckpt`: a run resumed from an earlier checkpoint takes another path and must
+        not find them as its own (nor keep their names from being written again)."""
+        match = _CHECKPOINT.fullmatch(resume.name)
+        if match is None or resume.resolve().parent != self.checkpoints.resolve():
+            return []
+        step, moved = int(match[1]), []
+        for later, path in self.list_checkpoints():
+            if later > step:
+                aside = path.with_name(f"abandoned-{path.name}")
+                remove(aside)
+                os.replace(path, aside)
+                moved.append(aside)
+        return moved
+
     def prune_checkpoints(self, keep_last: int, pinned: Callable[[int], bool]) -> None:
         """Delete leftover partials and every checkpoint but the newest `keep_last` and the pinned steps."""
         for leftover in self.checkpoints.glob(".partial-*"):

@@ -51,7 +51,7 @@ def test_pystdlib(tmp_path):
     out = tmp_path / "pystdlib"
     run_recipe("pystdlib", "--out", out)
     manifest = load_manifest(out)
-    corpus = (out / "corpus.jsonl").read_text().splitlines()
+    corpus = (tmp_path / "pystdlib-raw" / "corpus.jsonl").read_text().splitlines()
     splits = manifest.data["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(corpus) > 1000
     assert splits["val"]["documents"] > 10 and len(splits["train"]["shards"]) >= 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -469,17 +470,57 @@ def test_pretrain_fit_stops_on_nonfinite_steps_with_exit_code_3(tiny_dataset, tm
     run_dir = tmp_path / "nan"
     config = recipe(tmp_path, tiny_dataset, run_dir)
     poison = {"class_path": "test_train.PoisonGradients", "init_args": {"steps": [3, 4]}}
-    args = ["--model.max_nonfinite_steps", "2", "--trainer.callbacks+", json.dumps(poison)]
+    args = ["--model.max_bad_steps", "2", "--trainer.callbacks+", json.dumps(poison)]
     assert main(["fit", "--config", str(config), *args]) == 3
     assert "2 optimizer steps in a row had a non-finite loss or gradient" in capsys.readouterr().err
     assert list_checkpoints(run_dir / "checkpoints")[-1][0] == 5  # the last good state, then stop
+
+
+def test_a_learning_rate_raised_mid_run_trips_the_guard_and_the_kept_checkpoint_resumes(
+    tiny_dataset, tmp_path, capsys
+):
+    """The LR jumps x10,000 at step 16: the next steps spike, are skipped, and the run stops naming the
+    newest checkpoint from before the damage, which retention kept (keep_last 1); resumed from it
+    with a sane LR, the run finishes."""
+    run_dir = tmp_path / "lr-jump"
+
+    def schedule(factor: float) -> dict:
+        args = {"max_lr": 3e-3, "warmup_steps": 3, "boundaries": [0.67], "factors": [factor]}
+        return {"class_path": "pretrain.train.schedules.MultiStep", "init_args": args}
+
+    model = {"model": "tiny", "model_overrides": MODEL, "lr_schedule": schedule(1e4)}
+    checkpoints = {"every_n_steps": 2, "keep_last": 1}
+    config = recipe(
+        tmp_path, tiny_dataset, run_dir, trainer__max_steps=24, model=model, checkpoint=checkpoints
+    )
+    assert main(["fit", "--config", str(config), "--model.max_bad_steps", "3"]) == 3
+    err = capsys.readouterr().err
+    kept = run_dir / "checkpoints" / "step-00000016.ckpt"
+    assert "3 optimizer steps in a row had a non-finite loss or gradient or a spike" in err
+    assert "from step 17 " in err and f"resume from {kept} (the newest checkpoint from before step 17" in err
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [16, 20]  # kept + the stop
+    losses = train_losses(run_dir)
+    sane = recipe(
+        tmp_path,
+        tiny_dataset,
+        run_dir,
+        trainer__max_steps=24,
+        checkpoint=checkpoints,
+        model=model | {"lr_schedule": schedule(1.0)},
+    )
+    assert main(["fit", "--config", str(sane), "--resume", str(kept)]) == 0
+    assert "set a later checkpoint aside" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "abandoned-step-00000020.ckpt").exists()
+    resumed = train_losses(run_dir)
+    assert sorted(resumed) == list(range(24))
+    assert all(math.isfinite(resumed[s]) and resumed[s] < losses[15] + 0.5 for s in range(16, 24))
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_dataset, tmp_path):
     from pretrain.train.datamodule import PretrainDataModule, Source
     from pretrain.train.module import PretrainModule
 
-    module = PretrainModule(model="tiny", model_overrides=MODEL, max_nonfinite_steps=3)
+    module = PretrainModule(model="tiny", model_overrides=MODEL, max_bad_steps=3)
     data = PretrainDataModule(
         {"stdlib": Source(str(tiny_dataset))},
         seq_len=64,

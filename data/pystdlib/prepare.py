@@ -2,11 +2,12 @@
 
 Every `.py` file of the interpreter's standard library (sysconfig's "stdlib" path, without
 site-packages) is one document, read with its declared source encoding; nothing from outside
-the machine is used. Writes, under --out (default: data/pystdlib/out):
+the machine is used. Writes the raw corpus beside --out (default: data/pystdlib/out), since a
+dataset folder never holds its own inputs:
 
-    corpus.jsonl      one {"text", "path"} record per file
-    tokenizer.json    a byte-level BPE trained on the corpus (vocab 8192)
-    manifest.json, train/, val/   the token shards (`pretrain data info data/pystdlib/out`)
+    out-raw/corpus.jsonl          one {"text", "path"} record per file
+    out/tokenizer.json            a byte-level BPE trained on the corpus (vocab 8192)
+    out/manifest.json, train/, val/   the token shards (`pretrain data info data/pystdlib/out`)
 
 Run: python data/pystdlib/prepare.py [--out DIR] [--num-proc N] [--force]
 """
@@ -67,8 +68,10 @@ def main() -> None:
         print(describe(load_manifest(args.out)))
         print(f"already prepared; pass --force to redo ({args.out})")
         return
+    raw = args.out.with_name(args.out.name + "-raw")
+    raw.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    corpus, tokenizer = args.out / "corpus.jsonl", args.out / "tokenizer.json"
+    corpus, tokenizer = raw / "corpus.jsonl", args.out / "tokenizer.json"
     texts = write_corpus(corpus)
     print(f"corpus: {len(texts):,} files of {sysconfig.get_paths()['stdlib']} -> {corpus}")
     train_bpe(texts, args.vocab_size).save(str(tokenizer))

@@ -263,6 +263,9 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
         )
     if ckpt_path is not None and ckpt_path.is_dir():
         check_sharded_checkpoint(ckpt_path)  # a downloaded folder must not run code when loaded
+    if ckpt_path is not None and launched_as_rank_zero():
+        for aside in run.set_aside_after(ckpt_path):  # the later ones belong to the path not taken
+            print(f"resuming from an earlier step: set a later checkpoint aside as {aside}", file=sys.stderr)
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
         cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from

@@ -18,9 +18,10 @@ before wrapping and sharding, so it gets no gradient, no optimizer state and no 
 FSDP2 frozen blocks stay sharded like the others (gathered for forward and backward, nothing
 reduced), and checkpoints hold optimizer state for the trainable parameters only.
 
-A step whose gradient norm is not finite is skipped (no parameter or optimizer-state change) and
-counted; after `max_nonfinite_steps` such steps in a row the run saves a checkpoint of the last
-good state and stops with a clear message.
+A bad step (a non-finite loss or gradient norm, or a spike: `pretrain.train.spike_guard`) is
+skipped (no parameter or optimizer-state change) and counted; after `max_bad_steps` such steps
+in a row the run stops, naming the newest checkpoint from before the first of them (kept by
+retention) as the one to resume from.
 """
 
 from __future__ import annotations
@@ -37,14 +38,12 @@ from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
 from pretrain.model.attention import BACKENDS, document_ids
 from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint
+from pretrain.run_dir import RunDir
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import LossSums
 from pretrain.train.parallelize import ACTIVATION_CHECKPOINTING, parallelize
 from pretrain.train.schedules import LRSchedule, WarmupCosine
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced non-finite gradients too many steps in a row."""
+from pretrain.train.spike_guard import SpikeGuard
 
 
 class PretrainModule(L.LightningModule):
@@ -68,7 +67,11 @@ class PretrainModule(L.LightningModule):
         loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
             logits of the whole micro-batch (`pretrain.model.loss`); None: all at once.
         sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
-        max_nonfinite_steps: stop after this many consecutive steps with non-finite gradients.
+        max_bad_steps: stop after this many consecutive bad steps (non-finite, or spikes).
+        spike_threshold: a step whose loss or gradient norm lies more than this many standard
+            deviations above the mean of the last `spike_window` good steps is skipped as a spike
+            (`pretrain.train.spike_guard`); null: only non-finite steps are skipped.
+        spike_window: how many recent good steps the spike threshold is measured against.
         seed: seeds the initial weights and the per-step RNG.
         init_from: start a new stage from these weights (continual pretraining): a checkpoint of
             ours (training checkpoint, FSDP2 directory, `pretrain average`/`import-hf` output) or a
@@ -95,7 +98,9 @@ class PretrainModule(L.LightningModule):
         compile: bool = False,
         loss_chunk_tokens: int | None = None,
         sharding: str = "full",
-        max_nonfinite_steps: int = 10,
+        max_bad_steps: int = 10,
+        spike_threshold: float | None = 6.0,
+        spike_window: int = 100,
         seed: int = 1337,
         init_from: str | None = None,
         trainable_blocks: list[int] | str | None = None,
@@ -120,7 +125,11 @@ class PretrainModule(L.LightningModule):
         self.eos_id: int | None = None  # set by the data module when document masking is on
         self._step_loss_sum: torch.Tensor | None = None
         self._step_micro_batches = 0
-        self.nonfinite_in_a_row = 0
+        if max_bad_steps < 1 or spike_window < 2 or (spike_threshold is not None and spike_threshold <= 0):
+            raise UserError(
+                "model.max_bad_steps must be >= 1, spike_window >= 2 and spike_threshold > 0 (or null)"
+            )
+        self.guard = SpikeGuard(spike_threshold, spike_window)
         self.skipped_steps = 0
         self.stop_reason: str | None = None
         self.resuming = False  # set by `pretrain fit` when a checkpoint will restore the weights
@@ -294,24 +303,39 @@ class PretrainModule(L.LightningModule):
             norm = norm.full_tensor()
         step_loss = self._step_loss_sum / max(self._step_micro_batches, 1)
         self._step_loss_sum, self._step_micro_batches = None, 0
-        finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(step_loss))
-        self.log("train/loss", step_loss, on_step=True, sync_dist=True)
+        step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="mean")  # every rank judges alike
+        self.log("train/loss", step_loss, on_step=True)
         self.log("train/grad_norm", norm, on_step=True)
-        if finite:
-            self.nonfinite_in_a_row = 0
+        step = self.trainer.global_step
+        reason = self.guard.judge(step, float(step_loss), float(norm))
+        if reason is None:
             return
         for param in params:  # AdamW leaves parameters without a gradient untouched
             param.grad = None
-        self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        if self.nonfinite_in_a_row >= self.hparams["max_nonfinite_steps"]:
+        if self.guard.in_a_row >= self.hparams["max_bad_steps"]:
             self.trainer.should_stop = True
-            self.stop_reason = (
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last at step {self.trainer.global_step}); stopped with a checkpoint of the last good state. "
-                "Lower the learning rate or check the data, then resume."
-            )
+            self.stop_reason = self._divergence_message(reason)
+
+    def _divergence_message(self, reason: str) -> str:
+        """The stop message: what went wrong since when, and the checkpoint to resume from."""
+        first = self.guard.suspect_since
+        assert first is not None
+        before = [
+            path for step, path in RunDir(self.trainer.default_root_dir).list_checkpoints() if step < first
+        ]
+        resume = (
+            f"resume from {before[-1]} (the newest checkpoint from before step {first}; kept for this) with a "
+            "lower learning rate or other data, e.g. `--resume PATH --model.lr_schedule.init_args.max_lr ...`"
+            if before
+            else f"no checkpoint from before step {first} exists: start again with a lower learning rate"
+        )
+        return (
+            f"{self.guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient or a spike and "
+            f"were skipped, from step {first} (the last had {reason}). The update before step {first} may have "
+            f"damaged the weights; {resume}. The state at the stop is saved too, for inspection."
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what `export-hf`, `init_from` and `generate` need to use the weights alone."""
@@ -324,6 +348,7 @@ class PretrainModule(L.LightningModule):
             "global_step": self.trainer.global_step,
             "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
             "skipped_steps": self.skipped_steps,
+            "spike_guard": self.guard.state_dict(),
             "init_from": self.init_source,
             "expansion": self.expansion,
             "branched_from": self.branched_from,
@@ -337,6 +362,8 @@ class PretrainModule(L.LightningModule):
                 f"checkpoint {saved} vs run {self.config.to_dict()}"
             )
         self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
+        if "spike_guard" in checkpoint.get("pretrain", {}):
+            self.guard.load_state_dict(checkpoint["pretrain"]["spike_guard"])
         self.init_source = checkpoint.get("pretrain", {}).get("init_from")
         self.expansion = checkpoint.get("pretrain", {}).get("expansion")
         # A branch's first launch loads its parent's checkpoint: keep the branch point set by `fit`.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -66,6 +66,8 @@ class PeriodicCheckpoint(StepCallback):
         self._last_save_time = time.monotonic()
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        if _suspect_since(trainer) is not None:  # inside a streak of bad steps: the weights may be damaged
+            return
         due = bool(self.every_n_steps and step % self.every_n_steps == 0)
         if self.every_n_minutes:
             elapsed = time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes
@@ -79,6 +81,13 @@ class PeriodicCheckpoint(StepCallback):
 
     def pinned(self, step: int) -> bool:
         return step in self.pin_steps or bool(self.pin_every_n_steps and step % self.pin_every_n_steps == 0)
+
+    def _retention_pins(self, trainer: L.Trainer) -> Callable[[int], bool]:
+        """Pinned steps, plus the newest checkpoint from before a streak of bad steps (the one to resume from)."""
+        suspect = _suspect_since(trainer)
+        assert self.run is not None
+        before = [step for step, _ in self.run.list_checkpoints() if suspect is not None and step < suspect]
+        return lambda step: self.pinned(step) or (bool(before) and step == before[-1])
 
     def save(self, trainer: L.Trainer) -> Path:
         """Write the checkpoint for the current step aside, then publish it under its final name."""
@@ -116,10 +125,16 @@ class PeriodicCheckpoint(StepCallback):
                     os.fsync(f.fileno())
             os.replace(partial, final)
             fsync_dir(self.run.checkpoints)
-            self.run.prune_checkpoints(self.keep_last, self.pinned)
+            self.run.prune_checkpoints(self.keep_last, self._retention_pins(trainer))
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()
         return final
+
+
+def _suspect_since(trainer: L.Trainer) -> int | None:
+    """The first step of the training module's current streak of bad steps (`pretrain.train.spike_guard`)."""
+    guard = getattr(trainer.lightning_module, "guard", None)
+    return guard.suspect_since if guard is not None else None
 
 
 class DirectCheckpointIO(TorchCheckpointIO):
