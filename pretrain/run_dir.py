@@ -224,6 +224,15 @@ class RunDir:
     def next_log_version(self) -> int:
         return max(self.log_versions(), default=-1) + 1
 
+    def drop_log_version_without_metrics(self, version: int | str) -> None:
+        """Remove `logs/version_<version>` if it logged no metrics: only the files a launch writes
+        before its first step (config.yaml, hparams.yaml) may be in it."""
+        folder = self.logs / f"version_{version}"
+        if not folder.is_dir() or (folder / "metrics.csv").exists():
+            return
+        if all(p.name in ("config.yaml", "hparams.yaml") for p in folder.iterdir()):
+            shutil.rmtree(folder)
+
     def latest_config(self) -> dict[str, Any]:
         """The resolved recipe of the latest launch that saved a readable one ({} if none did)."""
         import yaml

@@ -44,3 +44,17 @@ def reference(tiny_dataset, tmp_path_factory) -> dict[int, float]:
     assert sorted(losses) == list(range(STEPS))
     assert losses[STEPS - 1] < losses[0] - 0.3  # it learns
     return losses
+
+
+@pytest.fixture(autouse=True)
+def lightning_logs_to_this_tests_stderr():
+    """Lightning's log handlers keep the stderr they saw at import: under pytest's capture that is an
+    earlier test's, closed by now. Point them at this test's."""
+    import logging
+    import sys
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.stream = sys.stderr  # not setStream: it flushes the old, closed stream
+    yield

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
@@ -103,7 +104,12 @@ class FitCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             seed_everything_default=1337,
-            parser_kwargs={"prog": "pretrain fit", "description": __doc__.split("\n\n")[0]},
+            parser_kwargs={
+                "prog": "pretrain fit",
+                "description": __doc__.split("\n\n")[0],
+                "exit_on_error": False,  # `fit` prints the one line that matters, not the usage
+                "allow_abbrev": False,  # --trainer.max_step is a typo, not --trainer.max_steps
+            },
             # Lightning's summary table reads "FLOPs 0" for this model: `model` prints ours instead.
             trainer_defaults={
                 "use_distributed_sampler": False,
@@ -133,6 +139,17 @@ class FitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         c = self.config
         trainer, data = c.trainer, c.data
+        for name in ("micro_batch_size", "seq_len", "global_batch_tokens", "num_workers"):
+            if getattr(data, name) < (0 if name == "num_workers" else 1):
+                raise UserError(
+                    f"data.{name} must be {'>= 0' if name == 'num_workers' else 'positive'}, got {getattr(data, name)}"
+                )
+        context = get_preset(c.model.model).replace(**(c.model.model_overrides or {})).max_seq_len
+        if data.seq_len > context:
+            raise UserError(
+                f"data.seq_len {data.seq_len} exceeds the model's context of {context} tokens (max_seq_len): lower "
+                f"data.seq_len, or raise model.model_overrides.max_seq_len"
+            )
         devices = count_devices(trainer.devices, trainer.accelerator)
         world = devices * (trainer.num_nodes or 1)
         per_step = data.micro_batch_size * data.seq_len * world
@@ -145,7 +162,12 @@ class FitCLI(LightningCLI):
         trainer.accumulate_grad_batches = data.global_batch_tokens // per_step
         if c.max_tokens is not None:
             if trainer.max_steps not in (None, -1):
-                raise UserError("give either max_tokens or trainer.max_steps, not both")
+                raise UserError(
+                    f"give either max_tokens or trainer.max_steps, not both (max_tokens {c.max_tokens:,} = "
+                    f"{math.ceil(c.max_tokens / data.global_batch_tokens):,} steps, trainer.max_steps "
+                    f"{trainer.max_steps:,}): to change the length of a run whose recipe sets max_tokens, give "
+                    "--max_tokens N (or --max_tokens null with --trainer.max_steps N)"
+                )
             trainer.max_steps = math.ceil(c.max_tokens / data.global_batch_tokens)
         if trainer.max_steps in (None, -1):
             raise UserError("set max_tokens (or trainer.max_steps): the LR schedule needs a training length")
@@ -187,7 +209,9 @@ class FitCLI(LightningCLI):
         self.checkpoint = PeriodicCheckpoint(run_dir=run.path, **self.config.checkpoint)
         self.on_signal = requeue.RequeueOnSignal(run, self.checkpoint, self.config.slurm.max_requeues)
         monitor = TrainingMonitor()
-        callbacks = [self.checkpoint, self.on_signal, monitor, StepProgressBar(monitor)]
+        callbacks: list[Any] = [self.checkpoint, self.on_signal, monitor]
+        if self.config.trainer.enable_progress_bar is not False:
+            callbacks.append(StepProgressBar(monitor))
         if self.config.validate_every_steps:
             callbacks.append(FinalValidation(self.config.validate_every_steps))
         self.trainer_defaults["callbacks"] = callbacks
@@ -212,13 +236,21 @@ def fit(args: Sequence[str] | None = None) -> int:
     """Entry point of `pretrain fit`; returns the process exit code: 0 when training finished or
     requeued its SLURM job, 3 when it stopped after non-finite steps, `requeue.STOPPED_EXIT_CODE`
     (4) when a signal stopped it with a checkpoint and the job was not requeued."""
-    cli = FitCLI(args)
+    try:
+        cli = FitCLI(args)
+    except ArgumentError as err:  # jsonargparse: a typo, a wrong type, a missing file
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise UserError(f"{message} (see `pretrain fit --help`)") from None
     run = RunDir(cli.config.run_dir)
     owner = launched_as_rank_zero()  # the other ranks are the same run: only rank 0 holds the lease
     if owner:
         run.acquire()
     try:
         return _fit(cli, run)
+    except BaseException:
+        if owner:  # a launch that failed before its first logged step leaves no empty log version
+            run.drop_log_version_without_metrics(cli.trainer.loggers[0].version or 0)
+        raise
     finally:
         if owner:
             run.release()

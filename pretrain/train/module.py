@@ -26,6 +26,7 @@ retention) as the one to resume from.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +350,7 @@ class PretrainModule(L.LightningModule):
             "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
             "skipped_steps": self.skipped_steps,
             "spike_guard": self.guard.state_dict(),
+            "max_steps": self.trainer.max_steps,
             "init_from": self.init_source,
             "expansion": self.expansion,
             "branched_from": self.branched_from,
@@ -362,12 +364,31 @@ class PretrainModule(L.LightningModule):
                 f"checkpoint {saved} vs run {self.config.to_dict()}"
             )
         self.skipped_steps = checkpoint.get("pretrain", {}).get("skipped_steps", 0)
+        self._note_a_stretched_schedule(
+            checkpoint.get("pretrain", {}).get("max_steps"), checkpoint.get("global_step", 0)
+        )
         if "spike_guard" in checkpoint.get("pretrain", {}):
             self.guard.load_state_dict(checkpoint["pretrain"]["spike_guard"])
         self.init_source = checkpoint.get("pretrain", {}).get("init_from")
         self.expansion = checkpoint.get("pretrain", {}).get("expansion")
         # A branch's first launch loads its parent's checkpoint: keep the branch point set by `fit`.
         self.branched_from = self.branched_from or checkpoint.get("pretrain", {}).get("branched_from")
+
+    def _note_a_stretched_schedule(self, saved_max_steps: int | None, step: int) -> None:
+        """A run resumed with another length recomputes its LR schedule over the new length: say what
+        that does to the LR at the resume step (a cosine stretched over more steps jumps up)."""
+        new = self.trainer.max_steps
+        if saved_max_steps in (None, new) or not self.trainer.is_global_zero:
+            return
+        before, after = self.lr_schedule(step, saved_max_steps), self.lr_schedule(step, new)
+        if abs(after - before) > 1e-3 * max(abs(before), 1e-12):
+            print(
+                f"note: the run's length changed from {saved_max_steps:,} to {new:,} steps, so its LR schedule is "
+                f"recomputed: the LR at step {step:,} goes from {before:.3g} to {after:.3g}. To extend a run without "
+                "a jump, train with a schedule whose LR does not depend on the length before its decay (WSD, "
+                "Infinite, MultiStep) and branch the decay off with branch_from (README: Continual pretraining)",
+                file=sys.stderr,
+            )
 
     # ---- validation --------------------------------------------------------------------------
 
