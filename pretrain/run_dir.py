@@ -145,9 +145,13 @@ class RunDir:
         found = self.list_checkpoints()
         return found[-1][1] if found else None
 
-    def resolve_resume(self, resume: str) -> Path | None:
-        """`auto`: the newest complete checkpoint (None if there is none); `none`: None, refused if
-        the run already holds checkpoints (a fresh run here would mix with them); else a path."""
+    def resolve_resume(self, resume: str, set_aside: bool = False) -> Path | None:
+        """`auto`: the newest usable checkpoint (None if there is none); `none`: None, refused if
+        the run already holds checkpoints (a fresh run here would mix with them); else a path.
+
+        A newest checkpoint that cannot be used (truncated, empty, a folder without its index, or not
+        written by `pretrain fit`) is passed over with a message; with `set_aside` (the run's owner
+        only), a damaged one is renamed `damaged-step-*.ckpt` so that its step can be written again."""
         if resume == "none":
             found = self.list_checkpoints()
             if found:
@@ -158,7 +162,20 @@ class RunDir:
                 )
             return None
         if resume == "auto":
-            return self.latest_checkpoint()
+            for _, path in reversed(self.list_checkpoints()):
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    return path
+                if set_aside and problem != FOREIGN:
+                    aside = path.with_name(f"damaged-{path.name}")
+                    remove(aside)
+                    os.replace(path, aside)
+                    print(f"{path}: {problem}; passed over, kept as {aside}", file=sys.stderr)
+                else:
+                    print(
+                        f"{path}: {problem}; passed over (move it out of {self.checkpoints})", file=sys.stderr
+                    )
+            return None
         path = Path(resume)
         if not path.exists():
             raise UserError(f"--resume {resume}: no such checkpoint (use 'auto', 'none' or an existing path)")
@@ -192,7 +209,7 @@ class RunDir:
             return []
         step, moved = int(match[1]), []
         for later, path in self.list_checkpoints():
-            if later > step:
+            if later > step and checkpoint_problem(path) != FOREIGN:
                 aside = path.with_name(f"abandoned-{path.name}")
                 remove(aside)
                 os.replace(path, aside)
@@ -204,7 +221,7 @@ class RunDir:
         for leftover in self.checkpoints.glob(".partial-*"):
             remove(leftover)
         for step, path in self.list_checkpoints()[:-keep_last]:
-            if not pinned(step):
+            if not pinned(step) and checkpoint_problem(path) != FOREIGN:  # never someone else's file
                 remove(path)
 
     # ---- logs -----------------------------------------------------------------------------------
@@ -405,6 +422,33 @@ class RunDir:
             latest_checkpoint=self.latest_checkpoint(),
             requeue=self.requeue_record(),
         )
+
+
+FOREIGN = "not a checkpoint written by `pretrain fit`"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint of `pretrain fit`, or None if it is one."""
+    import zipfile
+
+    import torch
+
+    try:
+        if path.is_dir():
+            if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+                return "an incomplete sharded checkpoint (no .metadata or meta.pt)"
+            payload = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            if path.stat().st_size == 0:
+                return "an empty file"
+            if not zipfile.is_zipfile(path):
+                return "not a complete torch file (truncated?)"
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        return f"unreadable ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+    if not isinstance(payload, dict) or "pretrain" not in payload:
+        return FOREIGN
+    return None
 
 
 def _this_process() -> dict[str, Any]:

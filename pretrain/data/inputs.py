@@ -116,13 +116,48 @@ def _open_bytes(path: Path) -> io.BufferedIOBase:
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
+        return io.BufferedReader(_ZstdFrames(path))
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames; a file that ends inside a frame
+    (truncated) raises EOFError instead of looking like a shorter file."""
+
+    def __init__(self, path: Path) -> None:
+        self._chunks = self._decompressed(path)
+        self._buffer = b""
+
+    @staticmethod
+    def _decompressed(path: Path) -> Iterator[bytes]:
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True
-        )
-        return io.BufferedReader(raw)
-    return open(path, "rb")
+        context = zstandard.ZstdDecompressor()
+        frame, inside = context.decompressobj(), False
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                while block:
+                    yield frame.decompress(block)
+                    inside = not frame.eof
+                    block = frame.unused_data if frame.eof else b""
+                    if frame.eof:
+                        frame = context.decompressobj()
+        if inside:
+            raise EOFError("the file ends inside a compressed frame: it is truncated")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:
@@ -394,11 +429,16 @@ def read(path: Path, unit: Unit, fields: Fields) -> Chunk:
     return chunk
 
 
-def documents(paths: Sequence[Path], fields: Fields) -> Iterator[str]:
-    """Every usable document of the inputs, in order (records left out silently)."""
-    units, _ = plan(paths, fields.text)
+def documents(paths: Sequence[Path], fields: Fields, left_out: list[str] | None = None) -> Iterator[str]:
+    """Every usable document of the inputs, in order; the records left out are described in `left_out`."""
+    units, early = plan(paths, fields.text)
+    if left_out is not None:
+        left_out += [describe_problem(paths[i], problem, 0) for i, problem in early]
     for unit in units:
-        yield from read(paths[unit.file], unit, fields).texts
+        chunk = read(paths[unit.file], unit, fields)
+        if left_out is not None:
+            left_out += [describe_problem(paths[unit.file], problem, 0) for problem in chunk.problems]
+        yield from chunk.texts
 
 
 def input_record(path: Path) -> dict:

@@ -215,6 +215,19 @@ def build_val_datasets(
         if max_samples is not None:
             windows = min(windows, max_samples)
         steps = windows // (world_size * micro_batch_size)
+        if len(stream) and not steps:  # an empty split (--val-fraction 0) is simply not validated
+            batch = world_size * micro_batch_size
+            raise UserError(
+                f"validation of {name!r} ({manifest.root}): its validation split holds {len(stream):,} tokens "
+                f"({stream.num_windows(seq_len)} window(s) of seq_len + 1 = {seq_len + 1}), fewer than the {batch} "
+                f"windows of one validation batch over {world_size} rank(s)"
+                + (
+                    f", or data.val_tokens caps it at {max_samples} window(s)"
+                    if max_samples is not None
+                    else ""
+                )
+                + ": prepare it with a larger --val-fraction, lower data.micro_batch_size, or raise data.val_tokens"
+            )
         if steps:
             order = SampleOrder([name], [stream.num_windows(seq_len)], Mixture([1]), VAL_SEED)
             out[name] = ValDataset(stream, order, layout, seq_len, steps)

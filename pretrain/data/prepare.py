@@ -60,7 +60,7 @@ from pretrain.data.shards import (
     write_json_atomic,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
-from pretrain.errors import UserError
+from pretrain.errors import UserError, writing
 
 STATE_DIR = ".prepare"
 OUR_FILE = re.compile(r"shard_\d+\.(bin|json|bin\.tmp|docs\.tmp|json\.tmp)")  # what prepare writes in a split
@@ -455,6 +455,40 @@ def prepare(
     Progress is committed at most every `commit_seconds` (0: after every unit); a rerun after
     a kill continues from the last commit.
     """
+    if num_proc is not None and num_proc < 1:
+        raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {num_proc}")
+    with writing(output, "--output"):
+        return _prepare(
+            patterns,
+            tokenizer,
+            output,
+            settings,
+            num_proc=num_proc,
+            strict=strict,
+            overwrite=overwrite,
+            dtype=dtype,
+            eos_token=eos_token,
+            bos_token=bos_token,
+            show_progress=show_progress,
+            commit_seconds=commit_seconds,
+        )
+
+
+def _prepare(
+    patterns: Sequence[str],
+    tokenizer: str | os.PathLike,
+    output: str | os.PathLike,
+    settings: Settings | None = None,
+    *,
+    num_proc: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    dtype: str = "auto",
+    eos_token: str | None = None,
+    bos_token: str | None = None,
+    show_progress: bool = True,
+    commit_seconds: float = 1.0,
+) -> Manifest:
     began = time.time()
     settings = settings or Settings()
     if not 0 <= settings.val_fraction < 1:

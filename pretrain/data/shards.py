@@ -137,11 +137,13 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        hint = (
-            " (preparation unfinished: run `pretrain data prepare` again)"
-            if (root / ".prepare").exists()
-            else ""
-        )
+        recipe = root.resolve().parent / "prepare.py"  # data/<corpus>/out of a recipe in this clone
+        if (root / ".prepare").exists():
+            hint = " (preparation unfinished: run `pretrain data prepare` again)"
+        elif root.name == "out" and recipe.is_file():
+            hint = f" (prepare it with: python {recipe})"
+        else:
+            hint = " (prepare it with `pretrain data prepare ... --output DIR`, or a recipe in data/)"
         raise UserError(f"{path}: no such file: {root} is not a prepared dataset{hint}")
     try:
         data = json.loads(path.read_text())

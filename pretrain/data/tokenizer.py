@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, writing
 
 EOS, BOS, PAD = "<|endoftext|>", "<|bos|>", "<|pad|>"
 EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")
@@ -50,10 +51,28 @@ def train_tokenizer(
     from pretrain.data import inputs
     from pretrain.data.shards import write_atomic
 
-    tok = train_bpe(inputs.documents(inputs.expand(patterns), inputs.Fields(text_field)), vocab_size)
+    left_out: list[str] = []
+    count = 0
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text
+
+    texts = inputs.documents(inputs.expand(patterns), inputs.Fields(text_field), left_out)
+    tok = train_bpe(counted(texts), vocab_size)
+    skipped = f"{len(left_out)} record(s) left out, e.g. {left_out[0]}" if left_out else "no record left out"
+    if count == 0:
+        raise UserError(
+            f"--input {' '.join(patterns)}: no document to train on ({skipped}); check --text-field"
+        )
+    if left_out:
+        print(f"train-tokenizer: trained on {count:,} documents; {skipped}", file=sys.stderr)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, tok.to_str().encode())
+    with writing(output, "--output"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(output, tok.to_str().encode())
     return load_tokenizer(output)
 
 

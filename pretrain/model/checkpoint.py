@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, writing
 from pretrain.model.config import LlamaConfig, get_preset
 from pretrain.progress import progress
 
@@ -142,7 +142,6 @@ def open_checkpoint(path: str | os.PathLike, preset: str | None = None, ema: boo
 def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) -> Path:
     """Write a model file (module docstring) aside, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model_config": checkpoint.config.to_dict(),
@@ -151,8 +150,14 @@ def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) 
         "meta": checkpoint.meta,
     }
     partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with writing(path, "output"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(payload, partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)
     return path
 
 
@@ -257,8 +262,14 @@ def _open_hf(path: Path) -> LazyCheckpoint:
         raise UserError(f"{config_path}: missing field {err}") from None
     weights: Tensors = {}
     for file in progress(_hf_weight_files(path), "reading weights", "file"):
-        weights |= load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+        try:
+            weights |= (
+                load_file(file) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+            )
+        except Exception as err:  # safetensors' SafetensorError, a truncated pickle, ...
+            raise UserError(f"{file}: not a readable weights file ({err}); download it again") from None
     state = from_hf_state_dict(weights, config)
+    _check_shapes(config, state, config_path)
     tokenizer_path = path / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_text() if tokenizer_path.is_file() else None
     meta = {
@@ -267,6 +278,20 @@ def _open_hf(path: Path) -> LazyCheckpoint:
         "source": {"kind": "huggingface", "path": str(path.resolve())},
     }
     return LazyCheckpoint(path, config, tokenizer_json, meta, list(state), _getter(state))
+
+
+def _check_shapes(config: LlamaConfig, state: Tensors, source: Path) -> None:
+    """Refuse weights whose shapes disagree with the config (caught now, not when they are used)."""
+    from pretrain.model.llama import Llama
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
+    for name, tensor in state.items():
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise UserError(
+                f"{source}: the config gives {name} the shape {expected[name]}, but the weights hold "
+                f"{tuple(tensor.shape)}: config.json and the weights files do not belong together"
+            )
 
 
 def _hf_weight_files(hf_dir: Path) -> list[Path]:

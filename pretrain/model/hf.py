@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, writing
 from pretrain.model.config import LlamaConfig
 from pretrain.progress import progress
 
@@ -194,7 +194,19 @@ def save_hf(
 ) -> Path:
     """Write config.json + model.safetensors (+ tokenizer.json) loadable by `from_pretrained`."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir, "OUT_DIR"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _write_hf(out_dir, state, c, tokenizer_json, bos_id, eos_id)
+
+
+def _write_hf(
+    out_dir: Path,
+    state: Tensors,
+    c: LlamaConfig,
+    tokenizer_json: str | None,
+    bos_id: int | None,
+    eos_id: int | None,
+) -> Path:
     tensors = {
         k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")
     }

@@ -269,7 +269,7 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
             "model.init_from (start a new stage from weights) and --resume PATH (continue a run with its "
             "optimizer and step) exclude each other; a stage resumes its own run with --resume auto"
         )
-    ckpt_path = run.resolve_resume(cli.config.resume)
+    ckpt_path = run.resolve_resume(cli.config.resume, set_aside=launched_as_rank_zero())
     if cli.config.branch_from:
         if cli.model.hparams.init_from or cli.config.resume not in ("auto", "none"):
             raise UserError(
