@@ -53,12 +53,20 @@ def format_tokens(count: float) -> str:
     return f"{count:.4g}"
 
 
+def auto_smoothing(points: int) -> float:
+    """The EMA weight that averages over about a twentieth of `points` (none up to 20 points)."""
+    return 1 - 1 / max(1.0, points / 20)
+
+
 def plot_runs(
-    runs: Sequence[str | os.PathLike[str] | RunLog], out_path: str | os.PathLike[str], smoothing: float = 0.9
+    runs: Sequence[str | os.PathLike[str] | RunLog],
+    out_path: str | os.PathLike[str],
+    smoothing: float | None = None,
 ) -> Figure:
     """Draw loss and learning rate of runs (directories or loaded logs), save a PNG, return the figure.
 
-    Top panel: training loss raw (thin) and smoothed (thick), validation loss per source (markers,
+    Top panel: training loss raw (thin) and smoothed (thick: an EMA of weight `smoothing`, by default
+    `auto_smoothing` of the run's number of points; the legend says over how many), validation loss per source (markers,
     one line style per source); bottom panel: learning rate. One color per run; dashed vertical
     lines where a run resumed. Every line has a gid "<run>:<metric>[:raw|:smooth]" or "<run>:resume".
     """
@@ -83,13 +91,15 @@ def plot_runs(
             loss_ax.plot(
                 x(train), train.values, color=color, lw=0.6, alpha=0.35, gid=f"{run.name}:{TRAIN_LOSS}:raw"
             )
-            smoothed = smooth(train.values, smoothing)
+            weight = auto_smoothing(len(train.values)) if smoothing is None else smoothing
+            smoothed = smooth(train.values, weight)
+            span = f"EMA over ~{1 / (1 - weight):.0f} points" if weight > 0 else "unsmoothed"
             loss_ax.plot(
                 x(train),
                 smoothed,
                 color=color,
                 lw=2,
-                label=f"{run.name} train",
+                label=f"{run.name} train ({span})",
                 gid=f"{run.name}:{TRAIN_LOSS}:smooth",
             )
         for source in run.val_sources():
@@ -138,8 +148,13 @@ def plot_runs(
 
 
 def summarize(run: RunLog) -> str:
-    """One line: last step and tokens seen, last training loss, last validation loss per source."""
+    """One line: optimizer steps done and tokens seen, last training loss, last validation loss per source.
+
+    The loss of optimizer step k + 1 is logged at step k, so a run with a loss at step 89 has done 90
+    steps, as its checkpoint `step-00000090.ckpt` and `pretrain status` say."""
     step, tokens = max((series.steps[-1], series.tokens[-1]) for series in run.series.values())
+    if train := run.series.get(TRAIN_LOSS):
+        step = max(step, int(train.steps[-1]) + 1)
     parts = [f"step {step}"]
     if math.isfinite(tokens):
         parts.append(f"{format_tokens(tokens)} tokens")

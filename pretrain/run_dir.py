@@ -15,8 +15,8 @@ How the logs are read (`RunDir.read_logs`):
 - columns are `step` plus metric names, in any order; an empty cell means "not logged";
 - the run may still be writing: a last line without a newline is skipped, cells that are not
   numbers are ignored, and a version with no rows yet is skipped;
-- a later version wins on overlapping steps: version k is cut at the first step of version k+1,
-  and a resume is marked there;
+- a later version wins on overlapping steps: version k is cut where version k+1 resumed (its
+  `train/start_step`, else its first logged step), and the resume is marked there;
 - the tokens seen at a point come from `train/tokens_seen`, linear in step: exact at a step that
   logged it, interpolated between such steps and extrapolated beyond them from the two nearest
   (from step 0 with 0 tokens if only one step logged it); NaN if no step logged it.
@@ -57,6 +57,7 @@ TOKENS = "train/tokens_seen"
 TRAIN_LOSS = "train/loss"
 TOKENS_PER_SEC = "train/tokens_per_sec"
 LR = "train/lr"
+START_STEP = "train/start_step"  # logged by a launch that resumed: the step it resumed at
 _CHECKPOINT = re.compile(r"step-(\d+)\.ckpt")
 _VERSION = re.compile(r"version_(\d+)")
 _VAL_LOSS = re.compile(r"val/(.+)/loss")
@@ -276,7 +277,8 @@ class RunDir:
             version_rows = _read_metrics(path)
             if not version_rows:
                 continue
-            first = min(step for step, _ in version_rows)
+            starts = [metrics[START_STEP] for _, metrics in version_rows if START_STEP in metrics]
+            first = int(starts[0]) if starts else min(step for step, _ in version_rows)
             if rows:
                 resume_steps.append(first)
                 rows = [row for row in rows if row[0] < first]

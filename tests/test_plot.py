@@ -155,7 +155,9 @@ def test_plot_draws_exactly_the_logged_values(resumed_run, other_run, tmp_path):
     assert lr_ax.get_xlabel() == "tokens seen"
     legend = [text.get_text() for text in loss_ax.get_legend().get_texts()]
     assert legend == [
-        f"{run} {curve}" for run in ("run-a", "run-b") for curve in ("train", "val/new", "val/old")
+        f"{run} {curve}"
+        for run in ("run-a", "run-b")
+        for curve in ("train (EMA over ~2 points)", "val/new", "val/old")
     ]
 
 
@@ -211,18 +213,18 @@ def test_plot_subcommand_writes_png_and_prints_a_summary_per_run(resumed_run, ot
     plot_command.add_arguments(parser)
     out = tmp_path / "curves.png"
     args = parser.parse_args([str(resumed_run), str(other_run), "-o", str(out)])
-    assert args.smoothing == 0.9
+    assert args.smoothing is None  # adapts to each run's number of points
     assert plot_command.run(args) == 0
     assert out.stat().st_size > 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"wrote {out}"
     assert (
         printed[1]
-        == "run-a: step 13, 53.25K tokens, train loss 3.7000, val/new loss 4.7000, val/old loss 4.5000"
+        == "run-a: step 14, 53.25K tokens, train loss 3.7000, val/new loss 4.7000, val/old loss 4.5000"
     )
     assert (
         printed[2]
-        == "run-b: step 6, 12.29K tokens, train loss 6.8000, val/new loss 7.5000, val/old loss 7.0000"
+        == "run-b: step 7, 12.29K tokens, train loss 6.8000, val/new loss 7.5000, val/old loss 7.0000"
     )
 
 
@@ -230,3 +232,31 @@ def test_module_import_stays_light():
     code = "import sys, pretrain.plot; print(sorted({'matplotlib', 'numpy'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_default_smoothing_adapts_to_the_number_of_points_and_the_legend_says_so(tmp_path):
+    from pretrain.plot import auto_smoothing
+
+    assert (
+        auto_smoothing(18) == 0
+        and auto_smoothing(20) == 0
+        and auto_smoothing(40) == 0.5
+        and abs(auto_smoothing(1000) - 0.98) < 1e-12
+    )
+    for points, label in ((18, "r train (unsmoothed)"), (1000, "r train (EMA over ~50 points)")):
+        rows = [{"step": step, "train/loss": 2.0 + step % 3} for step in range(points)]
+        write_metrics(tmp_path / f"r{points}/r/logs/version_0/metrics.csv", rows)
+        fig = plot_runs([tmp_path / f"r{points}/r"], tmp_path / "loss.png")
+        assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [label]
+
+
+def test_the_resume_mark_sits_where_the_launch_resumed(tmp_path):
+    """With log_every_n_steps 10 a launch resumed at step 95 first logs a loss at step 99: the mark
+    (and the cut of the earlier launch) belong at 95, which the launch logs as train/start_step."""
+    run = tmp_path / "r"
+    write_metrics(run / "logs/version_0/metrics.csv", [train_row(s, 5.0) for s in range(9, 100, 10)])
+    later = [{"step": 95, "train/start_step": 95}] + [train_row(s, 4.0) for s in range(99, 150, 10)]
+    write_metrics(run / "logs/version_1/metrics.csv", later)
+    loaded = RunDir(run).read_logs()
+    assert [step for step, _ in loaded.resumes] == [95]
+    assert loaded.series["train/loss"].steps.tolist() == [*range(9, 95, 10), *range(99, 150, 10)]

@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoothing",
         type=float,
-        default=0.9,
-        help="EMA weight for the training loss, in [0, 1); 0 plots it unsmoothed (default: %(default)s)",
+        default=None,
+        help="EMA weight for the training loss, in [0, 1); 0 plots it unsmoothed (default: averaging over "
+        "about a twentieth of the run's points, none up to 20)",
     )
 
 

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from pretrain.model.flops import flops_per_token
+from pretrain.run_dir import START_STEP
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.step_callback import StepCallback
 
@@ -64,6 +65,9 @@ class TrainingMonitor(StepCallback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_logged_step = trainer.global_step
+        if trainer.global_step and trainer.is_global_zero:  # where this launch resumed, for `pretrain plot`
+            for logger in trainer.loggers:
+                logger.log_metrics({START_STEP: float(trainer.global_step)}, step=trainer.global_step)
         self._last_time = time.perf_counter()
         config = cast("PretrainModule", pl_module).config
         seq_len = trainer_datamodule(trainer).seq_len
