@@ -445,3 +445,18 @@ def test_the_same_input_reached_twice_is_read_once(tmp_path, tokenizer, capsys, 
         assert twice.tokens(split) == once.tokens(split)
         docs_once, docs_twice = read_split(tmp_path / "once", split), read_split(tmp_path / "twice", split)
         assert len(docs_twice) == len(docs_once) and all(map(np.array_equal, docs_once, docs_twice))
+
+
+def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, tmp_path, monkeypatch):
+    """Cutting a document where a line break meets a non-space character is a pre-tokenization
+    boundary: tokenizing piece by piece (bounded memory) gives the ids of tokenizing it whole."""
+    from pretrain.data import prepare as prepare_module
+
+    corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
+    whole = prepare([str(corpus)], tokenizer, tmp_path / "whole", show_progress=False, num_proc=1)
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 300)  # most stdlib files are longer
+    pieces = prepare([str(corpus)], tokenizer, tmp_path / "pieces", show_progress=False, num_proc=1)
+    assert pieces.fingerprint == whole.fingerprint  # every token of every shard identical
+    text = "def f():\n    return 1\n\n\nclass A:\n  pass\n" * 40
+    assert "".join(prepare_module._pieces(text)) == text
+    assert all(len(p) <= 300 for p in prepare_module._pieces(text))

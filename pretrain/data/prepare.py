@@ -63,6 +63,7 @@ from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain.errors import UserError, writing
 
 STATE_DIR = ".prepare"
+PIECE_CHARS = 1 << 20  # longer documents are tokenized a piece at a time (`_encode`)
 OUR_FILE = re.compile(r"shard_\d+\.(bin|json|bin\.tmp|docs\.tmp|json\.tmp)")  # what prepare writes in a split
 EXAMPLES = 20  # skipped records listed in the manifest
 WARNINGS = 10  # skipped records printed while running
@@ -119,7 +120,9 @@ def is_val(text: str, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") < val_fraction * 2**64
 
 
-def _pack(ids: list[list[int]], eos: int, bos: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _pack(
+    ids: Sequence[Sequence[int] | np.ndarray], eos: int, bos: int | None, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate documents, each followed by EOS (and preceded by BOS if given)."""
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
@@ -135,12 +138,43 @@ def tokenize_unit(unit: Unit) -> UnitResult:
     w = _worker
     chunk = inputs.read(w["paths"][unit.file], unit, w["fields"])
     val = [is_val(t, w["val_fraction"]) for t in chunk.texts]
-    ids = [e.ids for e in w["tokenizer"].encode_batch_fast(chunk.texts, add_special_tokens=False)]
+    ids = _encode(w["tokenizer"], chunk.texts)
     tokens, lengths = {}, {}
     for split in SPLITS:
         mine = [x for x, v in zip(ids, val, strict=True) if v == (split == "val")]
         tokens[split], lengths[split] = _pack(mine, w["eos"], w["bos"], w["dtype"])
     return UnitResult(tokens, lengths, chunk.problems, chunk.lines, chunk.excluded)
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Sequence[int] | np.ndarray]:
+    """Token ids of each text. A long document is encoded a piece at a time, cut where white space
+    follows a non-space character: a pre-tokenization boundary of byte-level BPE, so the ids are those
+    of encoding it whole, while memory stays bounded by the piece (a 50 MB document whole peaks at
+    several GB)."""
+    short = [i for i, text in enumerate(texts) if len(text) <= PIECE_CHARS]
+    ids: list[Sequence[int] | np.ndarray] = [[] for _ in texts]
+    encoded = tokenizer.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)
+    for i, encoding in zip(short, encoded, strict=True):
+        ids[i] = encoding.ids
+    for i, text in enumerate(texts):
+        if len(text) > PIECE_CHARS:
+            pieces = (tokenizer.encode(piece, add_special_tokens=False).ids for piece in _pieces(text))
+            ids[i] = np.concatenate([np.array(piece, dtype=np.int64) for piece in pieces])
+    return ids
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """`text` in pieces of at most PIECE_CHARS, each cut before white space that follows a non-space
+    character (a hard cut only where PIECE_CHARS characters hold no white space at all)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = start + PIECE_CHARS
+        while cut > start + 1 and not (text[cut].isspace() and not text[cut - 1].isspace()):
+            cut -= 1
+        cut = cut if cut > start + 1 else start + PIECE_CHARS
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 @contextlib.contextmanager
