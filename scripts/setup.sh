@@ -16,6 +16,11 @@ if [ ! -x .venv/bin/python ]; then
         "$PYTHON" -m pip --python .venv/bin/python install --quiet pip
     fi
 fi
+step() { echo "setup: $* ($(date +%H:%M:%S))" >&2; }
+step "1/3 upgrading pip in .venv"
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+step "2/3 installing torch==${TORCH_VERSION} (the largest package: a minute or two)"
+.venv/bin/python -m pip install --quiet --progress-bar on "torch==${TORCH_VERSION}"
+step "3/3 installing pretrain and its dependencies (lightning, tokenizers, datasets, transformers, ...)"
+.venv/bin/python -m pip install --quiet --progress-bar on -e ".[dev]"
+step "done: $(.venv/bin/python -c 'import torch, lightning; print(f"torch {torch.__version__}, lightning {lightning.__version__}")')"
