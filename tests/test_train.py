@@ -11,7 +11,9 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import lightning as L
@@ -143,6 +145,46 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
     with torch.no_grad():
         assert (ours(tokens).logits - theirs(tokens).logits).abs().max() < 1e-4
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_killed_ten_times_at_random_points_ends_as_an_uninterrupted_run(tiny_dataset, tmp_path):
+    """Fault injection: a 2-process FSDP2 run is SIGKILLed 10 times, at random moments and (every
+    third time) while a checkpoint is being written; the relaunches finish it with per-step losses
+    equal to an uninterrupted run's."""
+    import random
+
+    require("torch.distributed")
+    rng = random.Random(0)
+    changes = {
+        "trainer__devices": 2,
+        "trainer__strategy": "fsdp2",
+        "checkpoint": {"every_n_steps": 1, "keep_last": 2},
+    }
+    uninterrupted = tmp_path / "uninterrupted"
+    run(["fit", "--config", str(recipe(tmp_path, tiny_dataset, uninterrupted, **changes))])
+    run_dir = tmp_path / "faulty"
+    args = [PRETRAIN, "fit", "--config", str(recipe(tmp_path, tiny_dataset, run_dir, **changes))]
+    kills = during_writes = 0
+    while kills < 10:
+        process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + (rng.uniform(3, 9) if kills % 3 else 60)
+        while time.monotonic() < deadline and process.poll() is None:
+            if kills % 3 == 0 and list((run_dir / "checkpoints").glob(".partial-*")):
+                during_writes += 1  # a checkpoint is being written right now
+                break
+            time.sleep(0.005)
+        if process.poll() is not None:  # finished before the kill: the run is complete
+            break
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+    if kills == 10:
+        run(args[1:])
+    assert kills == 10 and during_writes >= 2, (kills, during_writes)
+    assert train_losses(run_dir) == train_losses(uninterrupted)  # every step, bit for bit
 
 
 @pytest.mark.slow
