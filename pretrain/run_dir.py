@@ -153,6 +153,8 @@ class RunDir:
         A newest checkpoint that cannot be used (truncated, empty, a folder without its index, or not
         written by `pretrain fit`) is passed over with a message; with `set_aside` (the run's owner
         only), a damaged one is renamed `damaged-step-*.ckpt` so that its step can be written again."""
+        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
+
         if resume == "none":
             found = self.list_checkpoints()
             if found:
@@ -164,7 +166,7 @@ class RunDir:
             return None
         if resume == "auto":
             for _, path in reversed(self.list_checkpoints()):
-                problem = checkpoint_problem(path)
+                problem = training_checkpoint_problem(path)
                 if problem is None:
                     return path
                 if set_aside and problem != FOREIGN:
@@ -205,12 +207,14 @@ class RunDir:
         """When `resume` is one of this run's checkpoints, rename those of later steps to
         `abandoned-step-*.ckpt`: a run resumed from an earlier checkpoint takes another path and must
         not find them as its own (nor keep their names from being written again)."""
+        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
+
         match = _CHECKPOINT.fullmatch(resume.name)
         if match is None or resume.resolve().parent != self.checkpoints.resolve():
             return []
         step, moved = int(match[1]), []
         for later, path in self.list_checkpoints():
-            if later > step and checkpoint_problem(path) != FOREIGN:
+            if later > step and training_checkpoint_problem(path) != FOREIGN:
                 aside = path.with_name(f"abandoned-{path.name}")
                 remove(aside)
                 os.replace(path, aside)
@@ -219,10 +223,12 @@ class RunDir:
 
     def prune_checkpoints(self, keep_last: int, pinned: Callable[[int], bool]) -> None:
         """Delete leftover partials and every checkpoint but the newest `keep_last` and the pinned steps."""
+        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
+
         for leftover in self.checkpoints.glob(".partial-*"):
             remove(leftover)
         for step, path in self.list_checkpoints()[:-keep_last]:
-            if not pinned(step) and checkpoint_problem(path) != FOREIGN:  # never someone else's file
+            if not pinned(step) and training_checkpoint_problem(path) != FOREIGN:  # never someone else's
                 remove(path)
 
     # ---- logs -----------------------------------------------------------------------------------
@@ -424,33 +430,6 @@ class RunDir:
             latest_checkpoint=self.latest_checkpoint(),
             requeue=self.requeue_record(),
         )
-
-
-FOREIGN = "not a checkpoint written by `pretrain fit`"
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint of `pretrain fit`, or None if it is one."""
-    import zipfile
-
-    import torch
-
-    try:
-        if path.is_dir():
-            if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
-                return "an incomplete sharded checkpoint (no .metadata or meta.pt)"
-            payload = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-        else:
-            if path.stat().st_size == 0:
-                return "an empty file"
-            if not zipfile.is_zipfile(path):
-                return "not a complete torch file (truncated?)"
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        return f"unreadable ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
-    if not isinstance(payload, dict) or "pretrain" not in payload:
-        return FOREIGN
-    return None
 
 
 def _this_process() -> dict[str, Any]:

@@ -55,6 +55,8 @@ def test_no_progress_bar_and_extending_a_run_with_a_note_on_the_lr(tiny_dataset,
     assert main(["fit", "--config", str(config), "--trainer.max_steps", "9"]) == 0  # extend the finished run
     err = capsys.readouterr().err
     assert "the run's length changed from 6 to 9 steps" in err and "the LR at step 6 goes from" in err
+    assert "litlogger" not in err and "FLOPs" not in err  # Lightning's tip and its "FLOPs 0" summary
+    assert "model: tiny preset, 139,584 parameters, " in err and "GFLOP per token" in err
     assert sorted(train_losses(run_dir)) == list(range(9))
 
 

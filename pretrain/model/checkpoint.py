@@ -139,6 +139,33 @@ def open_checkpoint(path: str | os.PathLike, preset: str | None = None, ema: boo
     )
 
 
+FOREIGN = "not a checkpoint written by `pretrain fit`"
+
+
+def training_checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete training checkpoint of `pretrain fit`, or None if it is one
+    (cheap: the file is memory-mapped, a folder's meta.pt read; no tensor is loaded)."""
+    import zipfile
+
+    try:
+        if path.is_dir():
+            if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+                return "an incomplete sharded checkpoint (no .metadata or meta.pt)"
+            payload = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            if path.stat().st_size == 0:
+                return "an empty file"
+            if not zipfile.is_zipfile(path):
+                return "not a complete torch file (truncated?)"
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"unreadable ({detail})"
+    if not isinstance(payload, dict) or "pretrain" not in payload:
+        return FOREIGN
+    return None
+
+
 def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) -> Path:
     """Write a model file (module docstring) aside, then rename it into place."""
     path = Path(path)
