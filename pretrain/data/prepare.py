@@ -491,132 +491,106 @@ def prepare(
     """
     if num_proc is not None and num_proc < 1:
         raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {num_proc}")
-    with writing(output, "--output"):
-        return _prepare(
-            patterns,
-            tokenizer,
-            output,
-            settings,
-            num_proc=num_proc,
-            strict=strict,
-            overwrite=overwrite,
-            dtype=dtype,
-            eos_token=eos_token,
-            bos_token=bos_token,
-            show_progress=show_progress,
-            commit_seconds=commit_seconds,
+    with writing(output, "--output"):  # a file in the way, no space left, ...: one line
+        began = time.time()
+        settings = settings or Settings()
+        if not 0 <= settings.val_fraction < 1:
+            raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
+        if settings.shard_tokens < 1:
+            raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
+        tok = load_tokenizer(tokenizer, eos_token, bos_token)
+        if settings.bos and tok.bos_id is None:
+            raise UserError(
+                f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
+            )
+        token_dtype = (
+            dtype_for_vocab(tok.vocab_size) if dtype == "auto" else np.dtype(dtype).newbyteorder("<")
         )
-
-
-def _prepare(
-    patterns: Sequence[str],
-    tokenizer: str | os.PathLike,
-    output: str | os.PathLike,
-    settings: Settings | None = None,
-    *,
-    num_proc: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    dtype: str = "auto",
-    eos_token: str | None = None,
-    bos_token: str | None = None,
-    show_progress: bool = True,
-    commit_seconds: float = 1.0,
-) -> Manifest:
-    began = time.time()
-    settings = settings or Settings()
-    if not 0 <= settings.val_fraction < 1:
-        raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
-    if settings.shard_tokens < 1:
-        raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
-    tok = load_tokenizer(tokenizer, eos_token, bos_token)
-    if settings.bos and tok.bos_id is None:
-        raise UserError(
-            f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
+        if tok.vocab_size > np.iinfo(token_dtype).max + 1:
+            raise UserError(
+                f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
+                f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
+            )
+        fields = inputs.Fields(settings.text_field, settings.exclude)
+        paths = inputs.expand(patterns)
+        _check_apart(Path(output), patterns, paths)
+        units, early = inputs.plan(paths, settings.text_field)
+        early_messages = [inputs.describe_problem(paths[i], problem, 0) for i, problem in early]
+        if strict and early_messages:
+            raise UserError(early_messages[0])
+        root = Path(output)
+        root.mkdir(parents=True, exist_ok=True)
+        state = _start(root, _identity(paths, tok, settings, token_dtype), overwrite)
+        if state is None:
+            return load_manifest(root)
+        header = {
+            "format": FORMAT,
+            "dtype": token_dtype.name,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id if settings.bos else None,
+            "tokenizer_fingerprint": tok.fingerprint,
+        }
+        run = Run(root, state, header, settings.shard_tokens)
+        num_proc = num_proc or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
-    token_dtype = dtype_for_vocab(tok.vocab_size) if dtype == "auto" else np.dtype(dtype).newbyteorder("<")
-    if tok.vocab_size > np.iinfo(token_dtype).max + 1:
-        raise UserError(
-            f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
-            f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
+        done = state["units_done"]
+        bar = tqdm(
+            total=sum(u.size for u in units),
+            initial=sum(u.size for u in units[:done]),
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            disable=not show_progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
         )
-    fields = inputs.Fields(settings.text_field, settings.exclude)
-    paths = inputs.expand(patterns)
-    _check_apart(Path(output), patterns, paths)
-    units, early = inputs.plan(paths, settings.text_field)
-    early_messages = [inputs.describe_problem(paths[i], problem, 0) for i, problem in early]
-    if strict and early_messages:
-        raise UserError(early_messages[0])
-    root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
-    state = _start(root, _identity(paths, tok, settings, token_dtype), overwrite)
-    if state is None:
-        return load_manifest(root)
-    header = {
-        "format": FORMAT,
-        "dtype": token_dtype.name,
-        "eos_id": tok.eos_id,
-        "bos_id": tok.bos_id if settings.bos else None,
-        "tokenizer_fingerprint": tok.fingerprint,
-    }
-    run = Run(root, state, header, settings.shard_tokens)
-    num_proc = num_proc or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    done = state["units_done"]
-    bar = tqdm(
-        total=sum(u.size for u in units),
-        initial=sum(u.size for u in units[:done]),
-        unit="B",
-        unit_scale=True,
-        desc="prepare",
-        disable=not show_progress,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
-    warned = 0
-    for message in early_messages:
-        warned = _warn(message, warned, bar)
-    docs = tokens = 0
-    last_commit = time.monotonic()
-    try:
-        with _serial_tokenizers():
-            initargs = (paths, str(tok.path), fields, settings, tok.eos_id, tok.bos_id, token_dtype.name)
-            for unit, result in zip(units[done:], _results(units[done:], num_proc, initargs), strict=True):
-                base = run.line_base(unit)
-                messages = [inputs.describe_problem(paths[unit.file], p, base) for p in result.problems]
-                if strict and messages:
-                    raise UserError(messages[0])
-                for message in messages:
-                    warned = _warn(message, warned, bar)
-                run.add(unit, result, messages)
-                if time.monotonic() - last_commit >= commit_seconds:
-                    run.commit()
-                    last_commit = time.monotonic()
-                docs += sum(len(x) for x in result.lengths.values())
-                tokens += sum(len(x) for x in result.tokens.values())
-                elapsed = max(time.time() - began, 1e-9)
-                bar.set_postfix_str(
-                    f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:,.2f}M tokens/s", refresh=False
-                )
-                bar.update(unit.size)
-        run.commit(final=True)
-    finally:
-        bar.close()
-        run.close()
-    manifest = _manifest(paths, tok, settings, token_dtype, run.published, state, early_messages, early)
-    if not sum(split["documents"] for split in manifest["splits"].values()):
-        raise UserError(
-            f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
-        )
-    if tok.path.resolve() != (root / TOKENIZER).resolve():
-        write_atomic(root / TOKENIZER, tok.path.read_bytes())
-    write_json_atomic(root / MANIFEST, manifest)
-    shutil.rmtree(root / STATE_DIR)
-    prepared = load_manifest(root)
-    if show_progress:
-        print(summary(prepared, time.time() - began))
-    return prepared
+        warned = 0
+        for message in early_messages:
+            warned = _warn(message, warned, bar)
+        docs = tokens = 0
+        last_commit = time.monotonic()
+        try:
+            with _serial_tokenizers():
+                initargs = (paths, str(tok.path), fields, settings, tok.eos_id, tok.bos_id, token_dtype.name)
+                for unit, result in zip(
+                    units[done:], _results(units[done:], num_proc, initargs), strict=True
+                ):
+                    base = run.line_base(unit)
+                    messages = [inputs.describe_problem(paths[unit.file], p, base) for p in result.problems]
+                    if strict and messages:
+                        raise UserError(messages[0])
+                    for message in messages:
+                        warned = _warn(message, warned, bar)
+                    run.add(unit, result, messages)
+                    if time.monotonic() - last_commit >= commit_seconds:
+                        run.commit()
+                        last_commit = time.monotonic()
+                    docs += sum(len(x) for x in result.lengths.values())
+                    tokens += sum(len(x) for x in result.tokens.values())
+                    elapsed = max(time.time() - began, 1e-9)
+                    bar.set_postfix_str(
+                        f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:,.2f}M tokens/s",
+                        refresh=False,
+                    )
+                    bar.update(unit.size)
+            run.commit(final=True)
+        finally:
+            bar.close()
+            run.close()
+        manifest = _manifest(paths, tok, settings, token_dtype, run.published, state, early_messages, early)
+        if not sum(split["documents"] for split in manifest["splits"].values()):
+            raise UserError(
+                f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
+            )
+        if tok.path.resolve() != (root / TOKENIZER).resolve():
+            write_atomic(root / TOKENIZER, tok.path.read_bytes())
+        write_json_atomic(root / MANIFEST, manifest)
+        shutil.rmtree(root / STATE_DIR)
+        prepared = load_manifest(root)
+        if show_progress:
+            print(summary(prepared, time.time() - began))
+        return prepared
 
 
 def _warn(message: str, warned: int, bar: tqdm) -> int:
