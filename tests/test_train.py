@@ -25,6 +25,7 @@ from helpers import (
     PRETRAIN,
     STEPS,
     bare_trainer,
+    logged_steps,
     recipe,
     require,
     run,
@@ -149,9 +150,9 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
 
 @pytest.mark.slow
 def test_fsdp2_killed_ten_times_at_random_points_ends_as_an_uninterrupted_run(tiny_dataset, tmp_path):
-    """Fault injection: a 2-process FSDP2 run is SIGKILLed 10 times, at random moments and (every
-    third time) while a checkpoint is being written; the relaunches finish it with per-step losses
-    equal to an uninterrupted run's."""
+    """Fault injection: a 2-process FSDP2 run is SIGKILLed 10 times, after a random number of new
+    steps or (every third time) while a checkpoint is being written; relaunched, it ends with the
+    per-step losses of an uninterrupted run."""
     import random
 
     require("torch.distributed")
@@ -159,31 +160,34 @@ def test_fsdp2_killed_ten_times_at_random_points_ends_as_an_uninterrupted_run(ti
     changes = {
         "trainer__devices": 2,
         "trainer__strategy": "fsdp2",
+        "trainer__max_steps": 160,  # more than 10 kills of at most 8 steps each can reach
+        "validate_every_steps": 40,
         "checkpoint": {"every_n_steps": 1, "keep_last": 2},
     }
     uninterrupted = tmp_path / "uninterrupted"
     run(["fit", "--config", str(recipe(tmp_path, tiny_dataset, uninterrupted, **changes))])
     run_dir = tmp_path / "faulty"
     args = [PRETRAIN, "fit", "--config", str(recipe(tmp_path, tiny_dataset, run_dir, **changes))]
-    kills = during_writes = 0
-    while kills < 10:
-        process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + (rng.uniform(3, 9) if kills % 3 else 60)
-        while time.monotonic() < deadline and process.poll() is None:
-            if kills % 3 == 0 and list((run_dir / "checkpoints").glob(".partial-*")):
+    during_writes = 0
+    for kill in range(10):
+        log = open(tmp_path / f"launch-{kill}.err", "w+b")  # a file: a full pipe would block the run
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        target = logged_steps(run_dir) + rng.randint(1, 8)
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / f"launch-{kill}.err").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no progress"
+            if kill % 3 == 0 and list((run_dir / "checkpoints").glob(".partial-*")):
                 during_writes += 1  # a checkpoint is being written right now
                 break
-            time.sleep(0.005)
-        if process.poll() is not None:  # finished before the kill: the run is complete
-            break
+            if kill % 3 and logged_steps(run_dir) >= target:
+                break
+            time.sleep(0.002)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        kills += 1
-    if kills == 10:
-        run(args[1:])
-    assert kills == 10 and during_writes >= 2, (kills, during_writes)
+        log.close()
+    run(args[1:])
+    assert during_writes == 4
     assert train_losses(run_dir) == train_losses(uninterrupted)  # every step, bit for bit
 
 

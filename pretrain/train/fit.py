@@ -254,6 +254,10 @@ def fit(args: Sequence[str] | None = None) -> int:
     finally:
         if owner:
             run.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning leaves the process group up; gloo's threads then abort the exit at random
+            # ("terminate called without an active exception") after a run that finished.
+            torch.distributed.destroy_process_group()
 
 
 def launched_as_rank_zero() -> bool:
