@@ -60,6 +60,12 @@ def test_no_progress_bar_and_extending_a_run_with_a_note_on_the_lr(tiny_dataset,
     assert sorted(train_losses(run_dir)) == list(range(9))
 
 
+def prepare_args(dataset, output) -> list[str]:
+    """`pretrain data prepare` of the tiny dataset's corpus with its tokenizer into `output`."""
+    corpus, tokenizer = dataset.parent / "corpus.jsonl", dataset / "tokenizer.json"
+    return ["data", "prepare", "--input", str(corpus), "--tokenizer", str(tokenizer), "--output", str(output)]
+
+
 def hf_dir(tmp_path, **config_changes):
     """A small HF-format model directory written by `save_hf`."""
     import json
@@ -76,21 +82,11 @@ def hf_dir(tmp_path, **config_changes):
 
 
 def test_output_paths_that_cannot_be_written_are_one_line(tiny_dataset, tmp_path, capsys):
-    corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
+    corpus = tiny_dataset.parent / "corpus.jsonl"
     a_file = tmp_path / "a_file"
     a_file.write_text("mine")
     for output in (a_file, a_file / "below"):
-        args = [
-            "data",
-            "prepare",
-            "--input",
-            str(corpus),
-            "--tokenizer",
-            str(tokenizer),
-            "--output",
-            str(output),
-        ]
-        assert main(args) == 2
+        assert main(prepare_args(tiny_dataset, output)) == 2
         assert f"--output {output}: {a_file} is a file where a folder is needed" in capsys.readouterr().err
         args = [
             "data",
@@ -108,17 +104,7 @@ def test_output_paths_that_cannot_be_written_are_one_line(tiny_dataset, tmp_path
         assert f"OUT_DIR {output}: {a_file} is a file where a folder is needed" in capsys.readouterr().err
     assert a_file.read_text() == "mine"
     for bad in ("0", "-1"):
-        args = [
-            "data",
-            "prepare",
-            "--input",
-            str(corpus),
-            "--tokenizer",
-            str(tokenizer),
-            "--output",
-            str(tmp_path / "o"),
-        ]
-        assert main([*args, "--num-proc", bad]) == 2
+        assert main([*prepare_args(tiny_dataset, tmp_path / "o"), "--num-proc", bad]) == 2
         assert f"--num-proc must be at least 1 (or left out: all CPUs), got {bad}" in capsys.readouterr().err
 
 
@@ -129,23 +115,12 @@ def test_a_full_disk_during_prepare_is_one_line_and_the_rerun_resumes(
 
     from pretrain.data import prepare as prepare_module
 
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     real = prepare_module.write_json_atomic
-    monkeypatch.setattr(
-        prepare_module,
-        "write_json_atomic",
-        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
-    )
-    corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
-    args = [
-        "data",
-        "prepare",
-        "--input",
-        str(corpus),
-        "--tokenizer",
-        str(tokenizer),
-        "--output",
-        str(tmp_path / "o"),
-    ]
+    monkeypatch.setattr(prepare_module, "write_json_atomic", disk_full)
+    args = prepare_args(tiny_dataset, tmp_path / "o")
     assert main([*args, "--num-proc", "1"]) == 2
     assert "no space left on the device" in capsys.readouterr().err
     monkeypatch.setattr(prepare_module, "write_json_atomic", real)

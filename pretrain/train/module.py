@@ -291,8 +291,8 @@ class PretrainModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by global norm (correct under FSDP2: the norm is reduced over shards), log it,
-        and skip the step if it is not finite. Runs once per optimizer step."""
+        """Clip by global norm (correct under FSDP2: the norm is reduced over shards), log it, and
+        skip the step if it is bad (non-finite or a spike: `SpikeGuard`). Once per optimizer step."""
         if gradient_clip_algorithm not in (None, "norm"):
             raise UserError("only gradient_clip_algorithm: norm is supported")
         assert self.model is not None and self._step_loss_sum is not None  # set up / accumulated by now
