@@ -1,4 +1,5 @@
-"""`pretrain plot`'s drawing: loss curves and learning rate of runs against tokens seen.
+"""`pretrain plot`'s drawing: loss curves, learning rate and downstream benchmark scores of runs
+against tokens seen.
 
 The logs are read by `pretrain.run_dir.RunDir.read_logs` (all launches merged, resumes marked).
 """
@@ -7,19 +8,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.errors import UserError
-from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series
+from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series, downstream_column
 
 if TYPE_CHECKING:
     import numpy as np
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 # Line styles of validation sources; "--" is left for resume marks.
 _VAL_STYLES: tuple[Any, ...] = ("-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
+# The metric that stands for a downstream task: the first of these it has, else its first by name.
+HEADLINE_METRICS = ("acc_norm", "acc")
 
 
 def smooth(values: Sequence[float] | np.ndarray, weight: float = 0.9) -> np.ndarray:
@@ -58,29 +62,67 @@ def auto_smoothing(points: int) -> float:
     return 1 - 1 / max(1.0, points / 20)
 
 
+def headline_metric(metrics: Collection[str]) -> str:
+    """The metric plotted and summarized for a downstream task (`HEADLINE_METRICS`, else the first by name)."""
+    return next((name for name in HEADLINE_METRICS if name in metrics), min(metrics))
+
+
+def downstream_headlines(logs: Sequence[RunLog]) -> dict[str, str]:
+    """Task -> headline metric over all runs' downstream scores (one metric per task, so that the
+    runs compare like with like), tasks sorted."""
+    metrics: dict[str, set[str]] = {}
+    for run in logs:
+        for task, series in run.downstream().items():
+            metrics.setdefault(task, set()).update(series)
+    return {task: headline_metric(names) for task, names in sorted(metrics.items())}
+
+
+def _task_grid(tasks: int) -> tuple[int, int]:
+    """Rows and columns of the downstream panels: near square, 3 x 3 for up to 9 tasks; none for none."""
+    cols = math.ceil(math.sqrt(tasks))
+    return (math.ceil(tasks / cols), cols) if tasks else (0, 0)
+
+
+def _layout(tasks: int) -> tuple[Figure, Axes, Axes, list[Axes]]:
+    """An 11 x 7 inch figure of loss over learning rate; with downstream tasks, widened (and
+    heightened beyond two rows) by a grid of one panel per task to their right."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = _task_grid(tasks)
+    fig = Figure(figsize=(11 + 3.5 * cols, max(7, 3 * rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not tasks:
+        return fig, *fig.subplots(2, 1, sharex=True, height_ratios=(3, 1)), []
+    left, right = fig.subfigures(1, 2, squeeze=False, width_ratios=(11, 3.5 * cols))[0]
+    loss_ax, lr_ax = left.subplots(2, 1, sharex=True, height_ratios=(3, 1))  # first in fig.axes
+    grid = right.add_gridspec(rows, cols)
+    return fig, loss_ax, lr_ax, [right.add_subplot(grid[i // cols, i % cols]) for i in range(tasks)]
+
+
 def plot_runs(
     runs: Sequence[str | os.PathLike[str] | RunLog],
     out_path: str | os.PathLike[str],
     smoothing: float | None = None,
 ) -> Figure:
-    """Draw loss and learning rate of runs (directories or loaded logs), save a PNG, return the figure.
+    """Draw loss, learning rate and downstream scores of runs (directories or loaded logs), save a
+    PNG, return the figure.
 
     Top panel: training loss raw (thin) and smoothed (thick: an EMA of weight `smoothing`, by default
     `auto_smoothing` of the run's number of points; the legend says over how many), validation loss per source (markers,
-    one line style per source); bottom panel: learning rate. One color per run; dashed vertical
-    lines where a run resumed. Every line has a gid "<run>:<metric>[:raw|:smooth]" or "<run>:resume".
+    one line style per source); bottom panel: learning rate. To their right, only where runs logged
+    downstream scores, a grid of one panel per task (titled by the task) with its headline metric
+    (`downstream_headlines`), markers at the evaluations. One color per run; dashed vertical lines
+    where a run resumed. Every line has a gid "<run>:<metric>[:raw|:smooth]" or "<run>:resume".
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     logs = [run if isinstance(run, RunLog) else RunDir(run).read_logs() for run in runs]
     by_steps = any(TOKENS not in run.series for run in logs)
     sources = sorted({source for run in logs for source in run.val_sources()})
+    headlines = downstream_headlines(logs)
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    fig, loss_ax, lr_ax, task_axes = _layout(len(headlines))
 
     def x(series: Series) -> np.ndarray:
         return series.steps if by_steps else series.tokens
@@ -117,8 +159,13 @@ def plot_runs(
             )
         if lr := run.series.get(LR):
             lr_ax.plot(x(lr), lr.values, color=color, gid=f"{run.name}:{LR}")
+        downstream = run.downstream()
+        for ax, (task, metric) in zip(task_axes, headlines.items()):
+            if score := downstream.get(task, {}).get(metric):
+                column = downstream_column(task, metric)
+                ax.plot(x(score), score.values, color=color, marker="o", ms=4, gid=f"{run.name}:{column}")
         for step, tokens in run.resumes:
-            for ax in (loss_ax, lr_ax):
+            for ax in (loss_ax, lr_ax, *task_axes):
                 ax.axvline(
                     step if by_steps else tokens,
                     color=color,
@@ -134,11 +181,15 @@ def plot_runs(
     loss_ax.set(title=title, ylabel="loss")
     if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend(fontsize="small")
-    lr_ax.set(ylabel="learning rate", xlabel="step" if by_steps else "tokens seen")
+    xlabel = "step" if by_steps else "tokens seen"
+    lr_ax.set(ylabel="learning rate", xlabel=xlabel)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax, (task, metric) in zip(task_axes, headlines.items()):
+        ax.set(title=task, ylabel=metric, xlabel=xlabel)
     if not by_steps:
-        lr_ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_tokens(value)))
-    for ax in (loss_ax, lr_ax):
+        for ax in (lr_ax, *task_axes):
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_tokens(value)))
+    for ax in (loss_ax, lr_ax, *task_axes):
         ax.grid(alpha=0.3)
 
     out_path = Path(out_path)
@@ -148,7 +199,8 @@ def plot_runs(
 
 
 def summarize(run: RunLog) -> str:
-    """One line: optimizer steps done and tokens seen, last training loss, last validation loss per source.
+    """One line: optimizer steps done and tokens seen, last training loss, last validation loss per
+    source, last score per downstream task (its headline metric).
 
     The loss of optimizer step k + 1 is logged at step k, so a run with a loss at step 89 has done 90
     steps, as its checkpoint `step-00000090.ckpt` and `pretrain status` say."""
@@ -163,4 +215,7 @@ def summarize(run: RunLog) -> str:
     parts += [
         f"val/{source} loss {run.series[f'val/{source}/loss'].values[-1]:.4f}" for source in run.val_sources()
     ]
+    downstream = run.downstream()
+    for task, metric in downstream_headlines([run]).items():
+        parts.append(f"downstream/{task} {metric} {downstream[task][metric].values[-1]:.4f}")
     return f"{run.name}: {', '.join(parts)}"

@@ -20,6 +20,8 @@ How the logs are read (`RunDir.read_logs`):
 - the tokens seen at a point come from `train/tokens_seen`, linear in step: exact at a step that
   logged it, interpolated between such steps and extrapolated beyond them from the two nearest
   (from step 0 with 0 tokens if only one step logged it); NaN if no step logged it.
+- downstream benchmark scores are the sparse columns `downstream/<task>/<metric>` (`RunLog.downstream`),
+  merged across versions like every other column.
 
 The lease (`RunDir.acquire`): one `pretrain fit` owns a run directory at a time, so that two
 launches never both write checkpoints there. It is created with a hard link (atomic on local
@@ -61,8 +63,14 @@ START_STEP = "train/start_step"  # logged by a launch that resumed: the step it 
 _CHECKPOINT = re.compile(r"step-(\d+)\.ckpt")
 _VERSION = re.compile(r"version_(\d+)")
 _VAL_LOSS = re.compile(r"val/(.+)/loss")
+_DOWNSTREAM = re.compile(r"downstream/(.+)/([^/]+)")
 
 Row = tuple[int, dict[str, float]]
+
+
+def downstream_column(task: str, metric: str) -> str:
+    """The log column of a downstream benchmark score, e.g. `downstream/hellaswag/acc_norm`."""
+    return f"downstream/{task}/{metric}"
 
 
 def checkpoint_name(step: int) -> str:
@@ -106,6 +114,14 @@ class RunLog:
     def val_sources(self) -> list[str]:
         """Names of the validation sources with a `val/<source>/loss` series, sorted."""
         return sorted(match[1] for name in self.series if (match := _VAL_LOSS.fullmatch(name)))
+
+    def downstream(self) -> dict[str, dict[str, Series]]:
+        """Downstream benchmark scores: task -> metric -> series, both sorted by name."""
+        found: dict[str, dict[str, Series]] = {}
+        for name in sorted(self.series):
+            if match := _DOWNSTREAM.fullmatch(name):
+                found.setdefault(match[1], {})[match[2]] = self.series[name]
+        return dict(sorted(found.items()))
 
 
 @dataclass(frozen=True)
@@ -230,6 +246,16 @@ class RunDir:
         for step, path in self.list_checkpoints()[:-keep_last]:
             if not pinned(step) and training_checkpoint_problem(path) != FOREIGN:  # never someone else's
                 remove(path)
+
+    # ---- downstream evaluation --------------------------------------------------------------------
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where `pretrain eval RUN_DIR` keeps its scores and table."""
+        return self.path / "eval"
+
+    def eval_result(self, step: int) -> Path:
+        return self.eval_dir / f"step-{step:08d}.json"
 
     # ---- logs -----------------------------------------------------------------------------------
 

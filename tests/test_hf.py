@@ -5,14 +5,16 @@ import warnings
 
 import pytest
 import torch
-from helpers import require
+from helpers import require, write_dataset
 
 from pretrain.cli import main
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import ModelCheckpoint, load_model_checkpoint, save_model_checkpoint
 from pretrain.model.hf import (
+    client_tokenizer_json,
     config_from_hf,
+    document_prefix_id,
     from_hf_state_dict,
     hf_config,
     save_hf,
@@ -136,6 +138,142 @@ def test_export_hf_cli_writes_loadable_model_with_tokenizer(tmp_path, capsys):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.bos_token == "<|bos|>"
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 1
+
+
+def trained_tokenizer():
+    """Our byte-level BPE: `<|endoftext|>` 0 (EOS), `<|bos|>` 1, `<|pad|>` 2."""
+    from pretrain.data.tokenizer import train_bpe
+
+    return train_bpe(["some text, and some more text to learn from"] * 20, 300)
+
+
+def export(tmp_path, bos_id, tokenizer=None, name="out"):
+    """`pretrain export-hf` of a checkpoint whose meta says `bos_id` (None: data without BOS)."""
+    tokenizer = tokenizer or trained_tokenizer()
+    config = LlamaConfig(**{**BASE, "vocab_size": 320}, n_heads=4, n_kv_heads=2, mlp_hidden=96)
+    state = Llama(config).state_dict()
+    meta = {"bos_id": bos_id, "eos_id": 0}
+    save_model_checkpoint(tmp_path / f"{name}.pt", ModelCheckpoint(config, state, tokenizer.to_str(), meta))
+    assert main(["export-hf", str(tmp_path / f"{name}.pt"), str(tmp_path / name)]) == 0
+    return tmp_path / name
+
+
+def test_export_without_bos_encodes_like_training_and_prefixes_with_eos(tmp_path):
+    transformers = require("transformers")
+    ours = trained_tokenizer()
+    out = export(tmp_path, bos_id=None)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs("some text").input_ids == ours.encode("some text").ids  # nothing added
+    # lm-eval's HFLM.prefix_token_id is the tokenizer's bos_token_id: the EOS before every document
+    assert theirs.bos_token == "<|endoftext|>" and theirs.bos_token_id == theirs.eos_token_id == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == document_prefix_id(None, 0) == 0
+    assert config["pad_token_id"] == 2
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (0, 0, 2)
+    assert load_model_checkpoint(out).meta["bos_id"] is None  # import reads the convention back
+
+
+def test_export_with_bos_prepends_it_like_training(tmp_path):
+    transformers = require("transformers")
+    ours = trained_tokenizer()
+    out = export(tmp_path, bos_id=1)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs("some text").input_ids == [1, *ours.encode("some text").ids]
+    assert theirs.bos_token == "<|bos|>" and theirs.eos_token == "<|endoftext|>"
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == 1
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 0, 2)
+    assert load_model_checkpoint(out).meta["bos_id"] == 1
+
+
+def test_export_pads_with_the_pad_token_or_else_eos(tmp_path):
+    transformers = require("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(export(tmp_path, bos_id=None))
+    batch = theirs(["some text", "some"], padding=True)
+    assert theirs.pad_token == "<|pad|>" and batch.input_ids[1][-1] == 2 and batch.attention_mask[1][-1] == 0
+    tokenizers = require("tokenizers")
+    no_pad = tokenizers.Tokenizer(tokenizers.models.BPE())
+    no_pad.add_special_tokens(["<|endoftext|>"])
+    no_pad.add_tokens(list("abcdefgh "))
+    out = export(tmp_path, bos_id=None, tokenizer=no_pad, name="no-pad")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs(["ab", "a"], padding=True).input_ids[1][-1] == 0 == theirs.pad_token_id
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] is None  # not padding_idx
+    assert transformers.GenerationConfig.from_pretrained(out).pad_token_id == 0
+
+
+def test_client_tokenizer_json_replaces_token_adding_post_processors():
+    tokenizers = require("tokenizers")
+    processors = tokenizers.processors
+    tok = tokenizers.Tokenizer.from_str(trained_tokenizer().to_str())
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|pad|> $A", special_tokens=[("<|pad|>", 2)]),
+        ]
+    )
+    plain = tok.encode("some text", add_special_tokens=False).ids
+    without = tokenizers.Tokenizer.from_str(client_tokenizer_json(tok.to_str(), None))
+    assert without.encode("some text").ids == plain
+    assert without.post_processor.__class__.__name__ == "ByteLevel"
+    with_bos = tokenizers.Tokenizer.from_str(client_tokenizer_json(tok.to_str(), 1))
+    assert with_bos.encode("some text").ids == [1, *plain]
+    assert with_bos.encode("some", "text").ids == [
+        1,
+        *without.encode("some").ids,
+        1,
+        *without.encode("text").ids,
+    ]
+    with pytest.raises(UserError, match="BOS id 999 is not in its tokenizer"):
+        client_tokenizer_json(tok.to_str(), 999)
+
+
+def test_export_writes_the_weights_dtype(tmp_path):
+    transformers = require("transformers")
+    config = CONFIGS["gqa"]
+    save_hf(tmp_path, {k: v.bfloat16() for k, v in Llama(config).state_dict().items()}, config)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "bfloat16"
+    assert transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_bos_id_is_set_only_when_the_data_has_bos(tmp_path):
+    from pretrain.train.datamodule import PretrainDataModule
+
+    def bos_id(with_bos: bool) -> int | None:
+        root = write_dataset(tmp_path / f"bos-{with_bos}", [256])
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["tokenizer"]["bos_id"] = 1  # the tokenizer has a BOS either way
+        manifest["settings"]["bos"] = with_bos
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        data = PretrainDataModule(
+            {"a": {"path": str(root)}}, seq_len=8, global_batch_tokens=64, verify_shards=0
+        )
+        data.setup("fit")
+        return data.bos_id
+
+    assert bos_id(with_bos=False) is None
+    assert bos_id(with_bos=True) == 1
+
+
+def test_import_refuses_sliding_window_attention(tmp_path, capsys):
+    hf = hf_config(CONFIGS["gqa"]) | {"max_position_embeddings": 32768, "sliding_window": 4096}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: sliding_window 4096" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(UserError, match="use_sliding_window|sliding_window 4096"):
+        config_from_hf(hf | {"use_sliding_window": True})
+    full = (
+        {"sliding_window": None},
+        {"sliding_window": 32768},
+        {"sliding_window": 4096, "use_sliding_window": False},
+    )
+    for fields in full:  # a window no shorter than the context, or none, is full attention
+        assert config_from_hf(hf | fields).max_seq_len == 32768
 
 
 def test_plain_state_dict_needs_a_preset(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from pretrain.commands import plot as plot_command
 from pretrain.errors import UserError
-from pretrain.plot import format_tokens, plot_runs, smooth
+from pretrain.plot import format_tokens, headline_metric, plot_runs, smooth, summarize
 from pretrain.run_dir import RunDir
 
 TOKENS_PER_STEP = 4096
@@ -61,6 +61,29 @@ def other_run(tmp_path: Path) -> Path:
         val_row(6, 7.0, 7.5)
     ]
     write_metrics(run / "logs/version_0/metrics.csv", rows)
+    return run
+
+
+def downstream_row(step: int, hellaswag: float, next_line: float) -> dict:
+    """A downstream evaluation's row, logged alone (its tokens come from the train row of its step)."""
+    return {
+        "step": step,
+        "downstream/hellaswag/acc": hellaswag - 0.05,
+        "downstream/hellaswag/acc_norm": hellaswag,
+        "downstream/pystdlib_next_line/acc": next_line,
+    }
+
+
+@pytest.fixture
+def downstream_run(tmp_path: Path) -> Path:
+    """Version 0 evaluates at steps 4 and 8; version 1 resumes at step 6 and evaluates at 8 again, then 12."""
+    run = tmp_path / "run-d"
+    v0 = [train_row(step, 3.0) for step in range(1, 10)] + [downstream_row(4, 0.30, 0.10)]
+    v0 += [downstream_row(8, 0.35, 0.20)]
+    write_metrics(run / "logs/version_0/metrics.csv", v0)
+    v1 = [{"step": 6, "train/start_step": 6}] + [train_row(step, 2.0) for step in range(6, 14)]
+    v1 += [downstream_row(8, 0.33, 0.15), downstream_row(12, 0.40, 0.25)]
+    write_metrics(run / "logs/version_1/metrics.csv", v1)
     return run
 
 
@@ -260,3 +283,66 @@ def test_the_resume_mark_sits_where_the_launch_resumed(tmp_path):
     loaded = RunDir(run).read_logs()
     assert [step for step, _ in loaded.resumes] == [95]
     assert loaded.series["train/loss"].steps.tolist() == [*range(9, 95, 10), *range(99, 150, 10)]
+
+
+def test_downstream_series_are_merged_across_resumes(downstream_run):
+    downstream = RunDir(downstream_run).read_logs().downstream()
+    assert {task: list(metrics) for task, metrics in downstream.items()} == {
+        "hellaswag": ["acc", "acc_norm"],
+        "pystdlib_next_line": ["acc"],
+    }
+    score = downstream["hellaswag"]["acc_norm"]
+    assert score.steps.tolist() == [4, 8, 12]  # step 8 once: the resumed launch's evaluation
+    np.testing.assert_allclose(score.values, [0.30, 0.33, 0.40])
+    np.testing.assert_allclose(score.tokens, score.steps * TOKENS_PER_STEP)
+    np.testing.assert_allclose(downstream["pystdlib_next_line"]["acc"].values, [0.10, 0.15, 0.25])
+
+
+def test_plot_draws_one_panel_per_downstream_task(downstream_run, other_run, tmp_path):
+    fig = plot_runs([downstream_run, other_run], tmp_path / "loss.png")
+    loss_ax, lr_ax, *task_axes = fig.axes
+    assert [(ax.get_title(), ax.get_ylabel()) for ax in task_axes] == [
+        ("hellaswag", "acc_norm"),  # acc_norm before acc
+        ("pystdlib_next_line", "acc"),
+    ]
+    assert all(ax.get_xlabel() == "tokens seen" for ax in task_axes)
+    lines = lines_by_gid(fig)
+    (hellaswag,) = lines["run-d:downstream/hellaswag/acc_norm"]
+    assert hellaswag.axes is task_axes[0] and hellaswag.get_marker() == "o"
+    np.testing.assert_allclose(hellaswag.get_xdata(), np.array([4, 8, 12]) * TOKENS_PER_STEP)
+    np.testing.assert_allclose(hellaswag.get_ydata(), [0.30, 0.33, 0.40])
+    assert hellaswag.get_color() == lines["run-d:train/loss:raw"][0].get_color()
+    assert "run-d:downstream/hellaswag/acc" not in lines
+    assert not any(gid.startswith("run-b:downstream/") for gid in lines)  # run-b logged none
+    assert {mark.axes for mark in lines["run-d:resume"]} == {loss_ax, lr_ax, *task_axes}
+
+
+def test_runs_without_downstream_scores_get_the_same_figure_as_before(resumed_run, other_run, tmp_path):
+    fig = plot_runs([resumed_run, other_run], tmp_path / "loss.png")
+    assert len(fig.axes) == 2 and fig.subfigs == []
+    assert tuple(fig.get_size_inches()) == (11, 7)
+
+
+def test_eight_downstream_tasks_fill_a_three_by_three_grid(tmp_path):
+    tasks = [f"task{i}" for i in range(8)]
+    rows = [train_row(step, 3.0) for step in (1, 2)]
+    rows += [{"step": 2} | {f"downstream/{task}/acc": 0.5 for task in tasks}]
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", rows)
+    fig = plot_runs([tmp_path / "r"], tmp_path / "loss.png")
+    task_axes = fig.axes[2:]
+    assert [ax.get_title() for ax in task_axes] == tasks
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in task_axes} == {(3, 3)}
+    assert tuple(fig.get_size_inches()) == (11 + 3 * 3.5, 9)
+
+
+def test_headline_metric_prefers_acc_norm_then_acc_then_the_first_by_name():
+    assert headline_metric({"f1", "acc", "acc_norm"}) == "acc_norm"
+    assert headline_metric({"f1", "acc"}) == "acc"
+    assert headline_metric({"f1", "exact_match"}) == "exact_match"
+
+
+def test_summary_ends_with_the_latest_downstream_scores(downstream_run):
+    assert summarize(RunDir(downstream_run).read_logs()) == (
+        "run-d: step 14, 53.25K tokens, train loss 2.0000, "
+        "downstream/hellaswag acc_norm 0.4000, downstream/pystdlib_next_line acc 0.2500"
+    )

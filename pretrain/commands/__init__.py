@@ -28,6 +28,7 @@ COMMANDS = {
     "expand": "expand",
     "average": "average",
     "generate": "generate",
+    "eval": "eval",
 }
 
 

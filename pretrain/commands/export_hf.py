@@ -1,7 +1,12 @@
 """Convert a checkpoint to a Hugging Face LlamaForCausalLM / MixtralForCausalLM directory.
 
-Writes config.json + model.safetensors (+ tokenizer files) for transformers. CHECKPOINT is any
-form `pretrain.model.checkpoint` reads; a plain state-dict file needs --preset.
+Writes config.json, generation_config.json and model.safetensors (+ tokenizer.json and
+tokenizer_config.json) for transformers. CHECKPOINT is any form `pretrain.model.checkpoint` reads;
+a plain state-dict file needs --preset. Clients see the special tokens as training did
+(`pretrain.model.hf`): `bos_token` is the token before every document (BOS if the data was
+prepared with --bos, else EOS) and the tokenizer adds BOS to a text only in the first case.
+Checkpoints written before this convention stored the tokenizer's BOS even for data without one,
+and export as if the data had BOS.
 """
 
 from __future__ import annotations
@@ -34,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
         eos_id=meta.get("eos_id"),
     )
     tokenizer_note = "with tokenizer" if checkpoint.tokenizer_json else "no tokenizer in the checkpoint"
-    print(f"wrote {out}/config.json and {out}/model.safetensors ({tokenizer_note})")
+    print(f"wrote {out}/config.json, generation_config.json and model.safetensors ({tokenizer_note})")
     return 0

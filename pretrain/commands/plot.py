@@ -1,12 +1,13 @@
-"""Plot training loss (raw and smoothed), validation loss per source and the learning rate of one
-or more runs against tokens seen, from RUN_DIR/logs/version_<k>/metrics.csv.
+"""Plot training loss (raw and smoothed), validation loss per source, the learning rate and, where
+logged, downstream benchmark scores (one panel per task) of one or more runs against tokens seen,
+from RUN_DIR/logs/version_<k>/metrics.csv; print each run's latest values.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "plot loss curves of runs from their CSV logs"
+HELP = "plot loss curves and downstream scores of runs from their CSV logs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

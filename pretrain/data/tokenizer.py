@@ -111,6 +111,11 @@ def _find(tokenizer: Tokenizer, names: Iterable[str]) -> int | None:
     return None
 
 
+def find_pad(tokenizer: Tokenizer) -> int | None:
+    """The id of the tokenizer's padding token (one of PAD_NAMES), if it has one."""
+    return _find(tokenizer, PAD_NAMES)
+
+
 def load_tokenizer(
     path: str | os.PathLike, eos_token: str | None = None, bos_token: str | None = None
 ) -> TokenizerInfo:
@@ -130,4 +135,4 @@ def load_tokenizer(
     if bos_token and bos is None:
         raise UserError(f"{path}: no token {bos_token!r} (--bos-token)")
     vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
-    return TokenizerInfo(tok, path, vocab_size, eos, bos, _find(tok, PAD_NAMES), fingerprint(tok))
+    return TokenizerInfo(tok, path, vocab_size, eos, bos, find_pad(tok), fingerprint(tok))

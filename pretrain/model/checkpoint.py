@@ -22,7 +22,8 @@ sharded folder (`.metadata`, a pickle) is unpickled with an allow-list of DCP's 
 only tensors are read from it (`check_sharded_checkpoint` also proves its other entries plain before
 a run resumes from it); safetensors hold tensors only.
 
-`meta` holds `bos_id`, `eos_id` and, where known, `global_step`, `tokens_seen`, `expansion` (the
+`meta` holds `bos_id` (the BOS training put before every document, None without; see
+`pretrain.model.hf`), `eos_id` and, where known, `global_step`, `tokens_seen`, `expansion` (the
 new blocks of `pretrain expand`) and `source` (where the weights came from).
 `save_model_checkpoint` writes aside and renames into place, so a crash never leaves a truncated
 file under the final name.
@@ -276,7 +277,7 @@ def _open_hf(path: Path) -> LazyCheckpoint:
     """A local Hugging Face directory, converted to our names (read whole: its tensors are fused here)."""
     from safetensors.torch import load_file
 
-    from pretrain.model.hf import config_from_hf, from_hf_state_dict
+    from pretrain.model.hf import bos_from_hf, config_from_hf, from_hf_state_dict
 
     config_path = path / "config.json"
     try:
@@ -300,7 +301,7 @@ def _open_hf(path: Path) -> LazyCheckpoint:
     tokenizer_path = path / "tokenizer.json"
     tokenizer_json = tokenizer_path.read_text() if tokenizer_path.is_file() else None
     meta = {
-        "bos_id": hf.get("bos_token_id"),
+        "bos_id": bos_from_hf(hf),
         "eos_id": hf.get("eos_token_id"),
         "source": {"kind": "huggingface", "path": str(path.resolve())},
     }

@@ -1,9 +1,10 @@
 """Text generation with a KV cache, batched, optionally steered by proxy tuning (`pretrain generate`).
 
-- Tokenizer: the one stored in the checkpoint (or `tokenizer.json` of the HF directory). A prompt
-  is encoded the way that tokenizer's own post-processor says (a Llama `tokenizer.json` adds BOS;
-  pretrain's byte-level BPE adds nothing); an empty prompt starts from BOS, or else from EOS, the
-  token that precedes every document in packed training data.
+- Tokenizer: the one stored in the checkpoint (or `tokenizer.json` of the HF directory), encoding
+  as Hugging Face clients of the export do (`pretrain.model.hf.client_tokenizer_json`): BOS first
+  only when training put BOS before every document (a Llama tokenizer; data prepared with
+  --bos). An empty prompt starts from that BOS, or else from EOS, the token that precedes every
+  document in packed training data.
 - Batching: all prompts decode together. Shorter prompts are left-padded; the KV cache masks the
   padding and counts each row's positions from its own first token, so a prompt decodes to the
   same tokens alone or in a batch (`pretrain.model.llama.KVCache`). The prompt is read in one
@@ -18,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -26,10 +27,11 @@ from typing import cast
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.data.tokenizer import BOS_NAMES, EOS_NAMES, fingerprint
+from pretrain.data.tokenizer import EOS_NAMES, fingerprint
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import load_model_checkpoint
+from pretrain.model.hf import client_tokenizer_json
 from pretrain.model.llama import KVCache, rope_cache
 
 
@@ -43,6 +45,7 @@ class GenerationModel:
     eos_ids: set[int]
     bos_id: int | None
     path: str
+    tokens_seen: int | None = None  # training tokens behind the weights, where the checkpoint says
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,13 @@ class Sampling:
 
 
 def load_generation_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool = False,
 ) -> GenerationModel:
-    """Load any form `pretrain.model.checkpoint` reads (an HF directory too)."""
-    checkpoint = load_model_checkpoint(path)
+    """Load any form `pretrain.model.checkpoint` reads (an HF directory too; `ema`: the EMA copy)."""
+    checkpoint = load_model_checkpoint(path, ema=ema)
     config, state, tokenizer_json = checkpoint.config, checkpoint.state_dict, checkpoint.tokenizer_json
     eos, bos = checkpoint.meta.get("eos_id"), checkpoint.meta.get("bos_id")
     if tokenizer_json is None:
@@ -74,14 +80,13 @@ def load_generation_model(
             f"{path} holds no tokenizer; generation needs one (a checkpoint written by `pretrain fit`, "
             "or a Hugging Face directory with tokenizer.json)"
         )
-    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer = Tokenizer.from_str(client_tokenizer_json(tokenizer_json, bos))  # encodes as HF clients do
     if eos is None:
         eos = next((i for n in EOS_NAMES if (i := tokenizer.token_to_id(n)) is not None), None)
-    if bos is None:
-        bos = next((i for n in BOS_NAMES if (i := tokenizer.token_to_id(n)) is not None), None)
     eos_ids = set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
     model = _build(config, state, torch.device(device), dtype)
-    return GenerationModel(model, tokenizer, fingerprint(tokenizer), eos_ids, bos, str(path))
+    tokens = checkpoint.meta.get("tokens_seen")
+    return GenerationModel(model, tokenizer, fingerprint(tokenizer), eos_ids, bos, str(path), tokens)
 
 
 def _build(
@@ -134,11 +139,13 @@ def generate(
     sampling: Sampling,
     eos_ids: set[int],
     generator: torch.Generator | None = None,
+    all_done: Callable[[bool], bool] = bool,
 ) -> list[list[int]]:
     """The new tokens of each prompt (ending with EOS where one was produced).
 
     Each step's logits are sum_i weight_i * logits of models[i]: [(model, 1.0)] decodes one model,
-    [(large, 1), (expert, alpha), (base, -alpha)] is proxy tuning.
+    [(large, 1), (expert, alpha), (base, -alpha)] is proxy tuning. `all_done(this batch is done)`
+    decides when to stop early (several processes decoding one sharded model stop together).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
@@ -178,7 +185,7 @@ def generate(
         chosen = next_tokens(logits, sampling, generator)
         new.append(chosen)
         done |= torch.isin(chosen, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all_done(bool(done.all())) or step == max_new_tokens - 1:
             break
         logits = step_logits(chosen[:, None])
     out = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]

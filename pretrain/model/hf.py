@@ -11,7 +11,16 @@ MoE experts are written in the per-expert layout of Mixtral checkpoints on the H
 and 5.x converts on load; reading accepts that layout and 5.x's fused in-memory one
 (`mlp.experts.gate_up_proj` (E, 2I, D), `mlp.experts.down_proj` (E, D, I)).
 
-Nothing here imports `transformers`: config.json is plain JSON and weights are safetensors.
+Special tokens, as HF clients read them (lm-eval's `hf` backend, `generate`, pipelines): a
+checkpoint's `bos_id` is the BOS that training put before every document, None when the data had
+none (`doc EOS doc EOS ...`). The token before every document is the document prefix: that BOS,
+or else EOS (GPT-2's convention). An export names the prefix `bos_token` / `bos_token_id`, and its
+tokenizer.json prepends BOS to a text only when training did (`client_tokenizer_json`), so
+`tokenizer(text)` gives the ids training saw at a document start. The pad token is the
+tokenizer's own (`<|pad|>`, ...) or else EOS, which config.json then leaves unset (transformers
+would freeze that embedding as `padding_idx`).
+
+Nothing here imports `transformers`: the JSON files are written as such and weights are safetensors.
 """
 
 from __future__ import annotations
@@ -23,16 +32,27 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from pretrain.data.shards import write_atomic
+from pretrain.data.tokenizer import find_pad
 from pretrain.errors import UserError, writing
 from pretrain.model.config import LlamaConfig
 from pretrain.progress import progress
 
 Tensors = dict[str, torch.Tensor]
+TOKEN_ADDING_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
 
 
-def hf_config(c: LlamaConfig, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
-    """config.json for `LlamaForCausalLM` (or `MixtralForCausalLM` when the model is a MoE)."""
+def hf_config(
+    c: LlamaConfig,
+    bos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
+    pad_id: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """config.json for `LlamaForCausalLM` (or `MixtralForCausalLM` when the model is a MoE); the
+    ids are written as given (HF meaning: `bos_id` is the document prefix)."""
     config: dict[str, Any] = {
         "architectures": ["MixtralForCausalLM" if c.is_moe else "LlamaForCausalLM"],
         "model_type": "mixtral" if c.is_moe else "llama",
@@ -50,9 +70,11 @@ def hf_config(c: LlamaConfig, bos_id: int | None = None, eos_id: int | None = No
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},  # transformers 5.x
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": False,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,  # transformers 4.x
+        "dtype": dtype,  # transformers 5.x
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
     }
     if c.is_moe:
         config.update(num_local_experts=c.n_experts, num_experts_per_tok=c.moe_top_k, router_jitter_noise=0.0)
@@ -75,6 +97,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
         "attention_bias": bool(hf.get("attention_bias", False)),
         "mlp_bias": bool(hf.get("mlp_bias", False)),
         f"rope type {rope_type!r}": rope_type != "default",
+        f"sliding_window {hf.get('sliding_window')} (< max_position_embeddings)": _sliding(hf),
     }
     for feature, present in unsupported.items():
         if present:
@@ -98,6 +121,76 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
     if model_type == "mixtral":
         values.update(n_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"])
     return LlamaConfig(**values)
+
+
+def _sliding(hf: dict[str, Any]) -> bool:
+    """Whether the config asks for sliding-window attention (a window shorter than the context)."""
+    window = hf.get("sliding_window")
+    if window is None or not hf.get("use_sliding_window", True):
+        return False
+    return bool(window < hf.get("max_position_embeddings", 2048))
+
+
+def document_prefix_id(bos_id: int | None, eos_id: int) -> int:
+    """The token that preceded every document in training: BOS when the data had one, else the EOS
+    that ended the previous document. HF clients' `bos_token_id` (module docstring)."""
+    return eos_id if bos_id is None else bos_id
+
+
+def bos_from_hf(hf: dict[str, Any]) -> int | None:
+    """The checkpoint `bos_id` an HF config.json implies: its `bos_token_id`, unless that is an EOS
+    id (GPT-2's convention, and our export's without BOS: documents follow the previous EOS)."""
+    bos, eos = hf.get("bos_token_id"), hf.get("eos_token_id")
+    return None if bos is None or bos in (eos if isinstance(eos, list) else [eos]) else bos
+
+
+def client_tokenizer_json(tokenizer_json: str, bos_id: int | None) -> str:
+    """`tokenizer_json` made to encode a text as training saw a document start: BOS + ids when
+    training put `bos_id` before every document, else the ids alone. Post-processors that add
+    tokens are replaced; others (ByteLevel's offset trimming) are kept."""
+    data = json.loads(tokenizer_json)
+    old = data.get("post_processor")
+    kept = [p for p in _processors(old) if p["type"] not in TOKEN_ADDING_PROCESSORS]
+    if bos_id is not None:
+        kept.append(_bos_template(_token_text(Tokenizer.from_str(tokenizer_json), bos_id, "BOS"), bos_id))
+    new = kept[0] if len(kept) == 1 else {"type": "Sequence", "processors": kept} if kept else None
+    if new == old:
+        return tokenizer_json
+    data["post_processor"] = new
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _processors(processor: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if processor is None:
+        return []
+    return list(processor["processors"]) if processor["type"] == "Sequence" else [processor]
+
+
+def _bos_template(bos: str, bos_id: int) -> dict[str, Any]:
+    """A `TemplateProcessing` that prepends BOS to each sequence (Llama's: `<s> $A <s> $B`)."""
+
+    def with_bos(sequence: str, type_id: int) -> list[dict[str, Any]]:
+        return [
+            {"SpecialToken": {"id": bos, "type_id": type_id}},
+            {"Sequence": {"id": sequence, "type_id": type_id}},
+        ]
+
+    return {
+        "type": "TemplateProcessing",
+        "single": with_bos("A", 0),
+        "pair": with_bos("A", 0) + with_bos("B", 1),
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int, what: str) -> str:
+    text = tokenizer.id_to_token(token_id)
+    if text is None:
+        raise UserError(
+            f"the checkpoint's {what} id {token_id} is not in its tokenizer "
+            f"({tokenizer.get_vocab_size()} tokens): its meta and tokenizer do not belong together"
+        )
+    return text
 
 
 def to_hf_state_dict(state: Tensors, c: LlamaConfig) -> Tensors:
@@ -190,9 +283,11 @@ def save_hf(
     c: LlamaConfig,
     tokenizer_json: str | None = None,
     bos_id: int | None = None,
-    eos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) loadable by `from_pretrained`."""
+    """Write config.json, generation_config.json, model.safetensors (+ tokenizer.json and
+    tokenizer_config.json) loadable by `from_pretrained`. `bos_id` is the checkpoint's: the BOS
+    training put before every document, or None (module docstring)."""
     out_dir = Path(out_dir)
     with writing(out_dir, "OUT_DIR"):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,32 +300,45 @@ def _write_hf(
     c: LlamaConfig,
     tokenizer_json: str | None,
     bos_id: int | None,
-    eos_id: int | None,
+    eos_id: int | list[int] | None,
 ) -> Path:
+    """Weights first and config.json last, each file atomic: a directory with config.json is whole."""
     tensors = {
         k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")
     }
     partial = out_dir / "model.safetensors.partial"
     save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(hf_config(c, bos_id, eos_id), indent=2) + "\n")
+    eos = eos_id[0] if isinstance(eos_id, list) else eos_id
+    prefix = bos_id if eos is None else document_prefix_id(bos_id, eos)
+    pad = None
     if tokenizer_json is not None:
-        (out_dir / "tokenizer.json").write_text(tokenizer_json)
-        special = {"bos_token": bos_id, "eos_token": eos_id}
-        (out_dir / "tokenizer_config.json").write_text(
-            json.dumps(_tokenizer_config(tokenizer_json, special), indent=2)
-        )
+        pad = _write_tokenizer(out_dir, tokenizer_json, bos_id, {"bos_token": prefix, "eos_token": eos})
+    special = {"bos_token_id": prefix, "eos_token_id": eos_id, "pad_token_id": eos if pad is None else pad}
+    _write_json(out_dir / "generation_config.json", {k: v for k, v in special.items() if v is not None})
+    dtype = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
+    _write_json(out_dir / "config.json", hf_config(c, prefix, eos_id, pad, dtype))
     return out_dir
 
 
-def _tokenizer_config(tokenizer_json: str, special_ids: dict[str, int | None]) -> dict[str, Any]:
-    """tokenizer_config.json naming the special tokens, so `AutoTokenizer` finds BOS/EOS."""
-    added = {t["id"]: t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _write_tokenizer(
+    out_dir: Path, tokenizer_json: str, bos_id: int | None, special: dict[str, int | None]
+) -> int | None:
+    """tokenizer.json for clients (`client_tokenizer_json`) and tokenizer_config.json naming the
+    special tokens, so `AutoTokenizer` finds BOS, EOS and PAD (EOS when the tokenizer has no pad
+    token). Returns the tokenizer's own pad id."""
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    pad = find_pad(tokenizer)
+    names = special | {"pad_token": special["eos_token"] if pad is None else pad}
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
     }
-    for name, token_id in special_ids.items():
-        if token_id is not None and token_id in added:
-            config[name] = added[token_id]
-    return config
+    config |= {name: _token_text(tokenizer, i, name) for name, i in names.items() if i is not None}
+    _write_json(out_dir / "tokenizer_config.json", config)
+    write_atomic(out_dir / "tokenizer.json", client_tokenizer_json(tokenizer_json, bos_id).encode())
+    return pad

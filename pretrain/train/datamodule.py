@@ -118,7 +118,8 @@ class PretrainDataModule(L.LightningDataModule):
         first = next(iter(manifests.values()))
         self.tokenizer_json = first.tokenizer_path.read_text() if first.tokenizer_path.is_file() else None
         self.eos_id, self.vocab_size = first.eos_id, first.vocab_size
-        self.bos_id = first.data["tokenizer"].get("bos_id")
+        with_bos = all(manifests[name].data["settings"].get("bos") for name in self.sources)
+        self.bos_id = first.data["tokenizer"].get("bos_id") if with_bos else None  # BOS before every document
         self.fingerprint = data_fingerprint(self.sources)
         self.tokenizer_fingerprint = first.tokenizer_fingerprint
         if self.verify_shards and (self.trainer is None or self.trainer.is_global_zero):

@@ -231,7 +231,7 @@ def swapped_in(
     """Temporarily replace the parameters' values (local shards) with `weights`."""
     backup = {}
     with torch.no_grad():
-        _drop_gathered(model)
+        drop_gathered(model)
         for name, param in params.items():
             shard = local_tensor(param)
             backup[name] = shard.detach().clone()
@@ -242,10 +242,10 @@ def swapped_in(
         with torch.no_grad():
             for name, param in params.items():
                 local_tensor(param).copy_(backup[name])
-            _drop_gathered(model)
+            drop_gathered(model)
 
 
-def _drop_gathered(model: torch.nn.Module) -> None:
+def drop_gathered(model: torch.nn.Module) -> None:
     """Free FSDP2's gathered copies of the parameters, so that the next forward gathers the shards anew.
 
     After a forward without backward (validation), FSDP2 keeps the root module's parameters

@@ -1,0 +1,215 @@
+"""Downstream tasks through lm-evaluation-harness: names, suites, loading, scores, tables.
+
+- Task names are lm-eval's (`hellaswag`, `arc_easy`, ...), a suite (`tinyllama-commonsense`:
+  TinyLlama's seven zero-shot commonsense tasks with the metric TinyLlama reports for each), or
+  the embedded `pystdlib_next_line` (no download: its items ship in `pretrain/eval/tasks/`).
+- Loading a task reads its dataset, from the Hugging Face datasets cache when offline. A task
+  whose data cannot be read is one line naming the task and `pretrain eval --download TASK`
+  (run where there is internet), so a run on an offline compute node fails at start.
+- Scores are {task: {metric: value}} from lm-eval's results (filters other than `none` keep
+  their name: `exact_match,strict-match`); a task's headline metric is its suite's, else acc_norm,
+  else acc, else the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.errors import UserError
+
+# TinyLlama's EVAL.md: "We report the acc_norm by default"; winogrande and boolq have only acc.
+TINYLLAMA_COMMONSENSE = {
+    "hellaswag": "acc_norm",
+    "openbookqa": "acc_norm",
+    "winogrande": "acc",
+    "arc_challenge": "acc_norm",
+    "arc_easy": "acc_norm",
+    "boolq": "acc",
+    "piqa": "acc_norm",
+}
+SUITES = {"tinyllama-commonsense": TINYLLAMA_COMMONSENSE}
+EMBEDDED_DATA = Path(__file__).parent / "tasks"
+NEXT_LINE = "pystdlib_next_line"
+
+Scores = dict[str, dict[str, float]]
+
+
+def embedded_task(name: str) -> dict[str, Any]:
+    """The lm-eval config of an embedded task (its data file named by absolute path)."""
+    if name != NEXT_LINE:
+        raise KeyError(name)
+    return {
+        "task": NEXT_LINE,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(EMBEDDED_DATA / f"{NEXT_LINE}.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "context",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "target_delimiter": "",  # the context ends with its newline; the choice is the next line
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def expand(names: Sequence[str]) -> list[str]:
+    """Task names with suites replaced by their tasks, each once, in order."""
+    out: list[str] = []
+    for name in names:
+        for task in SUITES.get(name, {name: ""}):
+            if task not in out:
+                out.append(task)
+    if not out:
+        raise UserError("--tasks names no task: give lm-eval task names, a suite (tinyllama-commonsense) or pystdlib_next_line")
+    return out
+
+
+def parse_tasks(text: str | Sequence[str]) -> list[str]:
+    """`a,b` or ["a", "b,c"] -> task names (suites expanded)."""
+    parts = [text] if isinstance(text, str) else list(text)
+    return expand([name.strip() for part in parts for name in part.split(",") if name.strip()])
+
+
+def load_tasks(names: Sequence[str]) -> dict[str, Any]:
+    """lm-eval Task objects by name, their datasets read now (module docstring: offline failures)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    with _quiet():
+        manager = TaskManager()
+        known = set(manager.all_tasks)
+        tasks: dict[str, Any] = {}
+        for name in names:
+            if name == NEXT_LINE:
+                spec: str | dict[str, Any] = embedded_task(name)
+            elif name in known:
+                spec = name
+            else:
+                raise UserError(
+                    f"unknown task {name!r}: see `lm_eval ls tasks`, the suite tinyllama-commonsense, or {NEXT_LINE}"
+                )
+            try:
+                loaded = get_task_dict([spec], manager)
+            except Exception as err:  # datasets raises many kinds: offline, missing, gated, network
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(
+                    f"task {name}: its dataset could not be read ({type(err).__name__}: {first_line[:200]}); "
+                    f"on a machine with internet run `pretrain eval --download {name}` to fill the Hugging "
+                    "Face datasets cache (HF_HOME) that this machine reads"
+                ) from None
+            tasks |= _leaf_tasks(loaded)
+    return tasks
+
+
+def _leaf_tasks(loaded: dict[Any, Any]) -> dict[str, Any]:
+    """Task objects by name from get_task_dict's (possibly grouped) answer."""
+    from lm_eval.api.task import Task
+
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        if isinstance(value, Task):
+            out[str(getattr(key, "group_name", key))] = value
+        elif isinstance(value, dict):
+            out |= _leaf_tasks(value)
+    return out
+
+
+def run_tasks(
+    lm: Any,
+    tasks: dict[str, Any],
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """lm-eval's results dict for `tasks` (fixed seeds; the caller's random states are kept)."""
+    from lm_eval import evaluator
+
+    with _random_states_kept(), _quiet():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        for task in tasks.values():
+            if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        results = evaluator.evaluate(lm, dict(tasks), limit=limit, log_samples=False, bootstrap_iters=1000)
+    if results is None:
+        raise RuntimeError("lm-eval returned no results on this rank")
+    return results
+
+
+def scores(results: dict[str, Any]) -> Scores:
+    """{task: {metric: value}} from lm-eval's results dict (stderr and aliases left out)."""
+    out: Scores = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
+                continue
+            metric, where = key.split(",", 1)
+            out.setdefault(task, {})[metric if where == "none" else key] = float(value)
+    return out
+
+
+def headline(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
+    """(metric, value) a table shows for `task` (module docstring)."""
+    for suite in SUITES.values():
+        if task in suite and suite[task] in metrics:
+            return suite[task], metrics[suite[task]]
+    for metric in ("acc_norm", "acc"):
+        if metric in metrics:
+            return metric, metrics[metric]
+    return next(iter(metrics.items()), None)
+
+
+def markdown_table(rows: Sequence[tuple[str, Scores]], tasks: Sequence[str]) -> str:
+    """One row per (label, scores), one column per task (its headline metric, in %), and the average."""
+    metrics = {}
+    for task in tasks:
+        found = next((headline(task, s[task]) for _, s in rows if task in s), None)
+        metrics[task] = found[0] if found else ""
+    header = ["", *(f"{task} ({metrics[task]})" for task in tasks), "average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in rows:
+        values = [row.get(task, {}).get(metrics[task]) for task in tasks]
+        cells = ["" if v is None else f"{100 * v:.2f}" for v in values]
+        present = [v for v in values if v is not None]
+        average = f"{100 * sum(present) / len(present):.2f}" if len(present) == len(values) and present else ""
+        lines.append("| " + " | ".join([label, *cells, average]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """Python's, NumPy's and torch's random states as they were (training continues unchanged)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's INFO chatter (one line per task and request type) hidden; warnings stay."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,105 @@
+"""`DownstreamEval`: lm-eval benchmarks on the weights being trained, every N optimizer steps.
+
+    trainer:
+      callbacks:
+        - class_path: pretrain.train.downstream.DownstreamEval
+          init_args: {tasks: [pystdlib_next_line], every_n_steps: 30, limit: 200}
+
+Logs `downstream/<task>/<metric>` (acc, acc_norm, ...) at the step, to metrics.csv and every
+configured logger; `pretrain plot` draws them against tokens. The tasks' datasets are loaded
+once, at setup, on every rank: a task whose data is missing (an offline node whose cache lacks
+it) stops the launch before the first step, naming the task and `pretrain eval --download`.
+Between evaluations the callback costs nothing.
+
+Several processes (FSDP2 or DDP): every rank builds the same requests; each scores its
+share (request i goes to rank i mod world, longest first), in the same number of forward passes
+on every rank, because an FSDP2 forward gathers each layer's shards from all ranks; the
+(log-likelihood, greedy) pairs are all-gathered, so every rank computes the same metrics.
+Generation requests are not split (every rank generates all, stopping together). Random
+states are restored afterwards, so training continues exactly as without the callback; the
+callback keeps no state, so a resumed or requeued run evaluates at the same steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, cast
+
+import lightning as L
+import torch.distributed as dist
+
+from pretrain.errors import UserError
+from pretrain.run_dir import downstream_column
+from pretrain.train.datamodule import trainer_datamodule
+from pretrain.train.step_callback import StepCallback
+from pretrain.train.weight_copies import drop_gathered
+
+
+class DownstreamEval(StepCallback):
+    """Every `every_n_steps`: lm-eval `tasks` (names, suites, `pystdlib_next_line`) on the current
+    weights, at most `limit` examples per task, `num_fewshot` examples in context (default: each
+    task's own), `batch_size` sequences per forward pass."""
+
+    def __init__(
+        self,
+        tasks: list[str],
+        every_n_steps: int = 1000,
+        limit: int | None = 200,
+        num_fewshot: int | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1 or batch_size < 1 or (limit is not None and limit < 1):
+            raise UserError("DownstreamEval: every_n_steps, batch_size and limit must be >= 1")
+        self.task_names = tasks
+        self.every_n_steps = every_n_steps
+        self.limit = limit
+        self.num_fewshot = num_fewshot
+        self.batch_size = batch_size
+        self._tasks: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        try:
+            from pretrain.eval.harness import load_tasks, parse_tasks
+        except ImportError:
+            raise UserError(
+                "DownstreamEval needs lm-evaluation-harness: pip install 'pretrain[eval]'"
+            ) from None
+        self._tasks = load_tasks(parse_tasks(self.task_names))
+
+    def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        if step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module, step)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
+        """Run the tasks now; log and return {column: value}."""
+        from pretrain.eval.backend import PretrainLM
+        from pretrain.eval.harness import run_tasks, scores
+
+        data = trainer_datamodule(trainer)
+        if data.tokenizer_json is None or data.eos_id is None:
+            raise UserError("DownstreamEval needs the data's tokenizer.json beside its manifest")
+        model = cast(Any, pl_module).model
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        lm = PretrainLM.from_model(
+            model,
+            data.tokenizer_json,
+            data.bos_id,
+            data.eos_id,
+            self.batch_size,
+            group=dist.group.WORLD if distributed else None,
+            forward_context=trainer.precision_plugin.val_step_context,
+        )
+        results = run_tasks(lm, self._tasks, self.num_fewshot, self.limit)
+        drop_gathered(model)
+        values = {
+            downstream_column(task, metric): value
+            for task, metrics in scores(results).items()
+            for metric, value in metrics.items()
+        }
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+            shown = ", ".join(f"{name.removeprefix('downstream/')} {value:.4f}" for name, value in values.items())
+            print(f"step {step}: {shown}", file=sys.stderr)
+        return values

@@ -1,0 +1,191 @@
+"""Downstream evaluation: our lm-eval backend against lm-eval's own `hf` backend on the export,
+`pretrain eval` on a checkpoint and a run, offline failures, the embedded task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import require
+from pretrain.cli import main
+from pretrain.model import Llama, LlamaConfig
+from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
+
+lm_eval = require("lm_eval")
+require("transformers")
+
+CONFIG = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def model_and_export(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    """A random tiny model with the tiny dataset's tokenizer (no BOS: documents follow EOS), as a
+    model file and as its `export-hf` directory."""
+    root = tmp_path_factory.mktemp("eval_model")
+    torch.manual_seed(0)
+    model = Llama(CONFIG)
+    tokenizer = (tiny_dataset / "tokenizer.json").read_text()
+    meta = {"eos_id": 0, "bos_id": None, "tokens_seen": 12345}
+    path = save_model_checkpoint(root / "model.pt", ModelCheckpoint(CONFIG, model.state_dict(), tokenizer, meta))
+    assert main(["export-hf", str(path), str(root / "hf")]) == 0
+    return path, root / "hf"
+
+
+@pytest.fixture(scope="module")
+def rolling_task(tmp_path_factory) -> dict:
+    """A local loglikelihood_rolling task: documents longer than the 128-token context (several windows)."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("rolling")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with open(root / "docs.jsonl", "w") as f:
+        for name in ("this.py", "abc.py", "bisect.py", "colorsys.py"):
+            f.write(json.dumps({"text": (stdlib / name).read_text()[:3000]}) + "\n")
+    return {
+        "task": "local_rolling",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(root / "docs.jsonl")}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "bits_per_byte"}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def _samples(lm, tasks: dict, limit: int) -> dict:
+    """Per task, per document: lm-eval's filtered responses, and the results."""
+    from lm_eval import evaluator
+
+    results = evaluator.evaluate(lm, tasks, limit=limit, log_samples=True, bootstrap_iters=0)
+    by_task = {
+        task: {s["doc_id"]: s["filtered_resps"] for s in samples} for task, samples in results["samples"].items()
+    }
+    return {"responses": by_task, "results": results["results"]}
+
+
+def test_backend_matches_lm_eval_hf_backend_on_the_export(model_and_export, rolling_task):
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from pretrain.eval.backend import PretrainLM
+    from pretrain.eval.harness import embedded_task
+
+    model_file, export = model_and_export
+    ours = PretrainLM(str(model_file), batch_size=8)
+    theirs = HFLM(pretrained=str(export), device="cpu", batch_size=8, dtype="float32")
+    assert ours.prefix_token_id == theirs.prefix_token_id == 0  # EOS: what preceded every document
+
+    def tasks() -> dict:
+        return get_task_dict([embedded_task("pystdlib_next_line"), rolling_task], TaskManager())
+
+    mine, reference = _samples(ours, tasks(), 40), _samples(theirs, tasks(), 40)
+    compared = 0
+    for task in ("pystdlib_next_line", "local_rolling"):
+        assert mine["responses"][task].keys() == reference["responses"][task].keys()
+        for doc, responses in mine["responses"][task].items():
+            for a, b in zip(responses, reference["responses"][task][doc], strict=True):
+                a, b = (a[0], a[1]) if isinstance(a, list | tuple) else (a, None), (
+                    (b[0], b[1]) if isinstance(b, list | tuple) else (b, None)
+                )
+                assert a[0] == pytest.approx(b[0], abs=1e-4), (task, doc)
+                assert a[1] == b[1], (task, doc)  # is_greedy
+                compared += 1
+    assert compared >= 40 * 4 + 4
+    for metric in ("acc,none", "acc_norm,none"):
+        assert mine["results"]["pystdlib_next_line"][metric] == reference["results"]["pystdlib_next_line"][metric]
+
+
+def test_generate_until_is_greedy_pretrain_generate(model_and_export, capsys):
+    from lm_eval.api.instance import Instance
+
+    from pretrain.eval.backend import PretrainLM
+
+    model_file, _ = model_and_export
+    prompts = ["def main(", "import os\nimport sys\n\n"]
+    lm = PretrainLM(str(model_file), batch_size=2)
+    requests = [
+        Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 24, "do_sample": False}), i)
+        for i, p in enumerate(prompts)
+    ]
+    completions = lm.generate_until(requests, disable_tqdm=True)
+    for prompt, completion in zip(prompts, completions):
+        assert main(["generate", str(model_file), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+        assert capsys.readouterr().out == prompt + completion.split("<|endoftext|>")[0] + "\n"
+
+
+def test_eval_command_on_a_checkpoint_writes_results_and_table(model_and_export, tmp_path, capsys):
+    model_file, _ = model_and_export
+    out = tmp_path / "results.json"
+    args = ["eval", str(model_file), "--tasks", "pystdlib_next_line", "--limit", "20", "-o", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "pystdlib_next_line (acc_norm)" in table
+    results = json.loads(out.read_text())
+    assert set(results["results"]["pystdlib_next_line"]) >= {"acc,none", "acc_norm,none"}
+    assert out.with_suffix(".md").read_text() == table
+
+
+def test_eval_command_on_a_run_scores_each_checkpoint_once(model_and_export, tmp_path, capsys):
+    from pretrain.run_dir import RunDir
+
+    model_file, _ = model_and_export
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    for step in (10, 20, 30):  # model files under checkpoint names: every form is read the same way
+        (run.checkpoints / f"step-{step:08d}.ckpt").write_bytes(model_file.read_bytes())
+    args = ["eval", str(run.path), "--tasks", "pystdlib_next_line", "--limit", "8", "--every", "10"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.err.count("evaluating step-") == 3
+    assert main(args) == 0  # rerun: nothing evaluated again, the same table
+    second = capsys.readouterr()
+    assert "evaluating" not in second.err and second.out == first.out
+    assert [line.split("|")[1].strip() for line in first.out.splitlines()[4:]] == [
+        f"step {s} (12.3K tokens)" for s in (10, 20, 30)
+    ]
+    assert (run.eval_dir / "table.md").read_text() == first.out
+    assert json.loads(run.eval_result(20).read_text())["step"] == 20
+
+
+def test_suite_names_tinyllamas_seven_tasks_and_metrics():
+    from pretrain.eval.harness import headline, parse_tasks
+
+    tasks = parse_tasks("tinyllama-commonsense,pystdlib_next_line")
+    assert tasks == [
+        "hellaswag", "openbookqa", "winogrande", "arc_challenge", "arc_easy", "boolq", "piqa", "pystdlib_next_line"
+    ]  # fmt: skip
+    assert headline("winogrande", {"acc": 0.5}) == ("acc", 0.5)
+    assert headline("piqa", {"acc": 0.6, "acc_norm": 0.7}) == ("acc_norm", 0.7)
+
+
+def test_a_task_whose_dataset_is_missing_fails_at_once_in_one_line(model_and_export, tmp_path, monkeypatch):
+    import subprocess
+
+    from helpers import PRETRAIN
+
+    model_file, _ = model_and_export
+    env = {
+        **__import__("os").environ,
+        "HF_HOME": str(tmp_path / "empty-cache"),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run(
+        [PRETRAIN, "eval", str(model_file), "--tasks", "piqa"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "task piqa" in lines[0] and "pretrain eval --download piqa" in lines[0]
+
+
+def test_unknown_task_and_bad_arguments_are_one_line_errors(model_and_export, capsys):
+    model_file, _ = model_and_export
+    assert main(["eval", str(model_file), "--tasks", "no_such_task_xyz"]) == 2
+    assert "unknown task 'no_such_task_xyz'" in capsys.readouterr().err
+    assert main(["eval", str(model_file), "--tasks", "pystdlib_next_line", "--batch-size", "0"]) == 2
+    assert main(["eval", "no/such/path", "--tasks", "pystdlib_next_line"]) == 2
