@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import require
+
 from pretrain.cli import main
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
@@ -17,7 +17,9 @@ from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
 lm_eval = require("lm_eval")
 require("transformers")
 
-CONFIG = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128, max_seq_len=128)
+CONFIG = LlamaConfig(
+    vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128, max_seq_len=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,9 @@ def model_and_export(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
     model = Llama(CONFIG)
     tokenizer = (tiny_dataset / "tokenizer.json").read_text()
     meta = {"eos_id": 0, "bos_id": None, "tokens_seen": 12345}
-    path = save_model_checkpoint(root / "model.pt", ModelCheckpoint(CONFIG, model.state_dict(), tokenizer, meta))
+    path = save_model_checkpoint(
+        root / "model.pt", ModelCheckpoint(CONFIG, model.state_dict(), tokenizer, meta)
+    )
     assert main(["export-hf", str(path), str(root / "hf")]) == 0
     return path, root / "hf"
 
@@ -63,14 +67,15 @@ def _samples(lm, tasks: dict, limit: int) -> dict:
 
     results = evaluator.evaluate(lm, tasks, limit=limit, log_samples=True, bootstrap_iters=0)
     by_task = {
-        task: {s["doc_id"]: s["filtered_resps"] for s in samples} for task, samples in results["samples"].items()
+        task: {s["doc_id"]: s["filtered_resps"] for s in samples}
+        for task, samples in results["samples"].items()
     }
     return {"responses": by_task, "results": results["results"]}
 
 
 def test_backend_matches_lm_eval_hf_backend_on_the_export(model_and_export, rolling_task):
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from pretrain.eval.backend import PretrainLM
     from pretrain.eval.harness import embedded_task
@@ -81,7 +86,7 @@ def test_backend_matches_lm_eval_hf_backend_on_the_export(model_and_export, roll
     assert ours.prefix_token_id == theirs.prefix_token_id == 0  # EOS: what preceded every document
 
     def tasks() -> dict:
-        return get_task_dict([embedded_task("pystdlib_next_line"), rolling_task], TaskManager())
+        return TaskManager().load([embedded_task("pystdlib_next_line"), rolling_task])
 
     mine, reference = _samples(ours, tasks(), 40), _samples(theirs, tasks(), 40)
     compared = 0
@@ -89,15 +94,19 @@ def test_backend_matches_lm_eval_hf_backend_on_the_export(model_and_export, roll
         assert mine["responses"][task].keys() == reference["responses"][task].keys()
         for doc, responses in mine["responses"][task].items():
             for a, b in zip(responses, reference["responses"][task][doc], strict=True):
-                a, b = (a[0], a[1]) if isinstance(a, list | tuple) else (a, None), (
-                    (b[0], b[1]) if isinstance(b, list | tuple) else (b, None)
+                a, b = (
+                    (a[0], a[1]) if isinstance(a, list | tuple) else (a, None),
+                    ((b[0], b[1]) if isinstance(b, list | tuple) else (b, None)),
                 )
                 assert a[0] == pytest.approx(b[0], abs=1e-4), (task, doc)
                 assert a[1] == b[1], (task, doc)  # is_greedy
                 compared += 1
     assert compared >= 40 * 4 + 4
     for metric in ("acc,none", "acc_norm,none"):
-        assert mine["results"]["pystdlib_next_line"][metric] == reference["results"]["pystdlib_next_line"][metric]
+        assert (
+            mine["results"]["pystdlib_next_line"][metric]
+            == reference["results"]["pystdlib_next_line"][metric]
+        )
 
 
 def test_generate_until_is_greedy_pretrain_generate(model_and_export, capsys):
@@ -114,7 +123,21 @@ def test_generate_until_is_greedy_pretrain_generate(model_and_export, capsys):
     ]
     completions = lm.generate_until(requests, disable_tqdm=True)
     for prompt, completion in zip(prompts, completions):
-        assert main(["generate", str(model_file), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(model_file),
+                    "--prompt",
+                    prompt,
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "24",
+                ]
+            )
+            == 0
+        )
         assert capsys.readouterr().out == prompt + completion.split("<|endoftext|>")[0] + "\n"
 
 
@@ -176,7 +199,11 @@ def test_a_task_whose_dataset_is_missing_fails_at_once_in_one_line(model_and_exp
         "HF_HUB_OFFLINE": "1",
     }
     result = subprocess.run(
-        [PRETRAIN, "eval", str(model_file), "--tasks", "piqa"], capture_output=True, text=True, env=env, timeout=300
+        [PRETRAIN, "eval", str(model_file), "--tasks", "piqa"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import UserError
 
@@ -27,19 +28,28 @@ HELP = "downstream benchmarks (lm-evaluation-harness) of a checkpoint or of a ru
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", nargs="?", metavar="CKPT_OR_RUN_DIR", help="a checkpoint, HF directory or run")
+    parser.add_argument(
+        "target", nargs="?", metavar="CKPT_OR_RUN_DIR", help="a checkpoint, HF directory or run"
+    )
     parser.add_argument("--tasks", action="append", help="comma-separated tasks or suites (repeatable)")
     parser.add_argument("--download", metavar="TASKS", help="only fill the datasets cache for these tasks")
-    parser.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own, else 0)")
+    parser.add_argument(
+        "--num-fewshot", type=int, help="few-shot examples (default: each task's own, else 0)"
+    )
     parser.add_argument("--limit", type=float, help="at most this many examples per task (a fraction if < 1)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="default: bf16 on a GPU that has it"
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="default: bf16 on a GPU that has it",
     )
     parser.add_argument("--ema", action="store_true", help="evaluate a training checkpoint's EMA weights")
     parser.add_argument("--every", type=int, help="RUN_DIR: only checkpoints at multiples of this many steps")
-    parser.add_argument("-o", "--output", type=Path, help="write lm-eval's results JSON here (and a .md table)")
+    parser.add_argument(
+        "-o", "--output", type=Path, help="write lm-eval's results JSON here (and a .md table)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,15 +69,19 @@ def run(args: argparse.Namespace) -> int:
     for name in ("batch_size", "every", "num_fewshot"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "num_fewshot" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'num_fewshot' else '>= 1'}")
+            raise UserError(
+                f"--{name.replace('_', '-')} must be {'>= 0' if name == 'num_fewshot' else '>= 1'}"
+            )
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     target = Path(args.target)
     if not target.exists():
-        raise UserError(f"{target} does not exist: give a checkpoint, a Hugging Face directory or a run directory")
+        raise UserError(
+            f"{target} does not exist: give a checkpoint, a Hugging Face directory or a run directory"
+        )
     names = parse_tasks(args.tasks)
     tasks = load_tasks(names)  # before any weights are read: a missing dataset fails at once
 
-    def make_lm(path: Path):  # type: ignore[no-untyped-def]
+    def make_lm(path: Path) -> Any:
         from pretrain.eval.backend import PretrainLM
 
         return PretrainLM(str(path), args.ema, args.device, args.dtype, args.batch_size)
@@ -93,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(path: Path, results: dict, table: str) -> None:  # type: ignore[type-arg]
+def _write(path: Path, results: dict[str, Any], table: str) -> None:
     from lm_eval.utils import handle_non_serializable
 
     from pretrain.data.shards import write_atomic

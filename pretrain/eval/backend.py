@@ -70,13 +70,17 @@ class PretrainLM(TemplateLM):
     ) -> None:
         super().__init__()
         if checkpoint is None:
-            raise UserError("--model pretrain needs --model_args checkpoint=PATH (a checkpoint or HF directory)")
+            raise UserError(
+                "--model pretrain needs --model_args checkpoint=PATH (a checkpoint or HF directory)"
+            )
         on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         weights = default_dtype(on) if dtype == "auto" else getattr(torch, dtype, None)
         if not isinstance(weights, torch.dtype):
             raise UserError(f"model_args dtype={dtype!r}: use auto, float32 or bfloat16")
         loaded = load_generation_model(checkpoint, on, weights, ema=str(ema).lower() in ("true", "1"))
-        self._setup(loaded.model, loaded.tokenizer, loaded.bos_id, min(loaded.eos_ids), batch_size, max_length)
+        self._setup(
+            loaded.model, loaded.tokenizer, loaded.bos_id, min(loaded.eos_ids), batch_size, max_length
+        )
         self.tokens_seen = loaded.tokens_seen
 
     @classmethod
@@ -147,7 +151,9 @@ class PretrainLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        rows = [(context + continuation)[-(self.max_length + 1) :][:-1] for _, context, continuation in requests]
+        rows = [
+            (context + continuation)[-(self.max_length + 1) :][:-1] for _, context, continuation in requests
+        ]
         continuations = [continuation for _, _, continuation in requests]
         order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), rows[i]))
         rank, world = self._rank_and_world()
@@ -209,15 +215,21 @@ class PretrainLM(TemplateLM):
         for index, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
         out: list[str] = [""] * len(requests)
-        bar = tqdm(total=len(requests), desc="generating", disable=disable_tqdm or self._rank_and_world()[0] != 0)
+        bar = tqdm(
+            total=len(requests), desc="generating", disable=disable_tqdm or self._rank_and_world()[0] != 0
+        )
         for indices in groups.values():
             settings = dict(requests[indices[0]].args[1])
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             stops = [*until, self.tok_decode([self.eos_id])]
             new_tokens = int(settings.pop("max_gen_toks", 256))
-            sampling = Sampling(temperature=float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0)
-            contexts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - new_tokens) :] for i in indices}
+            sampling = Sampling(
+                temperature=float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
+            )
+            contexts = {
+                i: self.tok_encode(requests[i].args[0])[-(self.max_length - new_tokens) :] for i in indices
+            }
             ordered = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(ordered), self.batch_size):
                 batch = ordered[start : start + self.batch_size]
@@ -274,4 +286,3 @@ class PretrainLM(TemplateLM):
         flag = torch.tensor([int(done)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
-

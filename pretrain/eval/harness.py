@@ -72,7 +72,9 @@ def expand(names: Sequence[str]) -> list[str]:
             if task not in out:
                 out.append(task)
     if not out:
-        raise UserError("--tasks names no task: give lm-eval task names, a suite (tinyllama-commonsense) or pystdlib_next_line")
+        raise UserError(
+            "--tasks names no task: give lm-eval task names, a suite (tinyllama-commonsense) or pystdlib_next_line"
+        )
     return out
 
 
@@ -84,7 +86,7 @@ def parse_tasks(text: str | Sequence[str]) -> list[str]:
 
 def load_tasks(names: Sequence[str]) -> dict[str, Any]:
     """lm-eval Task objects by name, their datasets read now (module docstring: offline failures)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     with _quiet():
         manager = TaskManager()
@@ -100,7 +102,7 @@ def load_tasks(names: Sequence[str]) -> dict[str, Any]:
                     f"unknown task {name!r}: see `lm_eval ls tasks`, the suite tinyllama-commonsense, or {NEXT_LINE}"
                 )
             try:
-                loaded = get_task_dict([spec], manager)
+                loaded = manager.load([spec])["tasks"]
             except Exception as err:  # datasets raises many kinds: offline, missing, gated, network
                 first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise UserError(
@@ -108,21 +110,8 @@ def load_tasks(names: Sequence[str]) -> dict[str, Any]:
                     f"on a machine with internet run `pretrain eval --download {name}` to fill the Hugging "
                     "Face datasets cache (HF_HOME) that this machine reads"
                 ) from None
-            tasks |= _leaf_tasks(loaded)
+            tasks |= loaded
     return tasks
-
-
-def _leaf_tasks(loaded: dict[Any, Any]) -> dict[str, Any]:
-    """Task objects by name from get_task_dict's (possibly grouped) answer."""
-    from lm_eval.api.task import Task
-
-    out: dict[str, Any] = {}
-    for key, value in loaded.items():
-        if isinstance(value, Task):
-            out[str(getattr(key, "group_name", key))] = value
-        elif isinstance(value, dict):
-            out |= _leaf_tasks(value)
-    return out
 
 
 def run_tasks(
@@ -145,7 +134,8 @@ def run_tasks(
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
-        results = evaluator.evaluate(lm, dict(tasks), limit=limit, log_samples=False, bootstrap_iters=1000)
+        task_dict = {"tasks": dict(tasks), "groups": {}, "group_map": {}}
+        results = evaluator.evaluate(lm, task_dict, limit=limit, log_samples=False, bootstrap_iters=1000)
     if results is None:
         raise RuntimeError("lm-eval returned no results on this rank")
     return results
@@ -186,7 +176,9 @@ def markdown_table(rows: Sequence[tuple[str, Scores]], tasks: Sequence[str]) -> 
         values = [row.get(task, {}).get(metrics[task]) for task in tasks]
         cells = ["" if v is None else f"{100 * v:.2f}" for v in values]
         present = [v for v in values if v is not None]
-        average = f"{100 * sum(present) / len(present):.2f}" if len(present) == len(values) and present else ""
+        average = (
+            f"{100 * sum(present) / len(present):.2f}" if len(present) == len(values) and present else ""
+        )
         lines.append("| " + " | ".join([label, *cells, average]) + " |")
     return "\n".join(lines) + "\n"
 

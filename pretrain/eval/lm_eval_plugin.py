@@ -46,7 +46,9 @@ class _RegisterAfterLoad(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, name: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if name != TARGET:
             return None
         sys.meta_path.remove(self)  # once: the real finder answers, its loader is wrapped

@@ -66,10 +66,14 @@ def evaluate_run(
             done |= scores(run_tasks(lm, missing, num_fewshot, limit))
             record.update(step=step, tokens=getattr(lm, "tokens_seen", None), checkpoint=path.name)
             run.eval_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run.eval_result(step), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+            write_atomic(
+                run.eval_result(step), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
+            )
         else:
             log(f"{path.name}: already evaluated ({key})")
-        rows.append((_label(step, record.get("tokens")), {name: done[name] for name in tasks if name in done}))
+        rows.append(
+            (_label(step, record.get("tokens")), {name: done[name] for name in tasks if name in done})
+        )
         records[step] = record
     table = f"# {run.path.name}: downstream scores ({key})\n\n" + markdown_table(rows, list(tasks))
     write_atomic(run.eval_dir / "table.md", table.encode())

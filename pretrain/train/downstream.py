@@ -6,7 +6,8 @@
           init_args: {tasks: [pystdlib_next_line], every_n_steps: 30, limit: 200}
 
 Logs `downstream/<task>/<metric>` (acc, acc_norm, ...) at the step, to metrics.csv and every
-configured logger; `pretrain plot` draws them against tokens. The tasks' datasets are loaded
+configured logger, in the row of the step's other metrics (Lightning's step, one less than the
+optimizer steps taken); `pretrain plot` draws them against tokens. The tasks' datasets are loaded
 once, at setup, on every rank: a task whose data is missing (an offline node whose cache lacks
 it) stops the launch before the first step, naming the task and `pretrain eval --download`.
 Between evaluations the callback costs nothing.
@@ -17,7 +18,8 @@ on every rank, because an FSDP2 forward gathers each layer's shards from all ran
 (log-likelihood, greedy) pairs are all-gathered, so every rank computes the same metrics.
 Generation requests are not split (every rank generates all, stopping together). Random
 states are restored afterwards, so training continues exactly as without the callback; the
-callback keeps no state, so a resumed or requeued run evaluates at the same steps.
+callback keeps no state, so a resumed or requeued run evaluates at the same steps; a launch that
+resumes at an evaluation step whose scores the killed launch had not logged yet evaluates it first.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import lightning as L
 import torch.distributed as dist
 
 from pretrain.errors import UserError
-from pretrain.run_dir import downstream_column
+from pretrain.run_dir import RunDir, downstream_column
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.step_callback import StepCallback
 from pretrain.train.weight_copies import drop_gathered
@@ -67,9 +69,24 @@ class DownstreamEval(StepCallback):
             ) from None
         self._tasks = load_tasks(parse_tasks(self.task_names))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A launch resuming at an evaluation step evaluates it if the killed launch had not."""
+        super().on_train_start(trainer, pl_module)
+        step = trainer.global_step
+        if step and step % self.every_n_steps == 0 and not self._logged(trainer, step):
+            self.evaluate(trainer, pl_module, step)
+
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module, step)
+
+    def _logged(self, trainer: L.Trainer, step: int) -> bool:
+        """Whether an earlier launch logged this step's scores (every rank decides the same)."""
+        try:
+            downstream = RunDir(trainer.default_root_dir).read_logs().downstream()
+        except UserError:  # no log written yet
+            return False
+        return any(step - 1 in series.steps for metrics in downstream.values() for series in metrics.values())
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         """Run the tasks now; log and return {column: value}."""
@@ -98,8 +115,10 @@ class DownstreamEval(StepCallback):
             for metric, value in metrics.items()
         }
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=step)
-            shown = ", ".join(f"{name.removeprefix('downstream/')} {value:.4f}" for name, value in values.items())
+            for logger in trainer.loggers:  # at Lightning's step for the metrics of optimizer step `step`
+                logger.log_metrics(values, step=step - 1)
+            shown = ", ".join(
+                f"{name.removeprefix('downstream/')} {value:.4f}" for name, value in values.items()
+            )
             print(f"step {step}: {shown}", file=sys.stderr)
         return values
