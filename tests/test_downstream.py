@@ -63,3 +63,23 @@ def test_a_killed_and_resumed_run_keeps_every_evaluation_once(tiny_dataset, tmp_
     for metric, (steps, tokens, values) in reference.items():
         assert resumed[metric][:2] == (steps, tokens)
         np.testing.assert_allclose(resumed[metric][2], values, atol=1e-6)
+
+
+def test_a_task_missing_offline_stops_the_launch_before_training(tiny_dataset, tmp_path):
+    import os
+    import subprocess
+
+    from helpers import PRETRAIN
+
+    run_dir = tmp_path / "offline"
+    callback = CALLBACK | {"init_args": CALLBACK["init_args"] | {"tasks": ["piqa"]}}
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__callbacks=[callback])
+    env = os.environ | {"HF_HOME": str(tmp_path / "empty"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [PRETRAIN, "fit", "--config", str(config)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "task piqa" in last and "pretrain eval --download piqa" in last
+    assert "Traceback" not in result.stderr
+    assert not list((run_dir / "checkpoints").glob("step-*"))

@@ -216,3 +216,47 @@ def test_unknown_task_and_bad_arguments_are_one_line_errors(model_and_export, ca
     assert "unknown task 'no_such_task_xyz'" in capsys.readouterr().err
     assert main(["eval", str(model_file), "--tasks", "pystdlib_next_line", "--batch-size", "0"]) == 2
     assert main(["eval", "no/such/path", "--tasks", "pystdlib_next_line"]) == 2
+
+
+def test_every_weight_form_scores_alike_and_bf16_runs(model_and_export):
+    """The backend reads through the one weights reader: the model file and its HF export give the
+    same log-likelihoods (the other forms: tests/test_weights.py); bf16 runs too (GPU default)."""
+    from lm_eval.api.instance import Instance
+
+    from pretrain.eval.backend import PretrainLM
+
+    model_file, export = model_and_export
+    requests = [
+        Instance("loglikelihood", {}, ("def f(x):\n", "    return x"), 0),
+        Instance("loglikelihood", {}, ("", "import os"), 1),
+    ]
+    from_file = PretrainLM(str(model_file)).loglikelihood(requests, disable_tqdm=True)
+    from_hf = PretrainLM(str(export)).loglikelihood(requests, disable_tqdm=True)
+    assert from_file == from_hf
+    in_bf16 = PretrainLM(str(model_file), dtype="bfloat16").loglikelihood(requests, disable_tqdm=True)
+    assert [round(a, 1) for a, _ in in_bf16] == pytest.approx([round(a, 1) for a, _ in from_file], abs=0.3)
+
+
+def test_local_task_yamls_and_download_of_the_embedded_task(model_and_export, tmp_path, capsys):
+    import yaml
+
+    from pretrain.eval.harness import NEXT_LINE, embedded_task
+
+    model_file, _ = model_and_export
+    items = tmp_path / "items.jsonl"
+    with open(items, "w") as f:
+        for i in range(6):
+            f.write(
+                json.dumps({"context": f"x = {i}\n", "choices": [f"y = {i}", "import os"], "label": 0}) + "\n"
+            )
+    task = embedded_task(NEXT_LINE) | {
+        "task": "my_local_task",
+        "dataset_kwargs": {"data_files": {"test": str(items)}},
+    }
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "my_local_task.yaml").write_text(yaml.safe_dump(task))
+    args = ["eval", str(model_file), "--tasks", "my_local_task", "--include-path", str(tmp_path / "tasks")]
+    assert main(args) == 0
+    assert "my_local_task (acc_norm)" in capsys.readouterr().out
+    assert main(["eval", "--download", NEXT_LINE]) == 0
+    assert f"cached the datasets of 1 task(s): {NEXT_LINE}" in capsys.readouterr().out

@@ -73,6 +73,8 @@ def installed(tmp_path_factory) -> Path:
         "pretrain/recipes/tiny.yaml",
         "pretrain/slurm/train.sbatch.template",
         "pretrain/slurm/local/up.sh",
+        "pretrain/eval/tasks/pystdlib_next_line.jsonl",
+        "pretrain-lm-eval.pth",
     ):
         assert shipped in names
     return venv
@@ -107,3 +109,37 @@ def test_installed_wheel_runs_commands_from_any_directory(installed, tmp_path):
     parsed = pretrain(installed, "fit", "--config", "tiny", "--print_config", cwd=tmp_path)
     assert parsed.returncode == 0, parsed.stderr
     assert "run_dir: runs/tiny" in parsed.stdout
+
+
+def test_lm_eval_cli_finds_the_pretrain_backend(installed, tiny_dataset, tmp_path):
+    """`lm_eval run --model pretrain`: the entry point (bridged by the wheel's .pth for lm-eval 0.4.x)
+    loads our backend, which scores as `pretrain eval` does."""
+    import json
+
+    import torch
+    import yaml
+
+    from pretrain.eval.backend import PretrainLM
+    from pretrain.eval.harness import NEXT_LINE, embedded_task, load_tasks, run_tasks, scores
+    from pretrain.model import Llama, LlamaConfig
+    from pretrain.model.checkpoint import ModelCheckpoint, save_model_checkpoint
+
+    config = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=128)
+    torch.manual_seed(0)
+    tokenizer = (tiny_dataset / "tokenizer.json").read_text()
+    meta = {"eos_id": 0, "bos_id": None}
+    model = save_model_checkpoint(
+        tmp_path / "model.pt", ModelCheckpoint(config, Llama(config).state_dict(), tokenizer, meta)
+    )
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / f"{NEXT_LINE}.yaml").write_text(yaml.safe_dump(embedded_task(NEXT_LINE)))
+    command = [installed / "bin" / "python", "-m", "lm_eval", "run", "--model", "pretrain"]
+    command += ["--model_args", f"checkpoint={model}", "--tasks", NEXT_LINE, "--include_path", str(tasks)]
+    command += ["--limit", "16", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [written] = (tmp_path / "out").rglob("results_*.json")
+    theirs = json.loads(written.read_text())["results"][NEXT_LINE]
+    ours = scores(run_tasks(PretrainLM(str(model)), load_tasks([NEXT_LINE]), limit=16))[NEXT_LINE]
+    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]

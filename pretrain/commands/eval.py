@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tasks", action="append", help="comma-separated tasks or suites (repeatable)")
     parser.add_argument("--download", metavar="TASKS", help="only fill the datasets cache for these tasks")
+    parser.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     parser.add_argument(
         "--num-fewshot", type=int, help="few-shot examples (default: each task's own, else 0)"
     )
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.download:
         names = parse_tasks(args.download)
-        load_tasks(names)
+        load_tasks(names, args.include_path)
         print(f"cached the datasets of {len(names)} task(s): {', '.join(names)}")
         return 0
     if args.target is None or not args.tasks:
@@ -79,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
             f"{target} does not exist: give a checkpoint, a Hugging Face directory or a run directory"
         )
     names = parse_tasks(args.tasks)
-    tasks = load_tasks(names)  # before any weights are read: a missing dataset fails at once
+    tasks = load_tasks(
+        names, args.include_path
+    )  # before any weights are read: a missing dataset fails at once
 
     def make_lm(path: Path) -> Any:
         from pretrain.eval.backend import PretrainLM

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,7 +74,9 @@ class PretrainLM(TemplateLM):
             raise UserError(
                 "--model pretrain needs --model_args checkpoint=PATH (a checkpoint or HF directory)"
             )
-        on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        on = torch.device(device or "cuda" if torch.cuda.is_available() else "cpu")
+        if device and torch.device(device) != on:  # lm_eval's CLI asks for cuda by default, as `hf` does
+            print(f"pretrain backend: device {device} is not available here; using the CPU", file=sys.stderr)
         weights = default_dtype(on) if dtype == "auto" else getattr(torch, dtype, None)
         if not isinstance(weights, torch.dtype):
             raise UserError(f"model_args dtype={dtype!r}: use auto, float32 or bfloat16")

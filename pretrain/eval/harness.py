@@ -84,12 +84,15 @@ def parse_tasks(text: str | Sequence[str]) -> list[str]:
     return expand([name.strip() for part in parts for name in part.split(",") if name.strip()])
 
 
-def load_tasks(names: Sequence[str]) -> dict[str, Any]:
-    """lm-eval Task objects by name, their datasets read now (module docstring: offline failures)."""
+def load_tasks(names: Sequence[str], include_path: str | None = None) -> dict[str, Any]:
+    """lm-eval Task objects by name, their datasets read now (module docstring: offline failures);
+    `include_path`: a folder of your own task YAMLs (e.g. `dataset_path: json` + `data_files`)."""
     from lm_eval.tasks import TaskManager
 
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include-path {include_path}: not a folder of lm-eval task YAML files")
     with _quiet():
-        manager = TaskManager()
+        manager = TaskManager(include_path=include_path)
         known = set(manager.all_tasks)
         tasks: dict[str, Any] = {}
         for name in names:
@@ -99,7 +102,8 @@ def load_tasks(names: Sequence[str]) -> dict[str, Any]:
                 spec = name
             else:
                 raise UserError(
-                    f"unknown task {name!r}: see `lm_eval ls tasks`, the suite tinyllama-commonsense, or {NEXT_LINE}"
+                    f"unknown task {name!r}: see `lm_eval ls tasks`, the suite tinyllama-commonsense, {NEXT_LINE}, "
+                    "or a task YAML of yours in --include-path"
                 )
             try:
                 loaded = manager.load([spec])["tasks"]

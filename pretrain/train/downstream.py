@@ -24,6 +24,8 @@ resumes at an evaluation step whose scores the killed launch had not logged yet 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from typing import Any, cast
 
@@ -40,7 +42,8 @@ from pretrain.train.weight_copies import drop_gathered
 class DownstreamEval(StepCallback):
     """Every `every_n_steps`: lm-eval `tasks` (names, suites, `pystdlib_next_line`) on the current
     weights, at most `limit` examples per task, `num_fewshot` examples in context (default: each
-    task's own), `batch_size` sequences per forward pass."""
+    task's own), `batch_size` sequences per forward pass; `include_path`: a folder of your own
+    lm-eval task YAMLs."""
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class DownstreamEval(StepCallback):
         limit: int | None = 200,
         num_fewshot: int | None = None,
         batch_size: int = 16,
+        include_path: str | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps < 1 or batch_size < 1 or (limit is not None and limit < 1):
@@ -58,6 +62,7 @@ class DownstreamEval(StepCallback):
         self.limit = limit
         self.num_fewshot = num_fewshot
         self.batch_size = batch_size
+        self.include_path = include_path
         self._tasks: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -67,7 +72,7 @@ class DownstreamEval(StepCallback):
             raise UserError(
                 "DownstreamEval needs lm-evaluation-harness: pip install 'pretrain[eval]'"
             ) from None
-        self._tasks = load_tasks(parse_tasks(self.task_names))
+        self._tasks = load_tasks(parse_tasks(self.task_names), self.include_path)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A launch resuming at an evaluation step evaluates it if the killed launch had not."""
@@ -107,7 +112,8 @@ class DownstreamEval(StepCallback):
             group=dist.group.WORLD if distributed else None,
             forward_context=trainer.precision_plugin.val_step_context,
         )
-        results = run_tasks(lm, self._tasks, self.num_fewshot, self.limit)
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars, inside training's
+            results = run_tasks(lm, self._tasks, self.num_fewshot, self.limit)
         drop_gathered(model)
         values = {
             downstream_column(task, metric): value
