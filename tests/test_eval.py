@@ -153,6 +153,7 @@ def test_eval_command_on_a_checkpoint_writes_results_and_table(model_and_export,
     assert out.with_suffix(".md").read_text() == table
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_run_scores_each_checkpoint_once(model_and_export, tmp_path, capsys):
     from pretrain.run_dir import RunDir
 
@@ -186,6 +187,7 @@ def test_suite_names_tinyllamas_seven_tasks_and_metrics():
     assert headline("piqa", {"acc": 0.6, "acc_norm": 0.7}) == ("acc_norm", 0.7)
 
 
+@pytest.mark.slow
 def test_a_task_whose_dataset_is_missing_fails_at_once_in_one_line(model_and_export, tmp_path, monkeypatch):
     import subprocess
 
@@ -210,6 +212,7 @@ def test_a_task_whose_dataset_is_missing_fails_at_once_in_one_line(model_and_exp
     assert len(lines) == 1 and "task piqa" in lines[0] and "pretrain eval --download piqa" in lines[0]
 
 
+@pytest.mark.slow
 def test_unknown_task_and_bad_arguments_are_one_line_errors(model_and_export, capsys):
     model_file, _ = model_and_export
     assert main(["eval", str(model_file), "--tasks", "no_such_task_xyz"]) == 2
@@ -237,6 +240,7 @@ def test_every_weight_form_scores_alike_and_bf16_runs(model_and_export):
     assert [round(a, 1) for a, _ in in_bf16] == pytest.approx([round(a, 1) for a, _ in from_file], abs=0.3)
 
 
+@pytest.mark.slow
 def test_local_task_yamls_and_download_of_the_embedded_task(model_and_export, tmp_path, capsys):
     import yaml
 
