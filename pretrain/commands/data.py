@@ -18,17 +18,25 @@ HELP = "train a tokenizer, prepare token shards, inspect a dataset"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
+    hub_input = (
+        "input files, folders or globs, or Hub datasets: hf://OWNER/NAME[@REV][?config=C&split=S&files=GLOB]"
+    )
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS/BOS/PAD tokens")
-    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files, folders or globs")
+    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help=hub_input)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--output", required=True, help="where to write tokenizer.json")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    _cache_arguments(p)
     p.set_defaults(handler=_train_tokenizer)
 
     d = Settings()
     p = sub.add_parser("prepare", help="tokenize raw text into token shards (parallel, resumable)")
-    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help="input files, folders or globs")
-    p.add_argument("--tokenizer", required=True, help="a tokenizer.json")
+    p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help=hub_input)
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a tokenizer.json, a folder holding one, or a Hub model repo OWNER/NAME",
+    )
     p.add_argument("--output", required=True, help="dataset directory to write")
     p.add_argument(
         "--text-field", default=d.text_field, help=f"field holding the text (default: {d.text_field})"
@@ -63,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--eos-token", help="end-of-document token (default: found by name)")
     p.add_argument("--bos-token", help="beginning-of-document token (default: found by name)")
+    _cache_arguments(p)
     p.set_defaults(handler=_prepare)
 
     p = sub.add_parser("verify", help="check a prepared dataset's shards: checksums and token ids")
@@ -77,14 +86,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_info)
 
 
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir", help="where Hub files wait while they are used (default: beside the output)"
+    )
+    p.add_argument(
+        "--cache-max", default="20GB", help="the most the Hub file cache may hold at once (default: 20GB)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     return args.handler(args)
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
+    from pretrain.data.hub import parse_size
     from pretrain.data.tokenizer import train_tokenizer
 
-    info = train_tokenizer(args.input, args.vocab_size, args.output, args.text_field)
+    info = train_tokenizer(
+        args.input, args.vocab_size, args.output, args.text_field, args.cache_dir, parse_size(args.cache_max)
+    )
     print(
         f"wrote {info.path}: vocab {info.vocab_size:,}, eos {info.eos_id}, bos {info.bos_id}, pad {info.pad_id}, "
         f"fingerprint {info.fingerprint[:16]}"
@@ -93,6 +114,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from pretrain.data.hub import parse_size
     from pretrain.data.prepare import prepare
 
     settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos, tuple(args.exclude))
@@ -107,6 +129,8 @@ def _prepare(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         eos_token=args.eos_token,
         bos_token=args.bos_token,
+        cache_dir=args.cache_dir,
+        cache_max=parse_size(args.cache_max),
     )
     return 0
 

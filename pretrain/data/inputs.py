@@ -101,13 +101,18 @@ def expand(patterns: Sequence[str]) -> list[Path]:
                 f"{pattern}: no supported input (.jsonl/.json/.txt, optionally .gz/.zst, .parquet, "
                 "or a datasets.save_to_disk folder)"
             )
-    unique: dict[Path, Path] = {}
-    for (
-        path
-    ) in found:  # the same file reached twice (relative and absolute, a link, a folder and a file in it)
-        first = unique.setdefault(path.resolve(), path)
-        if first is not path:
-            print(f"{path} is the same input as {first}: read once", file=sys.stderr)
+    return read_once(found)
+
+
+def read_once(found: Sequence[Any]) -> list[Any]:
+    """`found` without the paths reached twice (relative and absolute, a link, a folder and a file in
+    it), said on stderr; what is not a Path (a Hub file) passes as is."""
+    unique: dict[Any, Any] = {}
+    for item in found:
+        key = item.resolve() if isinstance(item, Path) else item
+        first = unique.setdefault(key, item)
+        if first is not item:
+            print(f"{item} is the same input as {first}: read once", file=sys.stderr)
     return list(unique.values())
 
 
@@ -429,15 +434,22 @@ def read(path: Path, unit: Unit, fields: Fields) -> Chunk:
     return chunk
 
 
-def documents(paths: Sequence[Path], fields: Fields, left_out: list[str] | None = None) -> Iterator[str]:
-    """Every usable document of the inputs, in order; the records left out are described in `left_out`."""
+def documents(
+    paths: Sequence[Path],
+    fields: Fields,
+    left_out: list[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> Iterator[str]:
+    """Every usable document of the inputs, in order; the records left out are described in
+    `left_out`, naming each input by `names` (default: its path)."""
     units, early = plan(paths, fields.text)
+    named = list(names) if names is not None else [str(p) for p in paths]
     if left_out is not None:
-        left_out += [describe_problem(paths[i], problem, 0) for i, problem in early]
+        left_out += [describe_problem(named[i], problem, 0) for i, problem in early]
     for unit in units:
         chunk = read(paths[unit.file], unit, fields)
         if left_out is not None:
-            left_out += [describe_problem(paths[unit.file], problem, 0) for problem in chunk.problems]
+            left_out += [describe_problem(named[unit.file], problem, 0) for problem in chunk.problems]
         yield from chunk.texts
 
 
@@ -451,7 +463,7 @@ def input_record(path: Path) -> dict:
     return {"path": str(path), "bytes": path.stat().st_size}
 
 
-def describe_problem(path: Path, problem: Problem, line_base: int) -> str:
+def describe_problem(path: Path | str, problem: Problem, line_base: int) -> str:
     """`file:line: detail`, `file: row N: detail` or `file: detail`."""
     if problem.line is not None:
         return f"{path}:{line_base + problem.line}: {problem.detail}"

@@ -32,8 +32,8 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,7 +42,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from pretrain.data import inputs
+from pretrain.data import hub, inputs
+from pretrain.data.hub import RemoteFile
 from pretrain.data.inputs import Problem, Unit
 from pretrain.data.settings import Settings
 from pretrain.data.shards import (
@@ -60,6 +61,7 @@ from pretrain.data.shards import (
     write_json_atomic,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
+from pretrain.data.units import END, Source, UnitSource
 from pretrain.errors import UserError, writing
 
 STATE_DIR = ".prepare"
@@ -191,25 +193,36 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _results(units: Sequence[Unit], num_proc: int, initargs: tuple) -> Iterator[UnitResult]:
-    """Tokenized units in unit order, at most 2 * num_proc in flight."""
+def _processed(
+    source: UnitSource, num_proc: int, initargs: tuple, idle: Callable[[], None]
+) -> Iterator[tuple[Unit, UnitResult]]:
+    """Tokenized units in unit order, at most 2 * num_proc in flight. A unit of a Hub file not
+    fetched yet is waited for only when nothing is in flight (after `idle()`, which commits and
+    frees the cache), so a full cache never waits on results that nobody collects."""
     if num_proc == 1:
         _init_worker(*initargs)
-        yield from map(tokenize_unit, units)
+        while (unit := source.next(True, idle)) is not END:
+            assert unit is not None  # a blocking `next` gives a unit or END
+            yield unit, tokenize_unit(unit)
         return
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(
         num_proc, mp_context=context, initializer=_init_worker, initargs=initargs
     ) as pool:
-        todo = iter(units)
-        pending = deque(pool.submit(tokenize_unit, u) for u in itertools.islice(todo, 2 * num_proc))
+        pending: deque[tuple[Unit, Future[UnitResult]]] = deque()
         try:
-            while pending:
-                result = pending.popleft().result()
-                pending.extend(pool.submit(tokenize_unit, u) for u in itertools.islice(todo, 1))
-                yield result
+            while True:
+                while len(pending) < 2 * num_proc:
+                    unit = source.next(not pending, idle)
+                    if unit is None or unit is END:
+                        break
+                    pending.append((unit, pool.submit(tokenize_unit, unit)))
+                if not pending:
+                    return
+                unit, future = pending.popleft()
+                yield unit, future.result()
         finally:
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
 
 
@@ -314,7 +327,7 @@ def publish(root: Path, split: str, index: int, header: dict) -> dict:
 # ---------------------------------------------------------------- the run
 
 
-def _identity(paths: list[Path], tok: TokenizerInfo, settings: Settings, dtype: np.dtype) -> str:
+def _identity(sources: list[Source], tok: TokenizerInfo, settings: Settings, dtype: np.dtype) -> str:
     """What a resumed run must share with the interrupted one."""
     spec = {
         "format": FORMAT,
@@ -322,7 +335,12 @@ def _identity(paths: list[Path], tok: TokenizerInfo, settings: Settings, dtype: 
         "tokenizer": tok.manifest_entry(),
         "dtype": dtype.name,
         "settings": asdict(settings),
-        "inputs": [[str(p), inputs.input_record(p)["bytes"], inputs.modified(p)] for p in paths],
+        "inputs": [
+            [s.name, s.size, 0]
+            if isinstance(s, RemoteFile)
+            else [str(s), inputs.input_record(s)["bytes"], inputs.modified(s)]
+            for s in sources
+        ],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -435,13 +453,18 @@ class Run:
                 path.unlink()
         return published
 
-    def add(self, unit: Unit, result: UnitResult, messages: list[str]) -> None:
-        """Append a unit's documents and count its skipped records (`messages` describe them)."""
+    def add_problems(self, problems: Sequence[Problem], messages: list[str]) -> None:
+        """Count skipped records (`messages` describe them)."""
         state = self.state
-        for problem, message in zip(result.problems, messages, strict=True):
+        for problem, message in zip(problems, messages, strict=True):
             state["skipped"][problem.reason] = state["skipped"].get(problem.reason, 0) + 1
             if len(state["examples"]) < EXAMPLES:
                 state["examples"].append(message)
+
+    def add(self, unit: Unit, result: UnitResult, messages: list[str]) -> None:
+        """Append a unit's documents and count its skipped records (`messages` describe them)."""
+        state = self.state
+        self.add_problems(result.problems, messages)
         for split, writer in self.writers.items():
             writer.add(result.tokens[split], result.lengths[split])
         state["excluded"] += result.excluded
@@ -483,11 +506,16 @@ def prepare(
     bos_token: str | None = None,
     show_progress: bool = True,
     commit_seconds: float = 1.0,
+    cache_dir: str | os.PathLike | None = None,
+    cache_max: int = hub.DEFAULT_CACHE_BYTES,
 ) -> Manifest:
     """Tokenize the inputs matched by `patterns` into a dataset at `output` (see the module docstring).
 
-    Progress is committed at most every `commit_seconds` (0: after every unit); a rerun after
-    a kill continues from the last commit.
+    `patterns` are local files, folders and globs, or Hub datasets (`hf://OWNER/NAME...`,
+    `pretrain.data.hub`), whose files are fetched into `cache_dir` (default: in the output's
+    progress folder), at most `cache_max` bytes at a time. `tokenizer` is a tokenizer.json, a
+    folder holding one, or a Hub repository name. Progress is committed at most every
+    `commit_seconds` (0: after every unit); a rerun after a kill continues from the last commit.
     """
     if num_proc is not None and num_proc < 1:
         raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {num_proc}")
@@ -498,7 +526,7 @@ def prepare(
             raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
         if settings.shard_tokens < 1:
             raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
-        tok = load_tokenizer(tokenizer, eos_token, bos_token)
+        tok = load_tokenizer(hub.tokenizer_file(str(tokenizer)), eos_token, bos_token)
         if settings.bos and tok.bos_id is None:
             raise UserError(
                 f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
@@ -511,18 +539,27 @@ def prepare(
                 f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
                 f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
             )
+        if cache_max < 1:
+            raise UserError(f"--cache-max must be positive, got {cache_max}")
         fields = inputs.Fields(settings.text_field, settings.exclude)
-        paths = inputs.expand(patterns)
-        _check_apart(Path(output), patterns, paths)
-        units, early = inputs.plan(paths, settings.text_field)
-        early_messages = [inputs.describe_problem(paths[i], problem, 0) for i, problem in early]
+        sources = hub.expand(patterns)
+        local = [s for s in sources if isinstance(s, Path)]
+        _check_apart(Path(output), [p for p in patterns if not hub.is_hub(p)], local)
+        units = UnitSource(sources, settings.text_field)
+        early = units.early
+        early_messages = [inputs.describe_problem(units.names[i], problem, 0) for i, problem in early]
         if strict and early_messages:
             raise UserError(early_messages[0])
         root = Path(output)
         root.mkdir(parents=True, exist_ok=True)
-        state = _start(root, _identity(paths, tok, settings, token_dtype), overwrite)
+        identity = _identity(sources, tok, settings, token_dtype)
+        state = _start(root, identity, overwrite)
         if state is None:
             return load_manifest(root)
+        cache = None
+        if units.remote:
+            folder = Path(cache_dir or root / STATE_DIR / "cache") / f"prepare-{identity[:16]}"
+            cache = hub.Cache(units.remote, folder, cache_max)
         header = {
             "format": FORMAT,
             "dtype": token_dtype.name,
@@ -534,10 +571,10 @@ def prepare(
         num_proc = num_proc or (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
-        done = state["units_done"]
+        skipped_bytes = units.start(state, cache)
         bar = tqdm(
-            total=sum(u.size for u in units),
-            initial=sum(u.size for u in units[:done]),
+            total=units.total_bytes(),
+            initial=skipped_bytes,
             unit="B",
             unit_scale=True,
             desc="prepare",
@@ -550,22 +587,47 @@ def prepare(
             warned = _warn(message, warned, bar)
         docs = tokens = 0
         last_commit = time.monotonic()
+
+        def commit() -> None:
+            nonlocal last_commit
+            run.commit()
+            units.release_committed(state["units_done"])
+            last_commit = time.monotonic()
+
+        def note_found() -> None:  # problems of Hub files, found when they are fetched and planned
+            nonlocal warned
+            found = units.take_found()
+            messages = [inputs.describe_problem(units.names[i], p, 0) for i, p in found]
+            if strict and messages:
+                raise UserError(messages[0])
+            for message in messages:
+                warned = _warn(message, warned, bar)
+            run.add_problems([p for _, p in found], messages)
+
         try:
             with _serial_tokenizers():
-                initargs = (paths, str(tok.path), fields, settings, tok.eos_id, tok.bos_id, token_dtype.name)
-                for unit, result in zip(
-                    units[done:], _results(units[done:], num_proc, initargs), strict=True
-                ):
+                initargs = (
+                    units.read_paths(),
+                    str(tok.path),
+                    fields,
+                    settings,
+                    tok.eos_id,
+                    tok.bos_id,
+                    token_dtype.name,
+                )
+                for unit, result in _processed(units, num_proc, initargs, commit):
+                    note_found()
                     base = run.line_base(unit)
-                    messages = [inputs.describe_problem(paths[unit.file], p, base) for p in result.problems]
+                    messages = [
+                        inputs.describe_problem(units.names[unit.file], p, base) for p in result.problems
+                    ]
                     if strict and messages:
                         raise UserError(messages[0])
                     for message in messages:
                         warned = _warn(message, warned, bar)
                     run.add(unit, result, messages)
                     if time.monotonic() - last_commit >= commit_seconds:
-                        run.commit()
-                        last_commit = time.monotonic()
+                        commit()
                     docs += sum(len(x) for x in result.lengths.values())
                     tokens += sum(len(x) for x in result.tokens.values())
                     elapsed = max(time.time() - began, 1e-9)
@@ -574,11 +636,18 @@ def prepare(
                         refresh=False,
                     )
                     bar.update(unit.size)
+            note_found()
             run.commit(final=True)
         finally:
             bar.close()
             run.close()
-        manifest = _manifest(paths, tok, settings, token_dtype, run.published, state, early_messages, early)
+            if cache is not None:
+                cache.close()
+        if cache is not None:
+            cache.remove()
+            if show_progress:
+                print(f"hub cache: peak {cache.peak:,} bytes (cap {cache.max_bytes:,})", file=sys.stderr)
+        manifest = _manifest(sources, tok, settings, token_dtype, run.published, state, early_messages, early)
         if not sum(split["documents"] for split in manifest["splits"].values()):
             raise UserError(
                 f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
@@ -603,7 +672,7 @@ def _warn(message: str, warned: int, bar: tqdm) -> int:
 
 
 def _manifest(
-    paths: list[Path],
+    sources: list[Source],
     tok: TokenizerInfo,
     settings: Settings,
     dtype: np.dtype,
@@ -627,7 +696,7 @@ def _manifest(
         "dtype": dtype.name,
         "tokenizer": tok.manifest_entry(),
         "settings": asdict(settings),
-        "inputs": [inputs.input_record(p) for p in paths],
+        "inputs": [s.record() if isinstance(s, RemoteFile) else inputs.input_record(s) for s in sources],
         "splits": splits,
         "skipped": {
             "total": sum(skipped.values()),

@@ -180,6 +180,13 @@ def describe(manifest: Manifest) -> str:
         f"shard tokens {s['shard_tokens']:,}  bos {'yes' if s['bos'] else 'no'}",
         f"inputs       {len(d['inputs'])} file(s), {sum(i['bytes'] for i in d['inputs']):,} bytes",
     ]
+    hub_inputs: dict[tuple[str, str, str], int] = {}
+    for record in d["inputs"]:
+        if "repo" in record:  # a Hub dataset's file, read at an exact revision
+            key = (record["input"], record["repo"], record["revision"])
+            hub_inputs[key] = hub_inputs.get(key, 0) + 1
+    for (given, repo, revision), files in hub_inputs.items():
+        lines.append(f"  hub        {given}: {repo} at revision {revision}, {files} file(s)")
     for split in SPLITS:
         sp = d["splits"][split]
         lines.append(

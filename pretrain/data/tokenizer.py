@@ -45,10 +45,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def train_tokenizer(
-    patterns: list[str], vocab_size: int, output: str | os.PathLike, text_field: str = "text"
+    patterns: list[str],
+    vocab_size: int,
+    output: str | os.PathLike,
+    text_field: str = "text",
+    cache_dir: str | os.PathLike | None = None,
+    cache_max: int = 20 * 10**9,
 ) -> TokenizerInfo:
-    """Train a byte-level BPE on the documents of the inputs and write it to `output`."""
-    from pretrain.data import inputs
+    """Train a byte-level BPE on the documents of the inputs and write it to `output`. Hub inputs
+    (`hf://...`) are fetched one file at a time into `cache_dir` (default: beside `output`)."""
+    from pretrain.data import hub, inputs
     from pretrain.data.shards import write_atomic
 
     left_out: list[str] = []
@@ -60,7 +66,9 @@ def train_tokenizer(
             count += 1
             yield text
 
-    texts = inputs.documents(inputs.expand(patterns), inputs.Fields(text_field), left_out)
+    cache = Path(cache_dir) if cache_dir else Path(output).parent
+    folder = cache / f".{Path(output).name}.hub-cache-{os.getpid()}"
+    texts = hub.documents(hub.expand(patterns), inputs.Fields(text_field), left_out, folder, cache_max)
     tok = train_bpe(counted(texts), vocab_size)
     skipped = f"{len(left_out)} record(s) left out, e.g. {left_out[0]}" if left_out else "no record left out"
     if count == 0:

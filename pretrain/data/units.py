@@ -1,0 +1,132 @@
+"""The work units of a preparation's inputs, local files and Hub files alike, in one order.
+
+A local input is cut into units up front (`inputs.plan`). A Hub file (`pretrain.data.hub`) is
+cut the same way once the cache has fetched it, so its units are those of the same file given
+locally, and the unit sequence, hence the output, does not depend on where the bytes came from.
+How many units a Hub file has is kept in the preparation's state once known, so a resumed run
+skips the files it finished without fetching them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from pretrain.data import inputs
+from pretrain.data.hub import Cache, RemoteFile
+from pretrain.data.inputs import Problem, Unit
+
+Source = Path | RemoteFile
+END = Unit(-1, "end")  # `UnitSource.next`: no unit left
+
+
+class UnitSource:
+    """Units of all inputs in order, from a start index (`next`), with the cache behind Hub files."""
+
+    def __init__(self, sources: list[Source], text_field: str) -> None:
+        self.sources, self.text_field = sources, text_field
+        self.cache: Cache | None = None
+        self.names = [s.name if isinstance(s, RemoteFile) else str(s) for s in sources]
+        self.file_units: dict[str, int] = {}  # units per Hub file planned so far (kept in the state)
+        self.units: dict[int, list[Unit]] = {}
+        self.early: list[tuple[int, Problem]] = []  # problems found while planning local inputs
+        self.found: list[tuple[int, Problem]] = []  # ... and Hub files planned for the first time
+        for i, source in enumerate(sources):
+            if isinstance(source, Path):
+                planned, early = inputs.plan([source], text_field)
+                self.units[i] = [dataclasses.replace(u, file=i) for u in planned]
+                self.early += [(i, problem) for _, problem in early]
+        self.ranges: dict[int, tuple[int, int]] = {}  # input -> [first, end) global unit indices
+        self._input = self._within = self._base = 0
+
+    def read_paths(self) -> list[Path]:
+        """Where each input's bytes are read (a Hub file: its place in the cache)."""
+        return [s if isinstance(s, Path) else self._cache().local_path(i) for i, s in enumerate(self.sources)]
+
+    def total_bytes(self) -> int:
+        return sum(self._size(i) for i in range(len(self.sources)))
+
+    @property
+    def remote(self) -> dict[int, RemoteFile]:
+        return {i: s for i, s in enumerate(self.sources) if isinstance(s, RemoteFile)}
+
+    def start(self, state: dict, cache: Cache | None) -> int:
+        """Position at the state's next unit (files wholly before it are skipped, not fetched) and
+        start fetching; the input bytes skipped (progress)."""
+        self.cache = cache
+        self.file_units = state.setdefault("file_units", {})
+        done, skipped = state["units_done"], 0
+        for i in range(len(self.sources)):
+            count = self._count(i)
+            if count is None or self._base + count > done:
+                break
+            self.ranges[i] = (self._base, self._base + count)
+            self._base += count
+            skipped += self._size(i)
+            self._input = i + 1
+        self._within = done - self._base
+        if self.cache is not None:
+            self.cache.start(self._input)
+        return skipped
+
+    def next(self, block: bool, idle: Callable[[], None]) -> Unit | None:
+        """The next unit; None when it needs a file not fetched yet and `block` is False; END when
+        every unit was given. `idle()` runs before waiting for a file."""
+        while self._input < len(self.sources):
+            units = self._units_of(self._input, block, idle)
+            if units is None:
+                return None
+            if self._within < len(units):
+                self._within += 1
+                return units[self._within - 1]
+            self._base += len(units)
+            self._input, self._within = self._input + 1, 0
+        return END
+
+    def release_committed(self, done: int) -> None:
+        """Remove the cached files whose units are all committed (`done` units)."""
+        if self.cache is None:
+            return
+        for i, (_, end) in list(self.ranges.items()):
+            if end <= done and isinstance(self.sources[i], RemoteFile):
+                self.cache.release(i)
+
+    def take_found(self) -> list[tuple[int, Problem]]:
+        found, self.found = self.found, []
+        return found
+
+    def _units_of(self, i: int, block: bool, idle: Callable[[], None]) -> list[Unit] | None:
+        if i in self.units:
+            self.ranges.setdefault(i, (self._base, self._base + len(self.units[i])))
+            return self.units[i]
+        cache = self._cache()
+        if not block and not cache.ready(i):
+            return None
+        path = cache.wait(i, idle)
+        planned, early = inputs.plan([path], self.text_field)
+        size = self._size(i)
+        weights = [max(u.size, 1) for u in planned]
+        shares = [size * sum(weights[: k + 1]) // sum(weights) for k in range(len(weights))]
+        sizes = [b - a for a, b in zip([0, *shares[:-1]], shares)]
+        self.units[i] = [dataclasses.replace(u, file=i, size=s) for u, s in zip(planned, sizes, strict=True)]
+        if str(i) not in self.file_units:  # counted once, not again by a run that resumes inside it
+            self.file_units[str(i)] = len(planned)
+            self.found += [(i, problem) for _, problem in early]
+        self.ranges[i] = (self._base, self._base + len(planned))
+        return self.units[i]
+
+    def _count(self, i: int) -> int | None:
+        if i in self.units:
+            return len(self.units[i])
+        return self.file_units.get(str(i))
+
+    def _size(self, i: int) -> int:
+        source = self.sources[i]
+        if isinstance(source, RemoteFile):
+            return source.size
+        return sum(u.size for u in self.units[i])
+
+    def _cache(self) -> Cache:
+        assert self.cache is not None, "Hub inputs come with a cache"
+        return self.cache
