@@ -90,6 +90,13 @@ def test_slimpajama_layout_drops_github(tmp_path, tokenizer):
     assert sorted(decoded(out)) == sorted(
         r["text"] for r in records if r["meta"]["redpajama_set_name"] != "RedPajamaGithub"
     )
+    # the default path, reading the repository by its Hub name, here a local mirror of the same layout
+    run_recipe("slimpajama", "--hub", f"hf://{root}", "--tokenizer", tokenizer, "--out", tmp_path / "hub")
+    assert sorted(decoded(tmp_path / "hub")) == sorted(decoded(out))
+    assert all(
+        i["path"].startswith(f"hf://{root}@local/train/")
+        for i in load_manifest(tmp_path / "hub").data["inputs"]
+    )
 
 
 def test_starcoder_layout(tmp_path, tokenizer):
@@ -117,6 +124,9 @@ def test_starcoder_layout(tmp_path, tokenizer):
         "python",
     )
     assert sorted(decoded(tmp_path / "py")) == sorted(expected["python"])
+    hub = ["--hub", f"hf://{root}", "--tokenizer", tokenizer, "--languages", "java"]
+    run_recipe("starcoder", *hub, "--out", tmp_path / "hub")
+    assert sorted(decoded(tmp_path / "hub")) == sorted(expected["java"])
 
 
 def test_fineweb_layout(tmp_path, tokenizer):
@@ -129,6 +139,12 @@ def test_fineweb_layout(tmp_path, tokenizer):
         table = pa.table({"text": texts[folder], "id": ["x"] * 5, "dump": ["CC-MAIN-2024-10"] * 5,
                           "url": ["http://e.x"] * 5, "language": ["en"] * 5, "token_count": [3] * 5})  # fmt: skip
         pq.write_table(table, root / folder / "000_00000.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*/*\n"
+        "- config_name: sample-10BT\n  data_files:\n  - split: train\n    path: sample/10BT/*\n---\n"
+    )  # the configs of the Hub release's README
+    run_recipe("fineweb", "--hub", f"hf://{root}", "--tokenizer", tokenizer, "--out", tmp_path / "hub")
+    assert sorted(decoded(tmp_path / "hub")) == sorted(texts["sample/10BT"])
     run_recipe("fineweb", "--root", root, "--tokenizer", tokenizer, "--out", tmp_path / "sample")
     assert sorted(decoded(tmp_path / "sample")) == sorted(texts["sample/10BT"])
     run_recipe(

@@ -1,6 +1,9 @@
-"""Prepare FineWeb (or FineWeb-Edu) from a local download.
+"""Prepare FineWeb-Edu (or FineWeb) straight from the Hub or from a copy.
 
-Expected layout (the Hugging Face releases HuggingFaceFW/fineweb and fineweb-edu):
+By default the Hub repository HuggingFaceFW/fineweb-edu is read directly (`--hub`), config
+`--config sample-10BT` (its README's configs: default = every dump, sample-10BT, sample-100BT,
+sample-350BT, CC-MAIN-...), each file fetched when reached and removed once tokenized. With
+--root, a local copy is read instead, --subset naming the folder. The layout:
 
     ROOT/data/CC-MAIN-2024-10/000_00000.parquet ...   one folder per crawl dump
     ROOT/sample/10BT/000_00000.parquet ...            the sampled subsets
@@ -9,7 +12,7 @@ Expected layout (the Hugging Face releases HuggingFaceFW/fineweb and fineweb-edu
 --subset picks the folder under ROOT to read (default: sample/10BT; "data" reads every dump).
 Validation documents are carved by text hash.
 
-Run: python data/fineweb/prepare.py --root ROOT --tokenizer tokenizer.json [--subset sample/10BT]
+Run: python data/fineweb/prepare.py --tokenizer TOKENIZER [--config sample-10BT] [--root ROOT [--subset sample/10BT]]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pretrain.data.hub import parse_size
 from pretrain.data.prepare import prepare
 from pretrain.data.settings import Settings
 
@@ -27,16 +31,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", type=Path, required=True, help="the downloaded fineweb folder")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer.json")
-    parser.add_argument("--subset", default="sample/10BT", help="folder under ROOT (default: %(default)s)")
+    parser.add_argument("--root", type=Path, help="a downloaded copy (default: read the Hub repository)")
+    parser.add_argument("--hub", default="hf://HuggingFaceFW/fineweb-edu", help="default: %(default)s")
+    parser.add_argument("--config", default="sample-10BT", help="Hub config (default: %(default)s)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="a tokenizer.json, a folder holding one, or a Hub repo"
+    )
+    parser.add_argument(
+        "--subset", default="sample/10BT", help="with --root: folder under ROOT (default: %(default)s)"
+    )
+    parser.add_argument("--cache-max", default="20GB", help="raw Hub files on disk at once (default: 20GB)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="default: %(default)s")
     parser.add_argument("--val-fraction", type=float, default=0.0005)
     parser.add_argument("--num-proc", type=int, default=None, help="default: all CPUs")
     args = parser.parse_args()
     settings = Settings(text_field="text", val_fraction=args.val_fraction)
-    prepare([str(args.root / args.subset / "**" / "*.parquet")], args.tokenizer, args.out, settings,
-            num_proc=args.num_proc)  # fmt: skip
+    source = (
+        str(args.root / args.subset / "**" / "*.parquet") if args.root else f"{args.hub}?config={args.config}"
+    )
+    prepare(
+        [source],
+        args.tokenizer,
+        args.out,
+        settings,
+        num_proc=args.num_proc,
+        cache_max=parse_size(args.cache_max),
+    )
 
 
 if __name__ == "__main__":
