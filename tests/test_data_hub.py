@@ -354,9 +354,55 @@ def test_tokenizer_by_folder_or_hub_name(repo, tokenizer, tmp_path, monkeypatch)
     (tmp_path / "hf-cache" / "models--someone--tok" / "refs").mkdir()
     (tmp_path / "hf-cache" / "models--someone--tok" / "refs" / "main").write_text(sha)
     _offline_with(monkeypatch, tmp_path / "hf-cache")
-    assert hub.tokenizer_file("someone/tok") == snapshot / "tokenizer.json"
+    assert hub.tokenizer_file("someone/tok") == (snapshot / "tokenizer.json", f"someone/tok@{sha}")
+    prepare([str(repo / "data" / "prose")], "someone/tok", tmp_path / "named", SETTINGS, show_progress=False)
+    entry = load_manifest(tmp_path / "named").data["tokenizer"]
+    assert entry["source"] == f"someone/tok@{sha}"
+    assert entry["fingerprint"] == load_manifest(tmp_path / "out").data["tokenizer"]["fingerprint"]
     with pytest.raises(UserError, match="--tokenizer someone/other"):
         hub.tokenizer_file("someone/other")
+
+
+def _hub_error(kind: str, message: str) -> Exception:
+    """A huggingface_hub error as the Hub API raises it (built without an HTTP response)."""
+    from huggingface_hub import errors
+
+    cls = getattr(errors, kind)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            ("GatedRepoError", "403 restricted"),
+            "bigcode/starcoderdata is gated: accept its terms on https://huggingface.co/datasets/bigcode/starcoderdata and log in",
+        ),
+        (
+            ("RepositoryNotFoundError", "404"),
+            "no dataset repository bigcode/starcoderdata on the Hub (or it is private",
+        ),
+        (("RevisionNotFoundError", "404"), "bigcode/starcoderdata has no revision 'v9'"),
+        (
+            ConnectionError("Name or service not known"),
+            "could not read bigcode/starcoderdata (ConnectionError: Name or service not known); check the network, or use HF_HUB_OFFLINE=1",
+        ),
+    ],
+)
+def test_hub_failures_are_explained(monkeypatch, error, message):
+    from huggingface_hub import HfApi
+
+    raised = _hub_error(*error) if isinstance(error, tuple) else error
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(HfApi, "dataset_info", fail)
+    with pytest.raises(UserError) as caught:
+        hub.resolve(hub.parse("hf://bigcode/starcoderdata@v9"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_train_tokenizer_from_a_hub_input_equals_local_files(repo, tmp_path):

@@ -377,20 +377,22 @@ def _download(file: RemoteFile, folder: Path) -> None:
     hf_hub_download(file.repo, file.path, repo_type="dataset", revision=file.revision, local_dir=folder)
 
 
-def tokenizer_file(name: str) -> Path:
+def tokenizer_file(name: str) -> tuple[Path, str | None]:
     """A tokenizer.json path, a folder holding one (a local Hugging Face model folder), or a Hub
-    model repository `OWNER/NAME` (its tokenizer.json, from the Hugging Face cache when there)."""
+    model repository `OWNER/NAME` (its tokenizer.json, from the Hugging Face cache when there);
+    and for a Hub repository, `OWNER/NAME@SHA`, what the manifest records."""
     path = Path(name)
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
             raise UserError(f"--tokenizer {name}: the folder holds no tokenizer.json")
-        return path / "tokenizer.json"
+        return path / "tokenizer.json", None
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/")) or name.endswith(".json"):
-        return path  # a file (load_tokenizer names it if it is missing or unreadable)
+        return path, None  # a file (load_tokenizer names it if it is missing or unreadable)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(name, "tokenizer.json"))
+        found = Path(hf_hub_download(name, "tokenizer.json"))
+        return found, f"{name}@{found.parent.name}"  # the cache's snapshots/<sha>/tokenizer.json
     except Exception as err:
         spec = HubSpec(f"--tokenizer {name}", name, None, None, "train", None)
         raise UserError(_hub_problem(spec, err).replace("dataset repository", "model repository")) from None

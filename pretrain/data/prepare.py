@@ -34,7 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -526,7 +526,8 @@ def prepare(
             raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
         if settings.shard_tokens < 1:
             raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
-        tok = load_tokenizer(hub.tokenizer_file(str(tokenizer)), eos_token, bos_token)
+        tokenizer_path, tokenizer_source = hub.tokenizer_file(str(tokenizer))
+        tok = replace(load_tokenizer(tokenizer_path, eos_token, bos_token), source=tokenizer_source)
         if settings.bos and tok.bos_id is None:
             raise UserError(
                 f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"

@@ -174,7 +174,7 @@ def describe(manifest: Manifest) -> str:
         f"dataset      {manifest.root}",
         f"format       {d['format']}  dtype {d['dtype']}",
         f"tokenizer    vocab {tok['vocab_size']:,}  eos {tok['eos_id']}  bos {tok['bos_id']}  "
-        f"fingerprint {tok['fingerprint'][:16]}",
+        f"fingerprint {tok['fingerprint'][:16]}" + (f"  from {tok['source']}" if tok.get("source") else ""),
         f"content      fingerprint {d['content_fingerprint'][:16]}",
         f"settings     text field {s['text_field']!r}  val fraction {s['val_fraction']}  "
         f"shard tokens {s['shard_tokens']:,}  bos {'yes' if s['bos'] else 'no'}",

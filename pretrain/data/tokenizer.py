@@ -95,15 +95,17 @@ class TokenizerInfo:
     bos_id: int | None
     pad_id: int | None
     fingerprint: str
+    source: str | None = None  # the Hub repository (and revision) it was loaded from, if any
 
     def manifest_entry(self) -> dict:
-        return {
+        entry = {
             "fingerprint": self.fingerprint,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
             "bos_id": self.bos_id,
             "pad_id": self.pad_id,
         }
+        return entry | ({"source": self.source} if self.source else {})
 
 
 def fingerprint(tokenizer: Tokenizer) -> str:
