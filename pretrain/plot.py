@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.errors import UserError
+from pretrain.eval.metrics import headline_metric
 from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series, downstream_column
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 # Line styles of validation sources; "--" is left for resume marks.
 _VAL_STYLES: tuple[Any, ...] = ("-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
 # The metric that stands for a downstream task: the first of these it has, else its first by name.
-HEADLINE_METRICS = ("acc_norm", "acc")
 
 
 def smooth(values: Sequence[float] | np.ndarray, weight: float = 0.9) -> np.ndarray:
@@ -62,11 +62,6 @@ def auto_smoothing(points: int) -> float:
     return 1 - 1 / max(1.0, points / 20)
 
 
-def headline_metric(metrics: Collection[str]) -> str:
-    """The metric plotted and summarized for a downstream task (`HEADLINE_METRICS`, else the first by name)."""
-    return next((name for name in HEADLINE_METRICS if name in metrics), min(metrics))
-
-
 def downstream_headlines(logs: Sequence[RunLog]) -> dict[str, str]:
     """Task -> headline metric over all runs' downstream scores (one metric per task, so that the
     runs compare like with like), tasks sorted."""
@@ -74,7 +69,7 @@ def downstream_headlines(logs: Sequence[RunLog]) -> dict[str, str]:
     for run in logs:
         for task, series in run.downstream().items():
             metrics.setdefault(task, set()).update(series)
-    return {task: headline_metric(names) for task, names in sorted(metrics.items())}
+    return {task: headline_metric(task, names) for task, names in sorted(metrics.items())}
 
 
 def _task_grid(tasks: int) -> tuple[int, int]:

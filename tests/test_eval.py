@@ -264,3 +264,14 @@ def test_local_task_yamls_and_download_of_the_embedded_task(model_and_export, tm
     assert "my_local_task (acc_norm)" in capsys.readouterr().out
     assert main(["eval", "--download", NEXT_LINE]) == 0
     assert f"cached the datasets of 1 task(s): {NEXT_LINE}" in capsys.readouterr().out
+
+
+def test_every_rank_knows_how_many_forward_passes_the_busiest_rank_makes():
+    """Ranks pad to the same number of sharded forwards without a collective between them."""
+    from pretrain.eval.backend import most_batches
+
+    for requests in range(0, 60):
+        for world in (1, 2, 3, 4):
+            for batch in (1, 4, 16):
+                per_rank = [len(range(requests)[rank::world]) for rank in range(world)]
+                assert most_batches(requests, world, batch) == max(-(-n // batch) for n in per_rank)

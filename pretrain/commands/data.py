@@ -92,7 +92,7 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-max", default="20GB", help="the most the Hub file cache may hold at once (default: 20GB)"
-    )
+    )  # = pretrain.data.hub.DEFAULT_CACHE_BYTES
 
 
 def run(args: argparse.Namespace) -> int:

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--{name.replace('_', '-')} must be {'>= 0' if name == 'num_fewshot' else '>= 1'}"
             )
+    if args.limit is not None and args.limit <= 0:
+        raise UserError("--limit must be positive (a count, or a fraction below 1)")
+    if args.output is not None and args.output.suffix == ".md":
+        raise UserError(f"-o {args.output}: give the .json path; the table is written beside it as .md")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     target = Path(args.target)
     if not target.exists():

@@ -20,21 +20,22 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, writing
 
 SCHEME = "hf://"
-DEFAULT_CACHE_BYTES = 20 * 2**30  # --cache-max
+DEFAULT_CACHE_BYTES = 20 * 10**9  # --cache-max 20GB
 RETRIES = 5  # download attempts per file
 BACKOFF_SECONDS = 2.0  # first wait; doubled after each failed attempt
 
@@ -65,7 +66,9 @@ class RemoteFile:
     size: int
     source: str  # "hub": download; "copy": a local folder's file, copied into the cache; "in-place": read where it is
     where: str = ""  # the local file for "copy" and "in-place"
-    spec: str = ""  # the input it came from (with its config and split)
+    spec: str = field(
+        default="", compare=False
+    )  # the input it came from (config, split): not part of its identity
 
     @property
     def name(self) -> str:
@@ -93,9 +96,9 @@ def parse_size(text: str) -> int:
         value = float(digits)
         scale = units[number[len(digits) :]]
     except (ValueError, KeyError):
-        raise UserError(f"--cache-max {text!r}: expected a size such as 500MB, 20GB or 20GiB") from None
-    if value <= 0:
-        raise UserError(f"--cache-max {text!r}: must be positive")
+        value, scale = math.nan, 1
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"--cache-max {text!r}: expected a positive size such as 500MB, 20GB or 20GiB")
     return int(value * scale)
 
 
@@ -280,7 +283,8 @@ class Cache:
         """Fetch, in the background, every file from index `skip_before` on (what an interrupted run
         left in the cache folder is dropped first: it is fetched again when needed)."""
         shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True)
+        with writing(self.directory, "--cache-dir"):
+            self.directory.mkdir(parents=True)
         self._queue = [i for i in self._queue if i >= skip_before]
         self._thread = threading.Thread(target=self._fetch_all, name="hub-fetch", daemon=True)
         self._thread.start()
@@ -377,6 +381,16 @@ def _download(file: RemoteFile, folder: Path) -> None:
     hf_hub_download(file.repo, file.path, repo_type="dataset", revision=file.revision, local_dir=folder)
 
 
+def _require_hub_libraries() -> None:
+    try:
+        import datasets  # noqa: F401
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "hf:// inputs need `datasets` and `huggingface_hub`: pip install 'pretrain[data]'"
+        ) from None
+
+
 def tokenizer_file(name: str) -> tuple[Path, str | None]:
     """A tokenizer.json path, a folder holding one (a local Hugging Face model folder), or a Hub
     model repository `OWNER/NAME` (its tokenizer.json, from the Hugging Face cache when there);
@@ -388,6 +402,7 @@ def tokenizer_file(name: str) -> tuple[Path, str | None]:
         return path / "tokenizer.json", None
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/")) or name.endswith(".json"):
         return path, None  # a file (load_tokenizer names it if it is missing or unreadable)
+    _require_hub_libraries()
     from huggingface_hub import hf_hub_download
 
     try:
@@ -431,6 +446,9 @@ def documents(
 def expand(patterns: Sequence[str]) -> list[Path | RemoteFile]:
     """Local inputs (as `inputs.expand`) and Hub inputs, in the order given."""
     from pretrain.data import inputs
+
+    if any(map(is_hub, patterns)):
+        _require_hub_libraries()
 
     found: list[Path | RemoteFile] = []
     for pattern in patterns:

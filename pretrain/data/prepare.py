@@ -201,6 +201,7 @@ def _processed(
     frees the cache), so a full cache never waits on results that nobody collects."""
     if num_proc == 1:
         _init_worker(*initargs)
+        source.fetch()
         while (unit := source.next(True, idle)) is not END:
             assert unit is not None  # a blocking `next` gives a unit or END
             yield unit, tokenize_unit(unit)
@@ -209,6 +210,8 @@ def _processed(
     with ProcessPoolExecutor(
         num_proc, mp_context=context, initializer=_init_worker, initargs=initargs
     ) as pool:
+        pool.submit(int).result()  # the workers exist (forked) before the fetch thread starts
+        source.fetch()
         pending: deque[tuple[Unit, Future[UnitResult]]] = deque()
         try:
             while True:
@@ -336,7 +339,7 @@ def _identity(sources: list[Source], tok: TokenizerInfo, settings: Settings, dty
         "dtype": dtype.name,
         "settings": asdict(settings),
         "inputs": [
-            [s.name, s.size, 0]
+            [s.name, s.size, inputs.modified(Path(s.where)) if s.source == "copy" else 0]
             if isinstance(s, RemoteFile)
             else [str(s), inputs.input_record(s)["bytes"], inputs.modified(s)]
             for s in sources
@@ -591,6 +594,7 @@ def prepare(
 
         def commit() -> None:
             nonlocal last_commit
+            note_found()  # counted in the state that records the files they were found in
             run.commit()
             units.release_committed(state["units_done"])
             last_commit = time.monotonic()

@@ -50,7 +50,7 @@ def train_tokenizer(
     output: str | os.PathLike,
     text_field: str = "text",
     cache_dir: str | os.PathLike | None = None,
-    cache_max: int = 20 * 10**9,
+    cache_max: int | None = None,
 ) -> TokenizerInfo:
     """Train a byte-level BPE on the documents of the inputs and write it to `output`. Hub inputs
     (`hf://...`) are fetched one file at a time into `cache_dir` (default: beside `output`)."""
@@ -67,8 +67,9 @@ def train_tokenizer(
             yield text
 
     cache = Path(cache_dir) if cache_dir else Path(output).parent
-    folder = cache / f".{Path(output).name}.hub-cache-{os.getpid()}"
-    texts = hub.documents(hub.expand(patterns), inputs.Fields(text_field), left_out, folder, cache_max)
+    folder = cache / f".{Path(output).name}.hub-cache"  # a killed run's leftovers go with the next run
+    max_bytes = cache_max or hub.DEFAULT_CACHE_BYTES
+    texts = hub.documents(hub.expand(patterns), inputs.Fields(text_field), left_out, folder, max_bytes)
     tok = train_bpe(counted(texts), vocab_size)
     skipped = f"{len(left_out)} record(s) left out, e.g. {left_out[0]}" if left_out else "no record left out"
     if count == 0:

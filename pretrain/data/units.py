@@ -52,8 +52,8 @@ class UnitSource:
         return {i: s for i, s in enumerate(self.sources) if isinstance(s, RemoteFile)}
 
     def start(self, state: dict, cache: Cache | None) -> int:
-        """Position at the state's next unit (files wholly before it are skipped, not fetched) and
-        start fetching; the input bytes skipped (progress)."""
+        """Position at the state's next unit (files wholly before it are skipped, not fetched); the
+        input bytes skipped (progress)."""
         self.cache = cache
         self.file_units = state.setdefault("file_units", {})
         done, skipped = state["units_done"], 0
@@ -66,9 +66,13 @@ class UnitSource:
             skipped += self._size(i)
             self._input = i + 1
         self._within = done - self._base
+        return skipped
+
+    def fetch(self) -> None:
+        """Start fetching the Hub files from the current one on (after the worker processes are
+        forked: a fork never copies the fetch thread's locks)."""
         if self.cache is not None:
             self.cache.start(self._input)
-        return skipped
 
     def next(self, block: bool, idle: Callable[[], None]) -> Unit | None:
         """The next unit; None when it needs a file not fetched yet and `block` is False; END when

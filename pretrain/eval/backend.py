@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -56,6 +57,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def most_batches(requests: int, world: int, batch_size: int) -> int:
+    """Forward passes of the rank with the most requests (rank 0: request i goes to rank i mod
+    world), known to every rank without communicating: no collective between the sharded forwards."""
+    return math.ceil(math.ceil(requests / world) / batch_size)
+
+
 class PretrainLM(TemplateLM):
     """An lm-eval `LM` over a pretrain model (module docstring)."""
 
@@ -81,6 +88,10 @@ class PretrainLM(TemplateLM):
         if not isinstance(weights, torch.dtype):
             raise UserError(f"model_args dtype={dtype!r}: use auto, float32 or bfloat16")
         loaded = load_generation_model(checkpoint, on, weights, ema=str(ema).lower() in ("true", "1"))
+        if not loaded.eos_ids:
+            raise UserError(
+                f"{checkpoint}: no end-of-document token is known (config eos_token_id, or the tokenizer's)"
+            )
         self._setup(
             loaded.model, loaded.tokenizer, loaded.bos_id, min(loaded.eos_ids), batch_size, max_length
         )
@@ -169,9 +180,12 @@ class PretrainLM(TemplateLM):
             scored |= dict(zip(batch, scores))
             bar.update(len(batch))
         bar.close()
-        for _ in range(self._most_batches(len(batches)) - len(batches)):  # keep every rank in step
+        for _ in range(most_batches(len(rows), world, self.batch_size) - len(batches)):  # every rank in step
             self._forward(torch.zeros(1, 1, dtype=torch.long, device=self.device))
         scored = self._all_scores(scored)
+        for (key, _, _), i in zip(requests, range(len(rows))):
+            if key is not None:  # lm-eval's response cache (--use_cache)
+                self.cache_hook.add_partial("loglikelihood", key, scored[i])
         return [scored[i] for i in range(len(rows))]
 
     def _score_batch(self, rows: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
@@ -180,11 +194,11 @@ class PretrainLM(TemplateLM):
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         for r, row in enumerate(rows):
             tokens[r, : len(row)] = torch.tensor(row)
-        logprobs = F.log_softmax(self._forward(tokens.to(self.device)).float(), dim=-1)
+        logits = self._forward(tokens.to(self.device))
         scores = []
         for r, (row, continuation) in enumerate(zip(rows, continuations)):
-            n = len(continuation)
-            predicted = logprobs[r, len(row) - n : len(row)]  # position p predicts token p + 1
+            n = len(continuation)  # position p predicts token p + 1; only these positions are normalized
+            predicted = F.log_softmax(logits[r, len(row) - n : len(row)].float(), dim=-1)
             targets = torch.tensor(continuation, device=predicted.device)
             greedy = bool((predicted.argmax(dim=-1) == targets).all())
             scores.append((float(predicted.gather(-1, targets[:, None]).sum()), greedy))
@@ -226,7 +240,7 @@ class PretrainLM(TemplateLM):
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             stops = [*until, self.tok_decode([self.eos_id])]
-            new_tokens = int(settings.pop("max_gen_toks", 256))
+            new_tokens = min(int(settings.pop("max_gen_toks", 256)), self.max_length - 1)
             sampling = Sampling(
                 temperature=float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
             )
@@ -267,13 +281,6 @@ class PretrainLM(TemplateLM):
         if self.group is None:
             return 0, 1
         return dist.get_rank(self.group), dist.get_world_size(self.group)
-
-    def _most_batches(self, count: int) -> int:
-        if self.group is None:
-            return count
-        most = torch.tensor([count], device=self.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
-        return int(most.item())
 
     def _all_scores(self, scored: dict[int, tuple[float, bool]]) -> dict[int, tuple[float, bool]]:
         if self.group is None:

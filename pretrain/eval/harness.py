@@ -24,18 +24,8 @@ import numpy as np
 import torch
 
 from pretrain.errors import UserError
+from pretrain.eval.metrics import SUITES, headline_metric
 
-# TinyLlama's EVAL.md: "We report the acc_norm by default"; winogrande and boolq have only acc.
-TINYLLAMA_COMMONSENSE = {
-    "hellaswag": "acc_norm",
-    "openbookqa": "acc_norm",
-    "winogrande": "acc",
-    "arc_challenge": "acc_norm",
-    "arc_easy": "acc_norm",
-    "boolq": "acc",
-    "piqa": "acc_norm",
-}
-SUITES = {"tinyllama-commonsense": TINYLLAMA_COMMONSENSE}
 EMBEDDED_DATA = Path(__file__).parent / "tasks"
 NEXT_LINE = "pystdlib_next_line"
 
@@ -158,14 +148,11 @@ def scores(results: dict[str, Any]) -> Scores:
 
 
 def headline(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
-    """(metric, value) a table shows for `task` (module docstring)."""
-    for suite in SUITES.values():
-        if task in suite and suite[task] in metrics:
-            return suite[task], metrics[suite[task]]
-    for metric in ("acc_norm", "acc"):
-        if metric in metrics:
-            return metric, metrics[metric]
-    return next(iter(metrics.items()), None)
+    """(metric, value) a table shows for `task` (`pretrain.eval.metrics.headline_metric`)."""
+    if not metrics:
+        return None
+    metric = headline_metric(task, metrics)
+    return metric, metrics[metric]
 
 
 def markdown_table(rows: Sequence[tuple[str, Scores]], tasks: Sequence[str]) -> str:
@@ -191,7 +178,8 @@ def markdown_table(rows: Sequence[tuple[str, Scores]], tasks: Sequence[str]) -> 
 def _random_states_kept() -> Iterator[None]:
     """Python's, NumPy's and torch's random states as they were (training continues unchanged)."""
     python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:

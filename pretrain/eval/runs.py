@@ -65,6 +65,7 @@ def evaluate_run(
             lm = make_lm(path)
             done |= scores(run_tasks(lm, missing, num_fewshot, limit))
             record.update(step=step, tokens=getattr(lm, "tokens_seen", None), checkpoint=path.name)
+            del lm  # one model in memory at a time
             run.eval_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(
                 run.eval_result(step), (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()

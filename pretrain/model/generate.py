@@ -31,7 +31,7 @@ from pretrain.data.tokenizer import EOS_NAMES, fingerprint
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
 from pretrain.model.checkpoint import load_model_checkpoint
-from pretrain.model.hf import client_tokenizer_json
+from pretrain.model.hf import client_tokenizer_json, document_prefix_id
 from pretrain.model.llama import KVCache, rope_cache
 
 
@@ -204,12 +204,11 @@ def encode_prompt(loaded: GenerationModel, text: str) -> list[int]:
     ids = loaded.tokenizer.encode(text).ids
     if ids:
         return ids
-    start = loaded.bos_id if loaded.bos_id is not None else min(loaded.eos_ids, default=None)
-    if start is None:
+    if not loaded.eos_ids and loaded.bos_id is None:
         raise UserError(
             "the prompt is empty and the tokenizer has neither a BOS nor an EOS token to start from"
         )
-    return [start]
+    return [document_prefix_id(loaded.bos_id, min(loaded.eos_ids, default=-1))]
 
 
 def check_same_tokenizer(models: Sequence[GenerationModel]) -> None:

@@ -6,8 +6,8 @@
           init_args: {tasks: [pystdlib_next_line], every_n_steps: 30, limit: 200}
 
 Logs `downstream/<task>/<metric>` (acc, acc_norm, ...) at the step, to metrics.csv and every
-configured logger, in the row of the step's other metrics (Lightning's step, one less than the
-optimizer steps taken); `pretrain plot` draws them against tokens. The tasks' datasets are loaded
+configured logger, at the step of the step's other metrics (Lightning's step, one less than the
+optimizer steps taken; `RunDir.read_logs` joins them); `pretrain plot` draws them against tokens. The tasks' datasets are loaded
 once, at setup, on every rank: a task whose data is missing (an offline node whose cache lacks
 it) stops the launch before the first step, naming the task and `pretrain eval --download`.
 Between evaluations the callback costs nothing.
@@ -78,8 +78,12 @@ class DownstreamEval(StepCallback):
         """A launch resuming at an evaluation step evaluates it if the killed launch had not."""
         super().on_train_start(trainer, pl_module)
         step = trainer.global_step
-        if step and step % self.every_n_steps == 0 and not self._logged(trainer, step):
-            self.evaluate(trainer, pl_module, step)
+        if step and step % self.every_n_steps == 0:
+            # decided on rank 0 and broadcast: a log directory that is not shared cannot split the ranks
+            if not trainer.strategy.broadcast(
+                self._logged(trainer, step) if trainer.is_global_zero else None
+            ):
+                self.evaluate(trainer, pl_module, step)
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         if step % self.every_n_steps == 0:
