@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -213,3 +214,11 @@ def write_dataset(
     }
     write_json_atomic(root / "manifest.json", manifest)
     return root
+
+
+def units_done(out: Path) -> int:
+    """Work units a running `prepare` into `out` has committed (0 before its first commit)."""
+    try:
+        return json.loads((out / ".prepare" / "state.json").read_text())["units_done"]
+    except (OSError, ValueError):
+        return 0

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PRETRAIN, require
+from helpers import PRETRAIN, require, units_done
 
 from pretrain.cli import main
 from pretrain.data import hub
@@ -237,13 +237,6 @@ def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, 
     assert shards(tmp_path / "down") == shards(tmp_path / "clean")
 
 
-def _units_done(out: Path) -> int:
-    try:
-        return json.loads((out / ".prepare" / "state.json").read_text())["units_done"]
-    except (OSError, ValueError):
-        return 0
-
-
 @pytest.mark.slow
 def test_killed_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path, tokenizer):
     big = make_repo(tmp_path / "big", files=12, docs=300)
@@ -263,7 +256,7 @@ def test_killed_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path
     killed, rng = tmp_path / "killed", random.Random(7)
     for threshold in sorted(rng.sample(range(3, 30), 2)):
         proc = start(killed)
-        while _units_done(killed) < threshold and proc.poll() is None:
+        while units_done(killed) < threshold and proc.poll() is None:
             time.sleep(0.002)
         time.sleep(rng.random() * 0.05)
         os.killpg(proc.pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import require
+from helpers import require, units_done
 
 from pretrain.cli import main
 from pretrain.data import inputs
@@ -146,13 +146,6 @@ def _alive_in_group(group: int) -> bool:
     return True
 
 
-def _units_done(out: Path) -> int:
-    try:
-        return json.loads((out / ".prepare" / "state.json").read_text())["units_done"]
-    except (OSError, ValueError):
-        return 0
-
-
 @pytest.mark.slow
 def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
     for i in range(240):
@@ -162,7 +155,7 @@ def test_killed_and_rerun_equals_a_clean_run(tmp_path, tokenizer):
     killed = tmp_path / "killed"
     for threshold in (40, 130):  # kill twice, at different points, with SIGKILL
         proc = _run_prepare(killed, pattern, tokenizer)
-        while _units_done(killed) < threshold and proc.poll() is None:
+        while units_done(killed) < threshold and proc.poll() is None:
             time.sleep(0.002)
         time.sleep(random.Random(threshold).random() * 0.05)  # land somewhere inside a unit
         proc.send_signal(signal.SIGKILL)
