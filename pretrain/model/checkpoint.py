@@ -22,7 +22,8 @@ sharded folder (`.metadata`, a pickle) is unpickled with an allow-list of DCP's 
 only tensors are read from it (`check_sharded_checkpoint` also proves its other entries plain before
 a run resumes from it); safetensors hold tensors only.
 
-`meta` holds `bos_id` (the BOS training put before every document, None without; see
+`meta` holds `checkpoint_id` (written at save time by `pretrain fit`; `checkpoint_identity`),
+`bos_id` (the BOS training put before every document, None without; see
 `pretrain.model.hf`), `eos_id` and, where known, `global_step`, `tokens_seen`, `expansion` (the
 new blocks of `pretrain expand`) and `source` (where the weights came from).
 `save_model_checkpoint` writes aside and renames into place, so a crash never leaves a truncated
@@ -167,6 +168,26 @@ def training_checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def checkpoint_identity(path: Path) -> str:
+    """What tells these weights from others saved under the same name (cheap, no tensor read): the
+    `checkpoint_id` that `pretrain fit` writes into every training checkpoint at save time, else
+    (older checkpoints, model files, HF folders) the file's size, inode and modification time, so
+    a file rewritten in place gets a new identity."""
+    target = path / "meta.pt" if path.is_dir() else path
+    try:
+        payload = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+        found = payload.get("pretrain", {}).get("checkpoint_id") if isinstance(payload, dict) else None
+    except Exception:
+        found = None
+    if isinstance(found, str) and found:
+        return found
+    try:
+        info = target.stat()
+    except OSError:
+        info = path.stat()
+    return f"stat:{info.st_size}:{info.st_ino}:{info.st_mtime_ns}"
+
+
 def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) -> Path:
     """Write a model file (module docstring) aside, then rename it into place."""
     path = Path(path)
@@ -217,7 +238,7 @@ def _lazy(path: Path, payload: dict[str, Any], weights: Tensors) -> LazyCheckpoi
     info = payload.get("pretrain")
     if not isinstance(info, dict) or "model_config" not in info:
         raise UserError(f"{path} is a Lightning checkpoint without pretrain's model config")
-    meta = {k: info.get(k) for k in ("bos_id", "eos_id", "global_step", "tokens_seen")}
+    meta = {k: info.get(k) for k in ("bos_id", "eos_id", "global_step", "tokens_seen", "checkpoint_id")}
     meta["source"] = {"kind": "training-checkpoint", "path": str(path.resolve())}
     if info.get("expansion"):  # a LLaMA Pro stage: which blocks `pretrain expand` added
         meta["expansion"] = info["expansion"]

@@ -27,6 +27,7 @@ retention) as the one to resume from.
 from __future__ import annotations
 
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,8 @@ class PretrainModule(L.LightningModule):
         """Record what `export-hf`, `init_from` and `generate` need to use the weights alone."""
         data = trainer_datamodule(self.trainer)
         checkpoint["pretrain"] = {
+            # the identity of these weights: records about a checkpoint (scores, incidents) key on it
+            "checkpoint_id": self.trainer.strategy.broadcast(uuid.uuid4().hex, src=0),
             "model_config": self.config.to_dict(),
             "tokenizer": data.tokenizer_json,
             "bos_id": data.bos_id,
