@@ -5,6 +5,13 @@
       checkpoints/.partial-step-....ckpt    being written; published by an atomic rename, so every
                                             `step-*.ckpt` is complete (a crash's leftover is removed
                                             by the next save)
+      checkpoints/diverged-step-*.ckpt      the state at a divergence stop (inspection only); also
+                                            damaged-/abandoned-/foreign-step-*.ckpt: set aside, never
+                                            resumed from, pruned or deleted
+      incidents.jsonl                       one line per divergence: steps, why, the checkpoint rolled
+                                            back to, the skipped sample range and where the bad
+                                            steps' samples came from; its skip ranges are part of
+                                            the run's data order
       logs/version_<k>/metrics.csv          one version per launch (version k+1 resumed version k),
       logs/version_<k>/config.yaml          with the launch's resolved recipe
       requeue.json                          SLURM job id, requeue count and every stop on a signal
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain.data.shards import write_atomic
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -166,13 +174,19 @@ class RunDir:
         """`auto`: the newest usable checkpoint (None if there is none); `none`: None, refused if
         the run already holds checkpoints (a fresh run here would mix with them); else a path.
 
-        A newest checkpoint that cannot be used (truncated, empty, a folder without its index, or not
-        written by `pretrain fit`) is passed over with a message; with `set_aside` (the run's owner
-        only), a damaged one is renamed `damaged-step-*.ckpt` so that its step can be written again."""
+        A newest checkpoint that cannot be used (truncated, empty, a folder without its index, the state
+        at a divergence stop, or not written by `pretrain fit`) is passed over with a message; with
+        `set_aside` (the run's owner only), one of ours is renamed `damaged-step-*.ckpt` (or
+        `diverged-step-*.ckpt`) so that its step can be written again. When none of the run's own
+        checkpoints is usable, `auto` refuses (one line, nothing renamed) rather than start over."""
         from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
 
         if resume == "none":
             found = self.list_checkpoints()
+            if found and all(training_checkpoint_problem(path) not in (None, FOREIGN) for _, path in found):
+                if set_aside:  # every one is unusable: starting over is what --resume none asks for
+                    self._set_aside([path for _, path in found])
+                return None
             if found:
                 raise UserError(
                     f"--resume none: {self.checkpoints} already holds checkpoints of an earlier run (newest: step "
@@ -181,24 +195,49 @@ class RunDir:
                 )
             return None
         if resume == "auto":
+            passed_over: list[tuple[Path, str]] = []
             for _, path in reversed(self.list_checkpoints()):
                 problem = training_checkpoint_problem(path)
                 if problem is None:
+                    if set_aside:
+                        self._set_aside([p for p, _ in passed_over])
                     return path
-                if set_aside and problem != FOREIGN:
-                    aside = path.with_name(f"damaged-{path.name}")
-                    remove(aside)
-                    os.replace(path, aside)
-                    print(f"{path}: {problem}; passed over, kept as {aside}", file=sys.stderr)
-                else:
-                    print(
-                        f"{path}: {problem}; passed over (move it out of {self.checkpoints})", file=sys.stderr
-                    )
+                passed_over.append((path, problem))
+            if any(problem != FOREIGN for _, problem in passed_over):
+                named = "; ".join(f"{p} ({why})" for p, why in passed_over)
+                raise UserError(
+                    f"--resume auto: no usable checkpoint in {self.checkpoints}, though the run has some: {named}. "
+                    "Nothing was changed. To start this run over deliberately, pass --resume none (the unusable "
+                    "ones are then set aside as damaged-step-*.ckpt), or give --resume PATH"
+                )
+            for path, problem in passed_over:
+                print(f"{path}: {problem}; passed over (move it out of {self.checkpoints})", file=sys.stderr)
             return None
         path = Path(resume)
         if not path.exists():
             raise UserError(f"--resume {resume}: no such checkpoint (use 'auto', 'none' or an existing path)")
         return path
+
+    def _set_aside(self, paths: list[Path]) -> None:
+        """Rename unusable checkpoints of ours to damaged-step-*.ckpt (someone else's stay put)."""
+        from pretrain.model.checkpoint import DIVERGED, FOREIGN, training_checkpoint_problem
+
+        for path in paths:
+            problem = training_checkpoint_problem(path)
+            if problem in (None, FOREIGN):
+                print(
+                    f"{path}: {problem or 'usable'}; passed over (move it out of {self.checkpoints})",
+                    file=sys.stderr,
+                )
+                continue
+            aside = path.with_name(f"{'diverged' if problem == DIVERGED else 'damaged'}-{path.name}")
+            remove(aside)
+            os.replace(path, aside)
+            print(f"{path}: {problem}; passed over, kept as {aside}", file=sys.stderr)
+
+    def diverged_checkpoint(self, step: int) -> Path:
+        """Where the state at a divergence stop is kept (never resumed from by --resume auto)."""
+        return self.checkpoints / f"diverged-{checkpoint_name(step)}"
 
     def lawa_checkpoints(self, last_k: int, every: int | None = None) -> list[Path]:
         """The latest `last_k` checkpoints at multiples of `every` steps (LaWA). The run directory
@@ -256,6 +295,63 @@ class RunDir:
 
     def eval_result(self, step: int) -> Path:
         return self.eval_dir / f"step-{step:08d}.json"
+
+    # ---- incidents (divergences) -------------------------------------------------------------------
+
+    @property
+    def incidents_file(self) -> Path:
+        return self.path / "incidents.jsonl"
+
+    def incidents(self, strict: bool = True) -> list[dict[str, Any]]:
+        """The run's divergence records, oldest first. Their skip ranges are part of the data order,
+        so a damaged file stops training (`strict`) naming it; `status` and `plot` leave out the
+        damaged lines instead."""
+        try:
+            text = self.incidents_file.read_bytes().decode()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as err:
+            if strict:
+                raise UserError(
+                    f"{self.incidents_file}: unreadable ({err}); restore it from a backup"
+                ) from None
+            return []
+        found = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or entry.get("action") not in ("rollback", "stop"):
+                    raise ValueError("not an incident record")
+                _skip_range(entry)
+            except (ValueError, TypeError) as err:
+                if strict:
+                    raise UserError(
+                        f"{self.incidents_file}, line {number}: not an incident record ({err}); its skipped "
+                        "sample ranges are part of the run's data order: restore the line (or remove it to "
+                        "train on those samples again)"
+                    ) from None
+                continue
+            found.append(entry)
+        return found
+
+    def record_incident(self, entry: dict[str, Any]) -> None:
+        """Append one incident (the whole file is rewritten aside and renamed). Rank 0 only."""
+        lines = [json.dumps(e, sort_keys=True) for e in self.incidents()] + [
+            json.dumps(entry, sort_keys=True)
+        ]
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.incidents_file, ("\n".join(lines) + "\n").encode())
+
+    def skipped_samples(self) -> list[tuple[int, int]]:
+        """Every global sample range the run's rollbacks stepped over, as [start, stop)."""
+        return [r for entry in self.incidents() if (r := _skip_range(entry)) is not None]
+
+    def rollbacks_in_a_row(self) -> int:
+        """Rollbacks recorded since the run's last divergence stop (a relaunch after a stop starts over)."""
+        count = 0
+        for entry in self.incidents():
+            count = count + 1 if entry["action"] == "rollback" else 0
+        return count
 
     # ---- logs -----------------------------------------------------------------------------------
 
@@ -456,6 +552,17 @@ class RunDir:
             latest_checkpoint=self.latest_checkpoint(),
             requeue=self.requeue_record(),
         )
+
+
+def _skip_range(entry: dict[str, Any]) -> tuple[int, int] | None:
+    """An incident's skipped [start, stop) global sample range, None if it skipped nothing."""
+    skip = entry.get("skip")
+    if skip is None:
+        return None
+    start, stop = skip
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+        raise ValueError(f"skip {skip} is not a [start, stop) sample range")
+    return start, stop
 
 
 def _this_process() -> dict[str, Any]:

@@ -519,16 +519,23 @@ def test_pretrain_fit_stops_on_nonfinite_steps_with_exit_code_3(tiny_dataset, tm
     poison = {"class_path": "test_train.PoisonGradients", "init_args": {"steps": [3, 4]}}
     args = ["--model.max_bad_steps", "2", "--trainer.callbacks+", json.dumps(poison)]
     assert main(["fit", "--config", str(config), *args]) == 3
-    assert "2 optimizer steps in a row had a non-finite loss or gradient" in capsys.readouterr().err
-    assert list_checkpoints(run_dir / "checkpoints")[-1][0] == 5  # the last good state, then stop
+    err = capsys.readouterr().err
+    assert "step 3: skipped, a non-finite loss or gradient" in err and "step 4: skipped" in err
+    assert "divergence from step 3 (2 steps in a row with a non-finite loss or gradient)" in err
+    assert "no checkpoint from before step 3 exists to roll back to" in err
+    # The state at the stop is kept for inspection under a name --resume auto never picks.
+    assert list_checkpoints(run_dir / "checkpoints") == []
+    assert (run_dir / "checkpoints" / "diverged-step-00000005.ckpt").is_file()
+    assert [entry["action"] for entry in RunDir(run_dir).incidents()] == ["stop"]
 
 
-def test_a_learning_rate_raised_mid_run_trips_the_guard_and_the_kept_checkpoint_resumes(
+def test_a_learning_rate_raised_mid_run_rolls_back_then_stops_and_the_same_command_resumes(
     tiny_dataset, tmp_path, capsys
 ):
-    """The LR jumps x10,000 at step 16: the next steps spike, are skipped, and the run stops naming the
-    newest checkpoint from before the damage, which retention kept (keep_last 1); resumed from it
-    with a sane LR, the run finishes."""
+    """The LR jumps x10,000 at step 16: the next step spikes and the weights jumped, so the guard
+    judges a divergence at once and rolls back to the kept checkpoint (keep_last 1), max_rollbacks
+    times; the LR is still in force, so the run stops naming that checkpoint. The same command with
+    a sane LR then resumes from it (no --resume PATH) and finishes."""
     run_dir = tmp_path / "lr-jump"
 
     def schedule(factor: float) -> dict:
@@ -540,12 +547,18 @@ def test_a_learning_rate_raised_mid_run_trips_the_guard_and_the_kept_checkpoint_
     config = recipe(
         tmp_path, tiny_dataset, run_dir, trainer__max_steps=24, model=model, checkpoint=checkpoints
     )
-    assert main(["fit", "--config", str(config), "--model.max_bad_steps", "3"]) == 3
+    args = ["--model.max_bad_steps", "3", "--model.max_rollbacks", "2"]
+    assert main(["fit", "--config", str(config), *args]) == 3
     err = capsys.readouterr().err
     kept = run_dir / "checkpoints" / "step-00000016.ckpt"
-    assert "3 optimizer steps in a row had a non-finite loss or gradient or a spike" in err
-    assert "from step 17 " in err and f"resume from {kept} (the newest checkpoint from before step 17" in err
-    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [16, 20]  # kept + the stop
+    assert err.count(f"rolled back to {kept} (step 16)") == 2
+    assert "changed the weight norm by" in err and "the learning rate is too large" in err
+    assert "divergence from step 17" in err and "2 rollbacks in a row did not get past it" in err
+    assert f"the same command resumes from {kept}" in err
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [16]  # kept; the stop aside
+    incidents = RunDir(run_dir).incidents()
+    assert [entry["action"] for entry in incidents] == ["rollback", "rollback", "stop"]
+    assert all(entry["steps"] == [17, 17] for entry in incidents)  # detected at the first bad step
     losses = train_losses(run_dir)
     sane = recipe(
         tmp_path,
@@ -555,9 +568,8 @@ def test_a_learning_rate_raised_mid_run_trips_the_guard_and_the_kept_checkpoint_
         checkpoint=checkpoints,
         model=model | {"lr_schedule": schedule(1.0)},
     )
-    assert main(["fit", "--config", str(sane), "--resume", str(kept)]) == 0
-    assert "set a later checkpoint aside" in capsys.readouterr().err
-    assert (run_dir / "checkpoints" / "abandoned-step-00000020.ckpt").exists()
+    assert main(["fit", "--config", str(sane)]) == 0
+    assert f"resuming from {kept}" in capsys.readouterr().err
     resumed = train_losses(run_dir)
     assert sorted(resumed) == list(range(24))
     assert all(math.isfinite(resumed[s]) and resumed[s] < losses[15] + 0.5 for s in range(16, 24))
@@ -591,10 +603,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tiny_d
     assert (
         module.skipped_steps == 4
         and module.stop_reason
-        and "3 optimizer steps in a row" in module.stop_reason
+        and "3 steps in a row with a non-finite loss or gradient" in module.stop_reason
     )
     assert trainer.global_step == 8
-    saved = load_model_checkpoint(tmp_path / "checkpoints" / "step-00000008.ckpt")
+    saved = load_model_checkpoint(tmp_path / "checkpoints" / "diverged-step-00000008.ckpt")
     good = torch.cat([v.flatten() for v in saved.state_dict.values()])
     assert torch.isfinite(good).all()
     assert torch.equal(torch.sort(good).values, torch.sort(params[5]).values)

@@ -33,6 +33,7 @@ from pretrain.data.mixture import Mixture, SourceMixture
 from pretrain.data.order import BatchLayout, SampleOrder
 from pretrain.data.ramp import RampedMixture
 from pretrain.data.shards import Manifest, load_manifest
+from pretrain.data.skips import SkipList
 from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
 
@@ -99,22 +100,36 @@ class TrainDataset(IterableDataset):
         layout: BatchLayout,
         seq_len: int,
         start_sample: int,
+        skips: SkipList | None = None,
     ) -> None:
         self.streams = list(streams.values())
         self.order = order
         self.layout = layout
         self.seq_len = seq_len
+        self.skips = skips or SkipList()
         self.first = layout.first_micro_batch(start_sample)
 
     def micro_batch_samples(self, micro_batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source ids, window ids), each [len(micro_batches), micro_batch_size], for this rank."""
-        indices = self.layout.sample_indices(micro_batches)
+        indices = self.skips.index(self.layout.sample_indices(micro_batches))
         source, window = self.order.locate(indices.ravel())
         return source.reshape(indices.shape), window.reshape(indices.shape)
 
     def epochs(self, num_samples: int) -> dict[str, float]:
-        """Fractional epochs per source after `num_samples` global samples (for logging)."""
-        return self.order.epochs(num_samples)
+        """Fractional epochs per source after `num_samples` samples of the stream (for logging)."""
+        return self.order.epochs(int(self.skips.index(num_samples)))
+
+    def origins(self, first: int, stop: int) -> list[dict[str, Any]]:
+        """Where the samples at stream positions [first, stop) come from: global index, source,
+        shard file (relative to its dataset) and the token offset of the window in that shard."""
+        indices = self.skips.index(np.arange(first, stop))
+        sources, windows = self.order.locate(indices)
+        found = []
+        for index, s, w in zip(indices.tolist(), sources.tolist(), windows.tolist(), strict=True):
+            stream = self.streams[s]
+            shard, offset = stream.locate(w * self.seq_len)
+            found.append({"sample": index, "source": self.order.names[s], "shard": shard, "offset": offset})
+        return found
 
     def __iter__(self) -> Iterator[Batch]:
         worker, num_workers = _worker()
@@ -137,11 +152,13 @@ def build_train_dataset(
     world_size: int = 1,
     start_sample: int = 0,
     ramp: Mapping[str, Any] | None = None,
+    skips: SkipList | None = None,
 ) -> TrainDataset:
     """The training stream of rank `rank`: a weighted mixture of the sources' train splits.
 
     `ramp = {"source": name, "start_share": s0, "samples": R}` ramps that source's share
     linearly from s0 to its weight's share over the first R global samples (`pretrain.data.ramp`).
+    `skips`: global sample ranges the stream steps over (`pretrain.data.skips`).
     """
     manifests = open_sources(sources)
     streams = {name: TokenStream(m, "train") for name, m in manifests.items()}
@@ -164,7 +181,7 @@ def build_train_dataset(
             mixture = RampedMixture(weights, ramped, ramp["start_share"], ramp["samples"])
         order = SampleOrder(list(streams), list(windows.values()), mixture, seed)
         layout = BatchLayout(global_batch_size, micro_batch_size, rank, world_size)
-        return TrainDataset(streams, order, layout, seq_len, start_sample)
+        return TrainDataset(streams, order, layout, seq_len, start_sample, skips)
     except ValueError as err:
         raise UserError(str(err)) from None
 

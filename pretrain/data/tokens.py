@@ -65,6 +65,12 @@ class TokenStream:
             f"{self.root}` and prepare the dataset again"
         )
 
+    def locate(self, position: int) -> tuple[str, int]:
+        """The shard file (relative to the dataset folder) holding token `position` of the stream,
+        and the position's offset in that shard (what `pretrain data show` takes)."""
+        i = bisect_right(self.starts, position) - 1
+        return str(self.paths[i].relative_to(self.root)), position - self.starts[i]
+
     def read(self, start: int, out: np.ndarray) -> None:
         """Fill `out` with tokens [start, start + len(out)) of the stream."""
         i = bisect_right(self.starts, start) - 1

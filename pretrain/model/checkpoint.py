@@ -142,6 +142,7 @@ def open_checkpoint(path: str | os.PathLike, preset: str | None = None, ema: boo
 
 
 FOREIGN = "not a checkpoint written by `pretrain fit`"
+DIVERGED = "written during a divergence (the state at a stop, kept for inspection)"
 
 
 def training_checkpoint_problem(path: Path) -> str | None:
@@ -163,8 +164,10 @@ def training_checkpoint_problem(path: Path) -> str | None:
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"unreadable ({detail})"
-    if not isinstance(payload, dict) or "pretrain" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("pretrain"), dict):
         return FOREIGN
+    if payload["pretrain"].get("diverged"):
+        return DIVERGED
     return None
 
 

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from pretrain.data.skips import SkipList
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.vocab_size: int | None = None
         self.fingerprint: str | None = None
         self.tokenizer_fingerprint: str | None = None
+        self.skips = (
+            SkipList()
+        )  # samples stepped over after rollbacks (set by `pretrain fit`, and checkpoints)
         self._train: TrainDataset | None = None
 
     def setup(self, stage: str) -> None:
@@ -152,6 +156,7 @@ class PretrainDataModule(L.LightningDataModule):
             world_size=world,
             start_sample=self.trainer.global_step * self.global_batch_size,
             ramp=self._ramp_in_samples(),
+            skips=self.skips,
         )
         return self._loader(self._train)
 
@@ -193,8 +198,19 @@ class PretrainDataModule(L.LightningDataModule):
             return {}
         return self._train.epochs(step * self.global_batch_size)
 
+    def data_identity(self) -> list[Any]:
+        """What the training stream is made of (sources' content, weights, tokenizer, ramp): a new
+        value means a new stage for the spike guard."""
+        return [self.fingerprint, vars(self.ramp) if self.ramp else None]
+
+    def origins(self, first: int, stop: int) -> list[dict[str, Any]]:
+        """Source, shard and token offset of the samples at stream positions [first, stop)."""
+        assert self._train is not None  # built by train_dataloader
+        return self._train.origins(first, stop)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "skips": self.skips.to_json(),
             "fingerprint": self.fingerprint,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "sources": {n: vars(s) for n, s in self.sources.items()},
@@ -207,7 +223,9 @@ class PretrainDataModule(L.LightningDataModule):
         return {"seed": self.seed, "global_batch_tokens": self.global_batch_tokens, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Refuse to resume on data that changed since the checkpoint (unless allowed)."""
+        """Refuse to resume on data that changed since the checkpoint (unless allowed); take its
+        skip list (samples stepped over after rollbacks) into this run's order."""
+        self.skips = self.skips.union(SkipList(state.get("skips", [])))
         ramp = vars(self.ramp) if self.ramp else None
         saved_tokenizer = state.get("tokenizer_fingerprint")
         if saved_tokenizer not in (None, self.tokenizer_fingerprint) and not self.allow_data_change:

@@ -37,11 +37,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from pretrain.errors import UserError
-from pretrain.model.checkpoint import check_sharded_checkpoint
+from pretrain.model.checkpoint import check_sharded_checkpoint, checkpoint_identity
 from pretrain.model.config import get_preset
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.run_dir import RunDir
-from pretrain.train import private_apis, requeue
+from pretrain.train import private_apis, requeue, rollback
 from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
@@ -218,7 +218,7 @@ class FitCLI(LightningCLI):
         if "SLURM_JOB_ID" not in os.environ:  # outside a job, not launching with srun is expected
             warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
         plugins = trainer_init.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]  # a rollback instantiates again
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(DirectCheckpointIO())  # written beside its destination, never in $TMPDIR
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
@@ -227,6 +227,12 @@ class FitCLI(LightningCLI):
             check_srun_geometry(devices, geometry.num_nodes or 1)
             plugins.append(SLURMEnvironment(auto_requeue=False))
         kwargs["plugins"] = plugins
+        if not hasattr(
+            self, "_recipe_callbacks"
+        ):  # Lightning extends the list it is given: keep the recipe's
+            given = trainer_init.get("callbacks") or []
+            self._recipe_callbacks = list(given) if isinstance(given, list) else [given]
+        kwargs["callbacks"] = list(self._recipe_callbacks)
         trainer = super().instantiate_trainer(logger=loggers, **kwargs)
         private_apis.replace_signal_connector(trainer, requeue.FlagSignalConnector(trainer))
         return trainer
@@ -304,10 +310,29 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
             print(f"resuming from an earlier step: set a later checkpoint aside as {aside}", file=sys.stderr)
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
+        if cli.config.branch_from and cli.model.branched_from:
+            cli.model.new_stage = f"a branch from {ckpt_path}"
         cli.model.resuming = True  # the checkpoint restores the weights: skip model.init_from
     elif cli.model.hparams.init_from:
         print(f"new stage: initial weights from {cli.model.hparams.init_from}", file=sys.stderr)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    if ckpt_path is not None:
+        cli.model.own_checkpoint_ids.add(checkpoint_identity(ckpt_path))
+    rollback.restore_run_state(run, cli.model, cli.datamodule)
+    while True:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        if cli.model.divergence is None:
+            break
+        entry = rollback.record(cli.trainer, run, cli.model, cli.datamodule)
+        if cli.model.divergence.action != "rollback":
+            break
+        ckpt_path = rollback.prepare_rollback(entry, cli.model, cli.datamodule)
+        if cli.trainer.is_global_zero:
+            for aside in run.set_aside_after(ckpt_path):
+                print(f"rolled back: set a later checkpoint aside as {aside}", file=sys.stderr)
+            rollback.announce(entry, cli.model)
+        cli.trainer.strategy.barrier("rollback")
+        cli.trainer = cli.instantiate_trainer()
+    _print_guard_summary(cli)
     if cli.model.stop_reason:
         print(f"pretrain fit: stopped: {cli.model.stop_reason}", file=sys.stderr)
         return 3
@@ -320,3 +345,18 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
         log_dir = cli.trainer.loggers[0].log_dir
         print(f"done: checkpoints in {run.checkpoints}, logs in {log_dir}", file=sys.stderr)
     return 0
+
+
+def _print_guard_summary(cli: FitCLI) -> None:
+    """One line on what the spike guard did over this launch, if anything."""
+    module = cli.model
+    if not cli.trainer.is_global_zero or not (
+        module.skipped_steps or module.grad_norm_outliers or module.rollbacks_in_a_row
+    ):
+        return
+    print(
+        f"spike guard: {module.skipped_steps} step(s) skipped over the run, {module.grad_norm_outliers} "
+        f"gradient-norm outlier(s) kept (clipped), {module.rollbacks_in_a_row} rollback(s) in a row "
+        f"(incidents: {RunDir(cli.config.run_dir).incidents_file})",
+        file=sys.stderr,
+    )

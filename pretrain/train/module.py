@@ -18,16 +18,21 @@ before wrapping and sharding, so it gets no gradient, no optimizer state and no 
 FSDP2 frozen blocks stay sharded like the others (gathered for forward and backward, nothing
 reduced), and checkpoints hold optimizer state for the trainable parameters only.
 
-A bad step (a non-finite loss or gradient norm, or a spike: `pretrain.train.spike_guard`) is
-skipped (no parameter or optimizer-state change) and counted; after `max_bad_steps` such steps
-in a row the run stops, naming the newest checkpoint from before the first of them (kept by
-retention) as the one to resume from.
+A bad step (a non-finite loss or gradient norm, or a loss spike: `pretrain.train.spike_guard`)
+is skipped (no parameter or optimizer-state change), counted and reported in one line. A streak
+of them is judged either a new loss level (training goes on) or a divergence; on a divergence,
+`on_divergence: rollback` (the default) ends this `trainer.fit` with `divergence` set, and
+`pretrain fit` reloads the newest checkpoint from before the streak in the same process and steps
+over the samples read since (`pretrain.train.rollback`); `on_divergence: stop`, or more than
+`max_rollbacks` rollbacks in a row, stops the run (exit 3) naming that checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,20 @@ from pretrain.train.evaluation import LossSums
 from pretrain.train.parallelize import ACTIVATION_CHECKPOINTING, parallelize
 from pretrain.train.schedules import LRSchedule, WarmupCosine
 from pretrain.train.spike_guard import SpikeGuard
+
+ON_DIVERGENCE = ("rollback", "stop")
+
+
+@dataclass
+class Divergence:
+    """A streak of bad steps judged a divergence: steps `first`..`last`, why, and what to do."""
+
+    first: int
+    last: int
+    why: str
+    action: str  # "rollback" or "stop"
+    checkpoint: Path | None  # the newest checkpoint from before `first` (rolled back to)
+    checkpoint_step: int
 
 
 class PretrainModule(L.LightningModule):
@@ -69,11 +88,18 @@ class PretrainModule(L.LightningModule):
         loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
             logits of the whole micro-batch (`pretrain.model.loss`); None: all at once.
         sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
-        max_bad_steps: stop after this many consecutive bad steps (non-finite, or spikes).
-        spike_threshold: a step whose loss or gradient norm lies more than this many standard
-            deviations above the mean of the last `spike_window` good steps is skipped as a spike
-            (`pretrain.train.spike_guard`); null: only non-finite steps are skipped.
+        max_bad_steps: a streak of this many bad steps in a row (non-finite, or loss spikes) is
+            judged: a new loss level, or a divergence (`pretrain.train.spike_guard`).
+        spike_threshold: a step whose loss lies more than this many standard deviations (at least
+            1% of the mean) above the mean of the last `spike_window` good steps is skipped as a
+            spike; null: only non-finite steps are skipped.
         spike_window: how many recent good steps the spike threshold is measured against.
+        on_divergence: "rollback" (reload the newest checkpoint from before the streak and step
+            over the samples read since, in the same process) or "stop" (exit 3).
+        max_rollbacks: rollbacks in a row (since the run's last stop) before a divergence stops it.
+        rollback_skip_margin: optimizer steps' worth of samples skipped beyond the streak's end.
+        rollback_lr_scale: LR factor for the steps re-done after a rollback (up to the end of the
+            skipped window); 1: the schedule's LR.
         seed: seeds the initial weights and the per-step RNG.
         init_from: start a new stage from these weights (continual pretraining): a checkpoint of
             ours (training checkpoint, FSDP2 directory, `pretrain average`/`import-hf` output) or a
@@ -103,6 +129,10 @@ class PretrainModule(L.LightningModule):
         max_bad_steps: int = 10,
         spike_threshold: float | None = 6.0,
         spike_window: int = 100,
+        on_divergence: str = "rollback",
+        max_rollbacks: int = 3,
+        rollback_skip_margin: int = 10,
+        rollback_lr_scale: float = 1.0,
         seed: int = 1337,
         init_from: str | None = None,
         trainable_blocks: list[int] | str | None = None,
@@ -131,9 +161,25 @@ class PretrainModule(L.LightningModule):
             raise UserError(
                 "model.max_bad_steps must be >= 1, spike_window >= 2 and spike_threshold > 0 (or null)"
             )
-        self.guard = SpikeGuard(spike_threshold, spike_window)
+        if on_divergence not in ON_DIVERGENCE:
+            raise UserError(
+                f"model.on_divergence must be one of {', '.join(ON_DIVERGENCE)}, got {on_divergence!r}"
+            )
+        if max_rollbacks < 0 or rollback_skip_margin < 0 or not 0 < rollback_lr_scale <= 1:
+            raise UserError(
+                "model.max_rollbacks and rollback_skip_margin must be >= 0 and rollback_lr_scale in (0, 1]"
+            )
+        self.guard = SpikeGuard(spike_threshold, spike_window, max_bad_steps, self.config.vocab_size)
         self.skipped_steps = 0
+        self.grad_norm_outliers = 0
         self.stop_reason: str | None = None
+        self.divergence: Divergence | None = None
+        self.rollbacks_in_a_row = 0  # set by `pretrain fit` from the run's incidents
+        self.lr_scaled_steps: list[
+            tuple[int, int, float]
+        ] = []  # [first, stop) steps x factor, after rollbacks
+        self.new_stage: str | None = None  # why this launch starts a new stage (set by `pretrain fit`)
+        self.own_checkpoint_ids: set[str] = set()  # the checkpoints this run wrote or resumed from
         self.resuming = False  # set by `pretrain fit` when a checkpoint will restore the weights
         self.init_source: dict[str, Any] | None = None
         self.expansion: dict[str, Any] | None = None  # `pretrain expand`'s record, kept in checkpoints
@@ -258,17 +304,22 @@ class PretrainModule(L.LightningModule):
         if total_steps is None or total_steps < 1:
             raise UserError("the trainer needs max_steps (or max_tokens) to define the LR schedule")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: self.lr_schedule(step, total_steps)
+            optimizer, lambda step: self.lr_schedule(step, total_steps) * self.lr_factor(step)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
         """Set the LR of the first step from the schedule: a restored optimizer holds the LR its run
         computed, which differs when a branch (`branch_from`) changes the schedule."""
-        lr = self.lr_schedule(self.trainer.global_step, self.trainer.max_steps)
+        step = self.trainer.global_step
+        lr = self.lr_schedule(step, self.trainer.max_steps) * self.lr_factor(step)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+
+    def lr_factor(self, step: int) -> float:
+        """The temporary LR factor of `step` (`rollback_lr_scale` over a rolled-back window), else 1."""
+        return math.prod(factor for first, stop, factor in self.lr_scaled_steps if first <= step < stop)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._step_micro_batches == 0:  # first micro-batch of an optimizer step
@@ -309,42 +360,82 @@ class PretrainModule(L.LightningModule):
         self.log("train/loss", step_loss, on_step=True)
         self.log("train/grad_norm", norm, on_step=True)
         step = self.trainer.global_step
-        reason = self.guard.judge(step, float(step_loss), float(norm))
-        if reason is None:
+        judgment = self.guard.judge(step, float(step_loss), float(norm), self._weight_norm())
+        if judgment.grad_norm_outlier:
+            self.grad_norm_outliers += 1
+            self.log("train/grad_norm_outliers", float(self.grad_norm_outliers), on_step=True)
+        if judgment.message and self.trainer.is_global_zero:
+            print(f"spike guard: {judgment.message}", file=sys.stderr)
+        if not judgment.skip:
             return
         for param in params:  # AdamW leaves parameters without a gradient untouched
             param.grad = None
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        if self.guard.in_a_row >= self.hparams["max_bad_steps"]:
-            self.trainer.should_stop = True
-            self.stop_reason = self._divergence_message(reason)
+        if judgment.verdict == "divergence":
+            self._diverged(step, judgment.message.split("divergence: ", 1)[-1])
 
-    def _divergence_message(self, reason: str) -> str:
-        """The stop message: what went wrong since when, and the checkpoint to resume from."""
+    def _weight_norm(self) -> float:
+        """The norm of all trainable weights (what the last update changed), reduced over shards."""
+        assert self.model is not None
+        norm = torch.nn.utils.get_total_norm(
+            [p.detach() for p in self.model.parameters() if p.requires_grad], norm_type=2.0
+        )
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _diverged(self, step: int, why: str) -> None:
+        """Roll back (`pretrain fit` does it once this fit ends) or stop, and say which."""
         first = self.guard.suspect_since
         assert first is not None
-        before = [
-            path for step, path in RunDir(self.trainer.default_root_dir).list_checkpoints() if step < first
-        ]
+        step_before, before = self._checkpoint_before(first)
+        action = "stop"
+        if self.hparams["on_divergence"] == "rollback" and before is not None:
+            if self.rollbacks_in_a_row < self.hparams["max_rollbacks"]:
+                action = "rollback"
+        self.divergence = Divergence(first, step, why, action, before, step_before)
+        self.trainer.should_stop = True
+        self.trainer.limit_val_batches = 0  # Lightning validates before an early stop: not now
+        if action == "stop":
+            self.stop_reason = self._divergence_message(first, why, before)
+
+    def _checkpoint_before(self, first: int) -> tuple[int, Path | None]:
+        """The newest checkpoint of this run from before step `first`, and its step (rank 0 decides)."""
+        found: tuple[int, Path | None] = (-1, None)
+        if self.trainer.is_global_zero:
+            run = RunDir(self.trainer.default_root_dir)
+            found = next(((s, p) for s, p in reversed(run.list_checkpoints()) if s < first), found)
+        return self.trainer.strategy.broadcast(found, src=0)
+
+    def _divergence_message(self, first: int, why: str, before: Path | None) -> str:
+        """The stop message: what went wrong since when, and the checkpoint the run resumes from."""
+        if self.hparams["on_divergence"] == "stop":
+            cause = "model.on_divergence is stop"
+        elif before is None:
+            cause = f"no checkpoint from before step {first} exists to roll back to"
+        else:
+            cause = f"{self.rollbacks_in_a_row} rollbacks in a row did not get past it (model.max_rollbacks {self.hparams['max_rollbacks']})"
         resume = (
-            f"resume from {before[-1]} (the newest checkpoint from before step {first}; kept for this) with a "
-            "lower learning rate or other data, e.g. `--resume PATH --model.lr_schedule.init_args.max_lr ...`"
-            if before
+            f"the same command resumes from {before} (the newest checkpoint from before step {first}; kept for "
+            "this): change what caused it first, e.g. a lower --model.lr_schedule.init_args.max_lr"
+            if before is not None
             else f"no checkpoint from before step {first} exists: start again with a lower learning rate"
         )
         return (
-            f"{self.guard.in_a_row} optimizer steps in a row had a non-finite loss or gradient or a spike and "
-            f"were skipped, from step {first} (the last had {reason}). The update before step {first} may have "
-            f"damaged the weights; {resume}. The state at the stop is saved too, for inspection."
+            f"divergence from step {first} ({why}); stopped because {cause}. {resume}. The state at the "
+            "stop is kept as diverged-step-*.ckpt for inspection; --resume auto never picks it"
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record what `export-hf`, `init_from` and `generate` need to use the weights alone."""
         data = trainer_datamodule(self.trainer)
         checkpoint["pretrain"] = {
+            # written during a streak of bad steps (the state at a stop): never resumed from by --resume auto
+            "diverged": self.guard.suspect_since is not None,
+            "data_identity": data.data_identity(),
             # the identity of these weights: records about a checkpoint (scores, incidents) key on it
-            "checkpoint_id": self.trainer.strategy.broadcast(uuid.uuid4().hex, src=0),
+            "checkpoint_id": self._new_checkpoint_id(),
             "model_config": self.config.to_dict(),
             "tokenizer": data.tokenizer_json,
             "bos_id": data.bos_id,
@@ -352,12 +443,18 @@ class PretrainModule(L.LightningModule):
             "global_step": self.trainer.global_step,
             "tokens_seen": self.trainer.global_step * data.global_batch_tokens,
             "skipped_steps": self.skipped_steps,
+            "grad_norm_outliers": self.grad_norm_outliers,
             "spike_guard": self.guard.state_dict(),
             "max_steps": self.trainer.max_steps,
             "init_from": self.init_source,
             "expansion": self.expansion,
             "branched_from": self.branched_from,
         }
+
+    def _new_checkpoint_id(self) -> str:
+        identity = self.trainer.strategy.broadcast(uuid.uuid4().hex, src=0)
+        self.own_checkpoint_ids.add(identity)
+        return identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("pretrain", {}).get("model_config")
@@ -370,12 +467,28 @@ class PretrainModule(L.LightningModule):
         self._note_a_stretched_schedule(
             checkpoint.get("pretrain", {}).get("max_steps"), checkpoint.get("global_step", 0)
         )
+        self.grad_norm_outliers = checkpoint.get("pretrain", {}).get("grad_norm_outliers", 0)
+        if loaded_id := checkpoint.get("pretrain", {}).get("checkpoint_id"):
+            self.own_checkpoint_ids.add(loaded_id)
         if "spike_guard" in checkpoint.get("pretrain", {}):
             self.guard.load_state_dict(checkpoint["pretrain"]["spike_guard"])
+        self._restart_the_guard_for_a_new_stage(checkpoint.get("pretrain", {}))
         self.init_source = checkpoint.get("pretrain", {}).get("init_from")
         self.expansion = checkpoint.get("pretrain", {}).get("expansion")
         # A branch's first launch loads its parent's checkpoint: keep the branch point set by `fit`.
         self.branched_from = self.branched_from or checkpoint.get("pretrain", {}).get("branched_from")
+
+    def _restart_the_guard_for_a_new_stage(self, saved: dict[str, Any]) -> None:
+        """A launch that trains on other data than its checkpoint did, or branches off it, is a new
+        stage: its loss is judged against its own steps, never the previous stage's."""
+        reason = self.new_stage
+        data = trainer_datamodule(self.trainer)
+        if reason is None and saved.get("data_identity") not in (None, data.data_identity()):
+            reason = "the training data changed since the checkpoint"
+        if reason is not None and (self.guard.history or self.guard.streak):
+            self.guard.restart()
+            if self.trainer.is_global_zero:
+                print(f"spike guard: history restarts ({reason})", file=sys.stderr)
 
     def _note_a_stretched_schedule(self, saved_max_steps: int | None, step: int) -> None:
         """A run resumed with another length recomputes its LR schedule over the new length: say what

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,8 +27,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from pretrain.data.shards import fsync_dir
 from pretrain.errors import UserError
+from pretrain.model.checkpoint import checkpoint_identity
 from pretrain.run_dir import RunDir, remove
 from pretrain.train.step_callback import StepCallback
+
+
+FULL_BELOW_BYTES = 64 * 2**20  # a write that failed with less free space than this ran out of it
 
 
 class PeriodicCheckpoint(StepCallback):
@@ -89,25 +95,36 @@ class PeriodicCheckpoint(StepCallback):
         before = [step for step, _ in self.run.list_checkpoints() if suspect is not None and step < suspect]
         return lambda step: self.pinned(step) or (bool(before) and step == before[-1])
 
-    def save(self, trainer: L.Trainer) -> Path:
-        """Write the checkpoint for the current step aside, then publish it under its final name."""
+    def save(self, trainer: L.Trainer) -> Path | None:
+        """Write the checkpoint for the current step aside, then publish it under its final name.
+
+        During a streak of bad steps the state is kept as `diverged-step-*.ckpt` (for inspection;
+        `--resume auto` never picks it), and nothing is written when a rollback will replace it.
+        A file under the final name that this run did not write (copied in, or written by another
+        command's `-o`) is set aside as `foreign-step-*.ckpt`, never taken for this run's own."""
         if self.run is None:
             self.run = RunDir(trainer.default_root_dir)
+        module = trainer.lightning_module
+        divergence = getattr(module, "divergence", None)
+        if divergence is not None and divergence.action == "rollback":
+            return None
         step = trainer.global_step
-        final = self.run.checkpoint(step)
-        if trainer.strategy.broadcast(final.exists(), src=0):  # rank 0 decides (NFS caches lookups)
+        diverged = _suspect_since(trainer) is not None
+        final = self.run.diverged_checkpoint(step) if diverged else self.run.checkpoint(step)
+        if trainer.strategy.broadcast(self._already_written(final, module), src=0):
             return final
-        partial = self.run.partial_checkpoint(step)
+        partial = final.with_name(f".partial-{final.name}")
         if trainer.is_global_zero:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
             remove(partial)
         trainer.strategy.barrier("checkpoint-prepare")
         try:
             trainer.save_checkpoint(partial, weights_only=False)  # full: optimizer, loops, callbacks
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
+        except (OSError, RuntimeError) as err:
+            full = _disk_is_full(err, self.run.checkpoints)
             remove(partial)
+            if not full:
+                raise
             previous = self.run.latest_checkpoint()
             kept = (
                 f"the earlier checkpoints are intact (newest: {previous})"
@@ -115,7 +132,7 @@ class PeriodicCheckpoint(StepCallback):
                 else "no earlier checkpoint"
             )
             raise UserError(
-                f"no space left on the device writing checkpoint {final} ({err.strerror}); {kept}. "
+                f"no space left on the device writing checkpoint {final}; the partial file is removed and {kept}. "
                 "Free space (or lower checkpoint.keep_last), then launch the same command again to resume"
             ) from None
         trainer.strategy.barrier("checkpoint-written")
@@ -129,6 +146,32 @@ class PeriodicCheckpoint(StepCallback):
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()
         return final
+
+    def _already_written(self, final: Path, module: L.LightningModule) -> bool:
+        """Whether `final` holds a checkpoint this run wrote or resumed from (rank 0). Anything else
+        under that name is set aside, with one line, so that the run's own is written there."""
+        if not final.exists():
+            return False
+        if checkpoint_identity(final) in getattr(module, "own_checkpoint_ids", set()):
+            return True
+        aside = final.with_name(f"foreign-{final.name}")
+        n = 1
+        while aside.exists():
+            aside, n = final.with_name(f"foreign-{n}-{final.name}"), n + 1
+        os.replace(final, aside)
+        print(f"{final}: not written by this run; set aside as {aside}", file=sys.stderr)
+        return False
+
+
+def _disk_is_full(err: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT, or torch's zip writer failing
+    ("unexpected pos ...", a RuntimeError without an errno) on a filesystem that is (nearly) full."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 def _suspect_since(trainer: L.Trainer) -> int | None:
