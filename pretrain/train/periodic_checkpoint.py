@@ -31,7 +31,6 @@ from pretrain.model.checkpoint import checkpoint_identity
 from pretrain.run_dir import RunDir, remove
 from pretrain.train.step_callback import StepCallback
 
-
 FULL_BELOW_BYTES = 64 * 2**20  # a write that failed with less free space than this ran out of it
 
 

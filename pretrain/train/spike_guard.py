@@ -207,5 +207,5 @@ class SpikeGuard:
         self.weight_changes.extend(state.get("weight_changes", []))
         self.last_weight_norm = state.get("last_weight_norm")
         self.suspect_since = state.get("suspect_since")
-        self.streak = [tuple(entry) for entry in state.get("streak", [])]  # type: ignore[misc]
+        self.streak = [(float(loss), float(norm)) for loss, norm in state.get("streak", [])]
         self.streak_jump = state.get("streak_jump")
