@@ -122,23 +122,24 @@ def dataset_with_checksums(root: Path, shards: int) -> Path:
     return root
 
 
-def launch(dataset: Path, run_dir: Path, sample: int) -> None:
-    """What each `pretrain fit` launch does to the data: seed everything, set up the data module."""
+def launch(dataset: Path, run: RunDir, sample: int) -> None:
+    """What each `pretrain fit` launch does to the data: take the lease, seed everything, set up the data."""
+    run.acquire()
     random.seed(42)  # Lightning's seed_everything, the same run seed at every launch
     data = PretrainDataModule(
         {"a": Source(str(dataset))}, seq_len=8, global_batch_tokens=64, verify_shards=sample, num_workers=0
     )
-    data.trainer = bare_trainer(default_root_dir=str(run_dir))
+    data.trainer = bare_trainer(default_root_dir=str(run.path))
     data.setup("fit")
+    run.release()
 
 
 def test_each_launch_checks_the_shards_the_run_has_checked_least(tmp_path, capsys):
     dataset = dataset_with_checksums(tmp_path / "data", shards=7)
     run = RunDir(tmp_path / "run")
-    run.path.mkdir()
     keys = {shard.sha256 for shard in all_shards(load_manifest(dataset))}
     for n in range(1, 8):
-        launch(dataset, run.path, sample=2)
+        launch(dataset, run, sample=2)
         checked = json.loads(run.verified_shards.read_text())["checked"]
         assert set(checked) <= keys and len(checked) == min(2 * n, 7)  # new shards first, until all are
         assert sum(checked.values()) == 2 * n
@@ -156,8 +157,20 @@ def test_a_damaged_record_of_checked_shards_is_started_again_in_one_line(tmp_pat
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     run.verified_shards.write_bytes(content)
-    launch(dataset, run.path, sample=2)
+    launch(dataset, run, sample=2)
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warning.startswith(f"warning: {run.verified_shards}: ")
     assert warning.endswith("starting the record of checked shards again")
     assert len(json.loads(run.verified_shards.read_text())["checked"]) == 2
+
+
+def test_a_plain_trainer_checks_random_shards_and_writes_nothing(tmp_path, capsys):
+    """Only a `pretrain fit` launch (holding its run's lease) keeps the record, in its run directory."""
+    dataset = dataset_with_checksums(tmp_path / "data", shards=3)
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    data = PretrainDataModule({"a": Source(str(dataset))}, seq_len=8, global_batch_tokens=64, num_workers=0)
+    data.trainer = bare_trainer(default_root_dir=str(folder))
+    data.setup("fit")
+    assert "verified 2 shard(s)" in capsys.readouterr().err
+    assert not list(folder.iterdir())

@@ -131,15 +131,14 @@ class PretrainDataModule(L.LightningDataModule):
             self._verify_shards(manifests.values())
 
     def _verify_shards(self, manifests: Iterable[Manifest]) -> None:
-        """Check `verify_shards` shards of each dataset, the run's least checked ones (`pretrain.data.verify`)."""
+        """Check `verify_shards` shards of each dataset (`pretrain.data.verify`): in the run directory
+        of a `pretrain fit` launch (it holds the run's lease), the shards the run has checked least;
+        anywhere else (a plain Trainer's working directory) random ones, and nothing is written."""
         from pretrain.data.verify import VerifiedShards, verify
         from pretrain.run_dir import RunDir
 
-        record = (
-            None
-            if self.trainer is None
-            else VerifiedShards(RunDir(self.trainer.default_root_dir).verified_shards)
-        )
+        run = RunDir(self.trainer.default_root_dir) if self.trainer is not None else None
+        record = VerifiedShards(run.verified_shards) if run and run.lease_file.is_file() else None
         print(verify(manifests, self.verify_shards, show_progress=False, record=record), file=sys.stderr)
 
     def _check_geometry(self) -> tuple[int, int]:
