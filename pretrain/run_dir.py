@@ -16,6 +16,7 @@
       logs/version_<k>/config.yaml          with the launch's resolved recipe
       requeue.json                          SLURM job id, requeue count and every stop on a signal
       owner.json                            the lease of the one `pretrain fit` that owns the run
+      verified-shards.json                  how often the launches checked each shard (`pretrain.data.verify`)
       slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
 
 How the logs are read (`RunDir.read_logs`):
@@ -150,6 +151,11 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+
+    @property
+    def verified_shards(self) -> Path:
+        """The record of the shards this run's launches checked (`pretrain.data.verify.VerifiedShards`)."""
+        return self.path / "verified-shards.json"
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

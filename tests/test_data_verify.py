@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import random
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import recipe
+from helpers import bare_trainer, recipe, write_dataset
+from tokenizers import Tokenizer
 
 from pretrain.cli import main
-from pretrain.data.shards import load_manifest
+from pretrain.data.shards import content_fingerprint, load_manifest, sha256_file, write_json_atomic
+from pretrain.data.tokenizer import fingerprint
+from pretrain.data.verify import all_shards
+from pretrain.run_dir import RunDir
+from pretrain.train.datamodule import PretrainDataModule, Source
 
 
 @pytest.fixture
@@ -61,3 +69,108 @@ def test_a_token_outside_the_vocabulary_stops_training_naming_shard_and_position
         rf"pretrain fit: error: {re.escape(str(shard))}: token id 60000 at position \d+ is outside", err
     )
     assert "pretrain data verify" in err
+
+
+def swap_two_tokens(tokenizer_json: str) -> str:
+    """The same tokenizer with two vocabulary ids swapped: still loadable, a different fingerprint."""
+    tok = json.loads(tokenizer_json)
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return json.dumps(tok)
+
+
+def test_a_tokenizer_swapped_beside_a_dataset_fails_verify_and_stops_training(dataset, tmp_path, capsys):
+    path = dataset / "tokenizer.json"
+    recorded = load_manifest(dataset).tokenizer_fingerprint
+    path.write_text(swap_two_tokens(path.read_text()))
+    actual = fingerprint(Tokenizer.from_file(str(path)))
+    expected = (
+        f"{path}: not the tokenizer the shards were tokenized with (fingerprint {actual[:16]}, "
+        f"{dataset / 'manifest.json'} records {recorded[:16]}): put back the tokenizer.json"
+    )
+    assert main(["data", "verify", str(dataset), "--sample", "1"]) == 2
+    assert expected in capsys.readouterr().err
+    config = recipe(tmp_path, dataset, tmp_path / "run", trainer__max_steps=2)
+    assert main(["fit", "--config", str(config), "--data.verify_shards", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrain fit: error: {expected}" in err and "Traceback" not in err
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe garbage", b"42", b'{"model": []}'])
+def test_a_damaged_tokenizer_beside_a_dataset_is_named_in_one_line(dataset, capsys, content):
+    path = dataset / "tokenizer.json"
+    path.write_bytes(content)
+    assert main(["data", "verify", str(dataset)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        f"pretrain data: error: {path}: not a tokenizer.json the `tokenizers` library can load"
+    )
+    assert line.endswith(f"put back the tokenizer.json {dataset} was prepared with, or prepare it again")
+
+
+def dataset_with_checksums(root: Path, shards: int) -> Path:
+    """A synthetic dataset (helpers.write_dataset) whose manifest records the shards' real sha256."""
+    write_dataset(root, [100] * (shards - 1), val_sizes=(100,))
+    manifest = json.loads((root / "manifest.json").read_text())
+    splits = {split: manifest["splits"][split]["shards"] for split in ("train", "val")}
+    for entry in [e for entries in splits.values() for e in entries]:
+        entry["sha256"] = sha256_file(root / entry["file"])
+    manifest["content_fingerprint"] = content_fingerprint(splits, "synthetic", "uint32")
+    write_json_atomic(root / "manifest.json", manifest)
+    return root
+
+
+def launch(dataset: Path, run: RunDir, sample: int) -> None:
+    """What each `pretrain fit` launch does to the data: take the lease, seed everything, set up the data."""
+    run.acquire()
+    random.seed(42)  # Lightning's seed_everything, the same run seed at every launch
+    data = PretrainDataModule(
+        {"a": Source(str(dataset))}, seq_len=8, global_batch_tokens=64, verify_shards=sample, num_workers=0
+    )
+    data.trainer = bare_trainer(default_root_dir=str(run.path))
+    data.setup("fit")
+    run.release()
+
+
+def test_each_launch_checks_the_shards_the_run_has_checked_least(tmp_path, capsys):
+    dataset = dataset_with_checksums(tmp_path / "data", shards=7)
+    run = RunDir(tmp_path / "run")
+    keys = {shard.sha256 for shard in all_shards(load_manifest(dataset))}
+    for n in range(1, 8):
+        launch(dataset, run, sample=2)
+        checked = json.loads(run.verified_shards.read_text())["checked"]
+        assert set(checked) <= keys and len(checked) == min(2 * n, 7)  # new shards first, until all are
+        assert sum(checked.values()) == 2 * n
+        assert max(checked.values()) - min(checked.values()) <= 1  # once each before any twice
+        assert f"checked {len(checked)} of 7 shard(s) at least once ({run.verified_shards})" in (
+            capsys.readouterr().err
+        )
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\xff garbage", b"42", b'{"checked": []}', b'{"checked": {"x": "1"}}']
+)
+def test_a_damaged_record_of_checked_shards_is_started_again_in_one_line(tmp_path, capsys, content):
+    dataset = dataset_with_checksums(tmp_path / "data", shards=3)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.verified_shards.write_bytes(content)
+    launch(dataset, run, sample=2)
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(f"warning: {run.verified_shards}: ")
+    assert warning.endswith("starting the record of checked shards again")
+    assert len(json.loads(run.verified_shards.read_text())["checked"]) == 2
+
+
+def test_a_plain_trainer_checks_random_shards_and_writes_nothing(tmp_path, capsys):
+    """Only a `pretrain fit` launch (holding its run's lease) keeps the record, in its run directory."""
+    dataset = dataset_with_checksums(tmp_path / "data", shards=3)
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    data = PretrainDataModule({"a": Source(str(dataset))}, seq_len=8, global_batch_tokens=64, num_workers=0)
+    data.trainer = bare_trainer(default_root_dir=str(folder))
+    data.setup("fit")
+    assert "verified 2 shard(s)" in capsys.readouterr().err
+    assert not list(folder.iterdir())

@@ -1,8 +1,10 @@
 """`pip install .` (a wheel, not editable) gives a `pretrain` whose commands work from any directory:
-the recipes, the sbatch template and the local-cluster scripts ship inside the package."""
+the recipes, the sbatch template and the local-cluster scripts ship inside the package. The editable
+install `scripts/setup.sh` makes (`pip install -e .`) serves lm-eval's `--model pretrain` too."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,12 +19,38 @@ UNSHIPPED = (".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "out
 pytestmark = pytest.mark.slow
 
 
+def in_venv() -> dict[str, str]:
+    """The environment for the installed `pretrain`: no PYTHONPATH pointing at this clone."""
+    return {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+
+
+def bare_venv(tmp: Path) -> Path:
+    """A virtual environment that sees the test environment's packages (torch, lightning, lm-eval)
+    through a path entry only, so that the test environment's own `pretrain` install is not seen."""
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = subprocess.run(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv
+
+
+def copy_of_the_clone(tmp: Path) -> Path:
+    """A copy of the sources: building writes build/ and *.egg-info beside them."""
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*UNSHIPPED))
+    return source
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel installed and torch & co. already present (no network)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    source = tmp / "source"  # a copy: building writes build/ and *.egg-info beside the sources
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*UNSHIPPED))
+    source = copy_of_the_clone(tmp)
     subprocess.run(
         [
             sys.executable,
@@ -40,34 +68,8 @@ def installed(tmp_path_factory) -> Path:
         capture_output=True,
     )
     [wheel] = tmp.glob("pretrain-*.whl")
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    # torch, lightning, ... from the test environment: a path entry only, so its editable
-    # `pretrain` (installed by a .pth hook there) is not seen.
-    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "--no-deps",
-            "--no-index",
-            "-q",
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    venv = bare_venv(tmp)
+    pip_install(venv, str(wheel))
     names = zipfile.ZipFile(wheel).namelist()
     for shipped in (
         "pretrain/recipes/tiny.yaml",
@@ -80,9 +82,58 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
+def pip_install(venv: Path, *args: str) -> str:
+    """`pip install --no-deps` into `venv`, offline; returns what pip and the build printed."""
+    command = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install"]
+    command += ["--no-deps", "--no-index", "--no-build-isolation", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def editable(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(venv, clone, pip's output) of `pip install -e .` as scripts/setup.sh runs it, without the deps."""
+    tmp = tmp_path_factory.mktemp("editable")
+    source, venv = copy_of_the_clone(tmp), bare_venv(tmp)
+    return venv, source, pip_install(venv, "-e", str(source))
+
+
+def test_editable_install_serves_lm_eval_model_pretrain(editable, tmp_path):
+    venv, source, _ = editable
+    resolve = "from lm_eval.api.registry import get_model; model = get_model('pretrain'); "
+    resolve += "print(model.__module__, model.__name__, __import__('pretrain').__file__)"
+    result = subprocess.run(
+        [venv / "bin" / "python", "-c", resolve], cwd=tmp_path, capture_output=True, text=True, env=in_venv()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [
+        "pretrain.eval.backend",
+        "PretrainLM",
+        str(source / "pretrain" / "__init__.py"),
+    ]
+
+
+def test_editable_install_is_quiet_and_not_shadowed_by_a_pretrain_folder(editable, tmp_path):
+    """setuptools' import-finder strategy (its "be careful with folders" warning) let any folder named
+    `pretrain` in the working directory stand in for the package: the clone is on sys.path instead."""
+    venv, source, output = editable
+    assert "Editable installation" not in output and "careful with folders" not in output
+    (tmp_path / "pretrain").mkdir()  # e.g. a folder of runs named after the project
+    where = "import pretrain; print(pretrain.__file__)"
+    result = subprocess.run(
+        [venv / "bin" / "python", "-c", where], cwd=tmp_path, capture_output=True, text=True, env=in_venv()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(source / "pretrain" / "__init__.py")
+
+
 def pretrain(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [venv / "bin" / "pretrain", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [venv / "bin" / "pretrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=in_venv(),
     )
 
 
@@ -93,6 +144,7 @@ def test_installed_wheel_runs_commands_from_any_directory(installed, tmp_path):
         capture_output=True,
         text=True,
         check=True,
+        env=in_venv(),
     ).stdout
     assert where.startswith(str(installed)), where  # the wheel's copy, not the clone
 
@@ -137,7 +189,7 @@ def test_lm_eval_cli_finds_the_pretrain_backend(installed, tiny_dataset, tmp_pat
     command = [installed / "bin" / "python", "-m", "lm_eval", "run", "--model", "pretrain"]
     command += ["--model_args", f"checkpoint={model}", "--tasks", NEXT_LINE, "--include_path", str(tasks)]
     command += ["--limit", "16", "--batch_size", "8", "--output_path", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=in_venv())
     assert result.returncode == 0, result.stderr[-3000:]
     [written] = (tmp_path / "out").rglob("results_*.json")
     theirs = json.loads(written.read_text())["results"][NEXT_LINE]

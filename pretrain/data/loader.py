@@ -35,6 +35,7 @@ from pretrain.data.ramp import RampedMixture
 from pretrain.data.shards import Manifest, load_manifest
 from pretrain.data.skips import SkipList
 from pretrain.data.tokens import TokenStream
+from pretrain.data.verify import check_tokenizer
 from pretrain.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -52,10 +53,13 @@ def _spec(source: Any) -> tuple[str, float]:
 
 
 def open_sources(sources: Mapping[str, Any]) -> dict[str, Manifest]:
-    """Load every source's manifest; refuse an empty set or mixed tokenizers."""
+    """Load every source's manifest; refuse an empty set, mixed tokenizers, or a `tokenizer.json` that
+    is not the one the manifest records (`pretrain.data.verify.check_tokenizer`)."""
     if not sources:
         raise UserError("no data sources given")
     manifests = {name: load_manifest(_spec(s)[0]) for name, s in sources.items()}
+    for manifest in manifests.values():
+        check_tokenizer(manifest)
     (first, m0), *rest = manifests.items()
     for name, m in rest:
         if m.tokenizer_fingerprint != m0.tokenizer_fingerprint:

@@ -2,8 +2,9 @@
 
 pretrain declares its backend the way lm-eval's plugin mechanism (merged upstream after 0.4.13)
 discovers backends: an entry point `pretrain = pretrain.eval.backend:PretrainLM` in the group
-`lm_eval.models`. Released lm-eval (<= 0.4.13) does not read that group, so the wheel also
-installs `pretrain-lm-eval.pth`, which imports this module at interpreter start. `install()`
+`lm_eval.models`. Released lm-eval (<= 0.4.13) does not read that group, so every install (a
+wheel, or `pip install -e .`: setup.py puts it at the root of both) also puts
+`pretrain-lm-eval.pth` in site-packages, which imports this module at interpreter start. `install()`
 only puts a finder on `sys.meta_path` (nothing is imported): when `lm_eval.models` is first
 imported, the entry points of that group not yet in lm-eval's model registry are registered,
 lazily (the backend and torch load only if the model is used).

@@ -11,6 +11,7 @@ stops with a clear message unless `allow_data_change` is set.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,6 +24,7 @@ from pretrain.errors import UserError
 
 if TYPE_CHECKING:
     from pretrain.data.loader import TrainDataset
+    from pretrain.data.shards import Manifest
 
 
 @dataclass
@@ -58,9 +60,11 @@ class PretrainDataModule(L.LightningDataModule):
         val_sources: name -> prepared dataset (a path) whose validation split is evaluated and
             logged like the training sources' but never trained on, e.g. the previous stage's data
             in a continual stage without replay, to watch forgetting. Not part of the fingerprint.
-        verify_shards: at every launch, check this many random shards of each dataset against the
-            checksums of its manifest (`pretrain.data.verify`; 0: none). Token ids are always checked
-            against the vocabulary as they are read.
+        verify_shards: at every launch, check this many shards of each dataset against the checksums
+            of its manifest, those the run has checked the fewest times first, so that launches cover
+            more and more of the data (`pretrain.data.verify`; 0: none). Token ids are always checked
+            against the vocabulary as they are read, and the tokenizer.json beside the shards against
+            the manifest's fingerprint at every launch.
     """
 
     def __init__(
@@ -117,19 +121,29 @@ class PretrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         from pretrain.data.loader import data_fingerprint, open_sources
+        from pretrain.data.verify import check_tokenizer
 
-        manifests = open_sources(self.sources | self.val_sources)  # one tokenizer for all
+        manifests = open_sources(self.sources | self.val_sources)  # one tokenizer for all, as recorded
         first = next(iter(manifests.values()))
-        self.tokenizer_json = first.tokenizer_path.read_text() if first.tokenizer_path.is_file() else None
+        self.tokenizer_json = check_tokenizer(first)  # the text checked is the text embedded
         self.eos_id, self.vocab_size = first.eos_id, first.vocab_size
         with_bos = all(manifests[name].data["settings"].get("bos") for name in self.sources)
         self.bos_id = first.data["tokenizer"].get("bos_id") if with_bos else None  # BOS before every document
         self.fingerprint = data_fingerprint(self.sources)
         self.tokenizer_fingerprint = first.tokenizer_fingerprint
         if self.verify_shards and (self.trainer is None or self.trainer.is_global_zero):
-            from pretrain.data.verify import verify
+            self._verify_shards(manifests.values())
 
-            print(verify(manifests.values(), self.verify_shards, show_progress=False), file=sys.stderr)
+    def _verify_shards(self, manifests: Iterable[Manifest]) -> None:
+        """Check `verify_shards` shards of each dataset (`pretrain.data.verify`): in the run directory
+        of a `pretrain fit` launch (it holds the run's lease), the shards the run has checked least;
+        anywhere else (a plain Trainer's working directory) random ones, and nothing is written."""
+        from pretrain.data.verify import VerifiedShards, verify
+        from pretrain.run_dir import RunDir
+
+        run = RunDir(self.trainer.default_root_dir) if self.trainer is not None else None
+        record = VerifiedShards(run.verified_shards) if run and run.lease_file.is_file() else None
+        print(verify(manifests, self.verify_shards, show_progress=False, record=record), file=sys.stderr)
 
     def _check_geometry(self) -> tuple[int, int]:
         assert self.trainer is not None  # attached by the Trainer before it asks for a loader
