@@ -159,6 +159,22 @@ def plot_runs(
             if score := downstream.get(task, {}).get(metric):
                 column = downstream_column(task, metric)
                 ax.plot(x(score), score.values, color=color, marker="o", ms=4, gid=f"{run.name}:{column}")
+        for incident in run.incidents:  # a divergence: its bad steps shaded, the decision marked
+            first, last = _x_of_steps(run, incident["steps"], by_steps)
+            for ax in (loss_ax, lr_ax):
+                ax.axvspan(
+                    first, max(last, first + 1e-9), color="red", alpha=0.15, gid=f"{run.name}:incident"
+                )
+            loss_ax.plot(
+                [last],
+                [1.0],
+                marker="x",
+                color="red",
+                ms=8,
+                transform=loss_ax.get_xaxis_transform(),
+                clip_on=False,
+                gid=f"{run.name}:incident:{incident['action']}",
+            )
         for step, tokens in run.resumes:
             for ax in (loss_ax, lr_ax, *task_axes):
                 ax.axvline(
@@ -170,9 +186,15 @@ def plot_runs(
                     gid=f"{run.name}:resume",
                 )
 
-    title = "Training and validation loss" + (
-        " (dashed vertical lines: resumes)" if any(run.resumes for run in logs) else ""
-    )
+    notes = [
+        note
+        for note, shown in (
+            ("dashed vertical lines: resumes", any(run.resumes for run in logs)),
+            ("red: divergences, x: rollback or stop", any(run.incidents for run in logs)),
+        )
+        if shown
+    ]
+    title = "Training and validation loss" + (f" ({'; '.join(notes)})" if notes else "")
     loss_ax.set(title=title, ylabel="loss")
     if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend(fontsize="small")
@@ -191,6 +213,14 @@ def plot_runs(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=120)
     return fig
+
+
+def _x_of_steps(run: RunLog, steps: Sequence[int], by_steps: bool) -> np.ndarray:
+    """Where steps lie on the x axis: the steps themselves, or the tokens seen at them."""
+    train = run.series.get(TRAIN_LOSS)
+    if by_steps or train is None or len(train.steps) < 2:
+        return np.asarray(steps, dtype=float)
+    return np.interp(steps, train.steps.astype(float), train.tokens)
 
 
 def summarize(run: RunLog) -> str:
@@ -213,4 +243,7 @@ def summarize(run: RunLog) -> str:
     downstream = run.downstream()
     for task, metric in downstream_headlines([run]).items():
         parts.append(f"downstream/{task} {metric} {downstream[task][metric].values[-1]:.4f}")
+    if run.incidents:
+        rollbacks = sum(entry["action"] == "rollback" for entry in run.incidents)
+        parts.append(f"{rollbacks} rollback(s), {len(run.incidents) - rollbacks} divergence stop(s)")
     return f"{run.name}: {', '.join(parts)}"

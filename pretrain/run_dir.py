@@ -68,6 +68,7 @@ TOKENS = "train/tokens_seen"
 TRAIN_LOSS = "train/loss"
 TOKENS_PER_SEC = "train/tokens_per_sec"
 LR = "train/lr"
+SKIPPED_STEPS = "train/skipped_steps"
 START_STEP = "train/start_step"  # logged by a launch that resumed: the step it resumed at
 _CHECKPOINT = re.compile(r"step-(\d+)\.ckpt")
 _VERSION = re.compile(r"version_(\d+)")
@@ -119,6 +120,7 @@ class RunLog:
     name: str
     series: dict[str, Series]
     resumes: list[tuple[int, float]]
+    incidents: tuple[dict[str, Any], ...] = ()  # incidents.jsonl's readable records
 
     def val_sources(self) -> list[str]:
         """Names of the validation sources with a `val/<source>/loss` series, sorted."""
@@ -144,6 +146,8 @@ class RunSummary:
     tokens_per_sec: float | None
     latest_checkpoint: Path | None
     requeue: dict[str, Any]
+    skipped_steps: int = 0
+    incidents: tuple[dict[str, Any], ...] = ()
 
 
 class RunDir:
@@ -428,7 +432,10 @@ class RunDir:
             series[name] = Series(steps, _tokens_at(steps, known_tokens), values)
         resume_tokens = _tokens_at(np.array(resume_steps), known_tokens)
         return RunLog(
-            self.path.resolve().name, series, list(zip(resume_steps, resume_tokens.tolist(), strict=True))
+            self.path.resolve().name,
+            series,
+            list(zip(resume_steps, resume_tokens.tolist(), strict=True)),
+            tuple(self.incidents(strict=False)),
         )
 
     # ---- lease ----------------------------------------------------------------------------------
@@ -548,6 +555,7 @@ class RunDir:
             log = None
         loss = log.series.get(TRAIN_LOSS) if log is not None else None
         speed = log.series.get(TOKENS_PER_SEC) if log is not None else None
+        skipped = log.series.get(SKIPPED_STEPS) if log is not None else None
         return RunSummary(
             # row k of the log holds the loss of optimizer step k + 1
             steps_done=int(loss.steps[-1]) + 1 if loss is not None else 0,
@@ -557,6 +565,8 @@ class RunDir:
             tokens_per_sec=float(speed.values[-1]) if speed is not None and len(speed.values) else None,
             latest_checkpoint=self.latest_checkpoint(),
             requeue=self.requeue_record(),
+            skipped_steps=int(skipped.values[-1]) if skipped is not None else 0,
+            incidents=tuple(self.incidents(strict=False)),
         )
 
 

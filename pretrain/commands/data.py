@@ -3,6 +3,7 @@
 pretrain data train-tokenizer --input GLOB... --vocab-size N --output tokenizer.json
 pretrain data prepare --input GLOB... --tokenizer tokenizer.json --output DIR [--num-proc N] ...
 pretrain data info DIR
+pretrain data show DIR --shard train/shard_00003.bin --offset K [--tokens N]
 """
 
 from __future__ import annotations
@@ -85,6 +86,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a dataset directory written by `pretrain data prepare`")
     p.set_defaults(handler=_info)
 
+    p = sub.add_parser(
+        "show", help="print the text at a shard position (e.g. a bad step's samples from incidents.jsonl)"
+    )
+    p.add_argument("dir", help="a dataset directory written by `pretrain data prepare`")
+    p.add_argument(
+        "--shard", required=True, help="a shard file as the manifest names it, e.g. train/shard_00003.bin"
+    )
+    p.add_argument("--offset", type=int, required=True, help="token offset in that shard")
+    p.add_argument(
+        "--tokens", type=int, default=65, help="how many tokens to decode (default 65: seq_len + 1 of tiny)"
+    )
+    p.set_defaults(handler=_show)
+
 
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -149,4 +163,16 @@ def _info(args: argparse.Namespace) -> int:
     from pretrain.data.shards import describe, load_manifest
 
     print(describe(load_manifest(args.dir)))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from pretrain.data.shards import load_manifest, read_tokens
+    from pretrain.data.tokenizer import load_tokenizer
+
+    manifest = load_manifest(args.dir)
+    tokens = read_tokens(manifest, args.shard, args.offset, args.tokens)
+    tokenizer = load_tokenizer(manifest.tokenizer_path).tokenizer
+    print(f"{manifest.root / args.shard} tokens [{args.offset:,}, {args.offset + len(tokens):,}):")
+    print(tokenizer.decode(tokens.tolist(), skip_special_tokens=False))
     return 0

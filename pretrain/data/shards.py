@@ -165,6 +165,25 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     return manifest
 
 
+def read_tokens(manifest: Manifest, shard: str, offset: int, count: int) -> np.ndarray:
+    """`count` tokens from `offset` of one shard the manifest lists (`pretrain data show`)."""
+    files = {
+        str(s.path.relative_to(manifest.root)): s.tokens
+        for split in ("train", "val")
+        for s in manifest.shards(split)
+    }
+    if shard not in files:
+        known = ", ".join(sorted(files)[:3]) + (", ..." if len(files) > 3 else "")
+        raise UserError(f"--shard {shard}: not a shard of {manifest.root} (its shards: {known})")
+    size = int(files[shard])
+    if not 0 <= offset < size or count < 1:
+        raise UserError(
+            f"--offset {offset} --tokens {count}: {shard} holds tokens [0, {size:,}); give 0 <= offset < {size:,}, tokens >= 1"
+        )
+    tokens = np.memmap(manifest.root / shard, dtype=manifest.dtype, mode="r")
+    return np.array(tokens[offset : min(offset + count, size)])
+
+
 def describe(manifest: Manifest) -> str:
     """The manifest in human form (`pretrain data info`)."""
     d = manifest.data

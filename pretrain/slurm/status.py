@@ -32,6 +32,21 @@ def job_state(job_id: str) -> str:
     return "unknown (not in squeue, and sacct has no record)"
 
 
+def describe_incidents(skipped_steps: int, incidents: tuple[dict, ...]) -> str:
+    """The spike guard's record in one line: skipped steps, rollbacks and stops, the last incident."""
+    rollbacks = sum(entry["action"] == "rollback" for entry in incidents)
+    stops = len(incidents) - rollbacks
+    text = f"{skipped_steps} step(s) skipped, {rollbacks} rollback(s), {stops} stop(s)"
+    if incidents:
+        last = incidents[-1]
+        first, final = last["steps"]
+        text += f"; last: steps {first}-{final}, {last['action']}"
+        if last["action"] == "rollback":
+            start, stop = last["skip"]
+            text += f" to step {last['skip_steps'][0]}, samples [{start:,}, {stop:,}) skipped"
+    return text
+
+
 def _duration(seconds: float) -> str:
     minutes = int(seconds // 60)
     days, minutes = divmod(minutes, 24 * 60)
@@ -65,6 +80,9 @@ def status(run_dir: str | os.PathLike) -> str:
                 f"; last signal: {last['signal']} at step {last['step']}, checkpoint saved, {last['action']}"
             )
         lines.append(f"requeues    {text}")
+
+    if summary.skipped_steps or summary.incidents:
+        lines.append(f"divergence  {describe_incidents(summary.skipped_steps, summary.incidents)}")
 
     if (rate := summary.tokens_per_sec) is not None:
         text = f"{rate:,.0f} tokens/s"
