@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.model.average import average_checkpoints
-    from pretrain.model.checkpoint import save_model_checkpoint
+    from pretrain.model.checkpoint import check_model_output, save_model_checkpoint
     from pretrain.run_dir import RunDir
 
     if args.last is None and args.every is not None:
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
             raise UserError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+    check_model_output(args.output, paths)
     checkpoint = average_checkpoints(paths, weights, ema=args.ema)
     out = save_model_checkpoint(args.output, checkpoint)
     kind = "EMA weights of" if args.ema else "weights of"

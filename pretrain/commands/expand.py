@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.model.checkpoint import save_model_checkpoint
+    from pretrain.model.checkpoint import check_model_output, save_model_checkpoint
     from pretrain.model.expand import expand_checkpoint
 
     positions = None
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"--positions {args.positions!r}: expected comma-separated block indices"
             ) from None
+    check_model_output(args.output, [args.source])
     checkpoint = expand_checkpoint(args.source, args.every, positions)
     out = save_model_checkpoint(args.output, checkpoint)
     record = checkpoint.meta["expansion"]

@@ -17,13 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.errors import UserError
-    from pretrain.model.checkpoint import is_hf_dir, load_model_checkpoint, save_model_checkpoint
+    from pretrain.model.checkpoint import (
+        check_model_output,
+        is_hf_dir,
+        load_model_checkpoint,
+        save_model_checkpoint,
+    )
     from pretrain.model.flops import count_parameters
 
     if not is_hf_dir(args.hf_dir):
         raise UserError(
             f"{args.hf_dir} is not a Hugging Face model directory: {args.hf_dir}/config.json is missing"
         )
+    check_model_output(args.out, [args.hf_dir])
     checkpoint = load_model_checkpoint(args.hf_dir)
     out = save_model_checkpoint(args.out, checkpoint)
     print(f"wrote {out} ({count_parameters(checkpoint.config).total:,} parameters)")

@@ -191,9 +191,37 @@ def checkpoint_identity(path: Path) -> str:
     return f"stat:{info.st_size}:{info.st_ino}:{info.st_mtime_ns}"
 
 
+_RUN_CHECKPOINT = re.compile(r"(?:(?:diverged|damaged|abandoned|foreign(?:-\d+)?)-)?step-\d+\.ckpt")
+
+
+def check_model_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse a model-file destination that would write over what a command must not: one of its
+    own inputs, a training checkpoint, or a name in a run's checkpoints folder (the training loop
+    would meet a file it did not write under its own checkpoint name)."""
+    path = Path(output)
+    for source in inputs:
+        source = Path(source)
+        if (
+            path.exists()
+            and source.exists()
+            and os.path.samefile(path, source)
+            or path.resolve() == source.resolve()
+        ):
+            raise UserError(f"-o {output} is one of the inputs ({source}): write the result to another file")
+    if _RUN_CHECKPOINT.fullmatch(path.name) and path.resolve().parent.name == "checkpoints":
+        raise UserError(
+            f"-o {output}: a run's checkpoint name in a checkpoints folder; `pretrain fit` names its own "
+            "checkpoints so: write the model file elsewhere (e.g. beside the run directory)"
+        )
+    if path.is_dir() or (path.is_file() and training_checkpoint_problem(path) in (None, DIVERGED)):
+        raise UserError(f"-o {output} is a training checkpoint or a folder: write the model file elsewhere")
+    return path
+
+
 def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) -> Path:
-    """Write a model file (module docstring) aside, then rename it into place."""
-    path = Path(path)
+    """Write a model file (module docstring) aside, then rename it into place (`check_model_output`
+    first)."""
+    path = check_model_output(path)
     payload = {
         "format": FORMAT,
         "model_config": checkpoint.config.to_dict(),

@@ -322,15 +322,16 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         if cli.model.divergence is None:
             break
+        rolling_back = cli.model.divergence.action == "rollback"
+        if rolling_back and cli.trainer.is_global_zero:  # before the record: a kill in between replays it all
+            for aside in run.set_aside_after(cli.model.divergence.checkpoint or Path()):
+                print(f"rolling back: set a later checkpoint aside as {aside}", file=sys.stderr)
         entry = rollback.record(cli.trainer, run, cli.model, cli.datamodule)
-        if cli.model.divergence.action != "rollback":
+        if not rolling_back:
             break
         ckpt_path = rollback.prepare_rollback(entry, cli.model, cli.datamodule)
         if cli.trainer.is_global_zero:
-            for aside in run.set_aside_after(ckpt_path):
-                print(f"rolled back: set a later checkpoint aside as {aside}", file=sys.stderr)
             rollback.announce(entry, cli.model)
-        cli.trainer.strategy.barrier("rollback")
         cli.trainer = cli.instantiate_trainer()
     _print_guard_summary(cli)
     if cli.model.stop_reason:
