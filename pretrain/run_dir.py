@@ -594,7 +594,7 @@ def _positive_int(config: dict[str, Any], section: str, name: str) -> int | None
     """config[section][name] if it is a positive int, else None (a hand-edited or damaged config)."""
     values = config.get(section)
     value = values.get(name) if isinstance(values, dict) else None
-    return value if _is(value, (int,)) and value > 0 else None
+    return value if isinstance(value, int) and _is(value, (int,)) and value > 0 else None
 
 
 def _read_lease(path: Path) -> dict[str, Any] | None:

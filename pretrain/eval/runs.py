@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import NoneType
@@ -180,7 +181,11 @@ def _valid(record: Any) -> Record | None:
 def _tokens_seen(lm: Any) -> int | None:
     """The tokens the scored weights were trained on, where their checkpoint says."""
     tokens = getattr(lm, "tokens_seen", None)
-    return int(tokens) if _is_number(tokens) else None
+    return (
+        int(tokens)
+        if isinstance(tokens, int | float) and _is_number(tokens) and math.isfinite(tokens)
+        else None
+    )
 
 
 def _is_number(value: Any) -> bool:
