@@ -402,11 +402,11 @@ class RunDir:
 
     def acquire(self) -> None:
         """Make this process the run's one owner (module docstring), or refuse naming the owner."""
+        from pretrain.data.shards import write_atomic  # numpy: only when needed
+
         self.path.mkdir(parents=True, exist_ok=True)
         me = _this_process()
         offer = self.path / f".owner.{me['host']}.{me['pid']}.tmp"
-        from pretrain.data.shards import write_atomic  # numpy: only when needed
-
         write_atomic(offer, (json.dumps(me) + "\n").encode())  # on disk in full before it is linked
         try:
             for _ in range(3):

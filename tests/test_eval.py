@@ -465,3 +465,45 @@ def test_scores_keep_standard_errors_and_the_chance_level_of_the_documents_evalu
     found = score_tasks(make_lm(model_and_export[0]), next_line, limit=8)["pystdlib_next_line"]
     assert set(found) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"}
     assert found["chance"] == 0.25 and 0 < found["acc_stderr"] < 0.5
+
+
+@pytest.mark.slow
+def test_two_eval_commands_run_at_once_on_one_run_keep_both_results(model_and_export, tmp_path):
+    """Two real `pretrain eval RUN_DIR` processes started together, on other tasks: every record
+    and the table hold both commands' scores, and neither fails."""
+    import subprocess
+
+    from helpers import PRETRAIN
+
+    from pretrain.run_dir import RunDir
+
+    model_file, _ = model_and_export
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    for step in (10, 20):
+        (run.checkpoints / f"step-{step:08d}.ckpt").write_bytes(model_file.read_bytes())
+    common = [
+        PRETRAIN,
+        "eval",
+        str(run.path),
+        "--limit",
+        "6",
+        "--include-path",
+        str(_local_task_folder(tmp_path)),
+    ]
+    commands = [common + ["--tasks", task] for task in ("pystdlib_next_line", "my_local_task")]
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0 and "Traceback" not in err, err[-2000:]
+    for step in (10, 20):
+        done = json.loads(run.eval_result(step).read_text())["evaluations"]["num_fewshot=None limit=6"]
+        assert set(done) == {"pystdlib_next_line", "my_local_task"}
+    table = (run.eval_dir / "table.md").read_text()
+    assert (
+        table.count("| step ") == 2
+        and "my_local_task (acc_norm)" in table
+        and "pystdlib_next_line (acc_norm)" in table
+    )

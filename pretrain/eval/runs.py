@@ -181,11 +181,8 @@ def _valid(record: Any) -> Record | None:
 def _tokens_seen(lm: Any) -> int | None:
     """The tokens the scored weights were trained on, where their checkpoint says."""
     tokens = getattr(lm, "tokens_seen", None)
-    return (
-        int(tokens)
-        if isinstance(tokens, int | float) and _is_number(tokens) and math.isfinite(tokens)
-        else None
-    )
+    finite = isinstance(tokens, int | float) and _is_number(tokens) and math.isfinite(tokens)
+    return int(tokens) if finite else None
 
 
 def _is_number(value: Any) -> bool:
