@@ -181,8 +181,9 @@ def _valid(record: Any) -> Record | None:
 def _tokens_seen(lm: Any) -> int | None:
     """The tokens the scored weights were trained on, where their checkpoint says."""
     tokens = getattr(lm, "tokens_seen", None)
-    finite = isinstance(tokens, int | float) and _is_number(tokens) and math.isfinite(tokens)
-    return int(tokens) if finite else None
+    if isinstance(tokens, int | float) and _is_number(tokens) and math.isfinite(tokens):
+        return int(tokens)
+    return None
 
 
 def _is_number(value: Any) -> bool:
