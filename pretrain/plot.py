@@ -2,6 +2,10 @@
 against tokens seen.
 
 The logs are read by `pretrain.run_dir.RunDir.read_logs` (all launches merged, resumes marked).
+A downstream panel shows each score with its standard error (the `<metric>_stderr` lm-eval
+reports, logged beside it) and, for acc and acc_norm of a multiple-choice task, its chance level
+(logged as `chance`) as a dotted line kept inside the y-axis: a model at chance reads as one, not
+as a trend in the noise.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.errors import UserError
-from pretrain.eval.metrics import headline_metric
+from pretrain.eval.metrics import CHANCE, CHANCE_METRICS, headline_metric, stderr_name
 from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series, downstream_column
 
 if TYPE_CHECKING:
@@ -95,6 +99,37 @@ def _layout(tasks: int) -> tuple[Figure, Axes, Axes, list[Axes]]:
     return fig, loss_ax, lr_ax, [right.add_subplot(grid[i // cols, i % cols]) for i in range(tasks)]
 
 
+def _draw_score(
+    ax: Axes, run: RunLog, task: str, metric: str, xs: np.ndarray, score: Series, color: str
+) -> None:
+    """One run's headline score of one task: markers with standard-error bars where logged, and
+    the chance level (dotted, labelled once per panel) for acc and acc_norm where logged."""
+    import numpy as np
+
+    column = downstream_column(task, metric)
+    stderr = run.downstream_extra(task, stderr_name(metric))
+    errors = None
+    if stderr is not None:
+        by_step = dict(zip(stderr.steps.tolist(), stderr.values.tolist()))
+        errors = np.array([by_step.get(step, np.nan) for step in score.steps.tolist()])
+    bars = ax.errorbar(
+        xs, score.values, yerr=errors, color=color, marker="o", ms=4, gid=f"{run.name}:{column}"
+    )
+    if bars.lines[2]:
+        bars.lines[2][0].set_gid(f"{run.name}:{downstream_column(task, stderr_name(metric))}")
+    chance = run.downstream_extra(task, CHANCE)
+    if metric in CHANCE_METRICS and chance is not None:
+        labelled = any(line.get_label() == "chance" for line in ax.get_lines())
+        ax.axhline(
+            float(chance.values[-1]),
+            color=color,
+            ls=":",
+            lw=1.2,
+            label="_chance" if labelled else "chance",
+            gid=f"{run.name}:{downstream_column(task, CHANCE)}",
+        )  # in the y data limits: autoscaled in
+
+
 def plot_runs(
     runs: Sequence[str | os.PathLike[str] | RunLog],
     out_path: str | os.PathLike[str],
@@ -157,8 +192,7 @@ def plot_runs(
         downstream = run.downstream()
         for ax, (task, metric) in zip(task_axes, headlines.items()):
             if score := downstream.get(task, {}).get(metric):
-                column = downstream_column(task, metric)
-                ax.plot(x(score), score.values, color=color, marker="o", ms=4, gid=f"{run.name}:{column}")
+                _draw_score(ax, run, task, metric, x(score), score, color)
         for incident in run.incidents:  # a divergence: its bad steps shaded, the decision marked
             first, last = _x_of_steps(run, incident["steps"], by_steps)
             for ax in (loss_ax, lr_ax):
@@ -203,6 +237,8 @@ def plot_runs(
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax, (task, metric) in zip(task_axes, headlines.items()):
         ax.set(title=task, ylabel=metric, xlabel=xlabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
     if not by_steps:
         for ax in (lr_ax, *task_axes):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_tokens(value)))

@@ -36,13 +36,22 @@ launches never both write checkpoints there. It is created with a hard link (ato
 disks, NFS and Lustre alike) and names its owner's host, process (with its start time, against
 pid reuse) and SLURM job. Another launch takes it over only when the owner is provably gone: a
 process of this host that no longer runs, or the same SLURM job requeued; otherwise it is refused
-with the owner named. `release` removes it when training ends.
+with the owner named. `release` removes it when training ends. The lease is written in full
+(fsynced) before it is linked into place, so a lease that cannot be read (empty, truncated, not
+UTF-8, not JSON, or JSON of another shape) was not written by `pretrain fit`: no launch can tell
+whether its owner still runs, so every launch is refused, naming the file to delete.
+
+Files read back (`read_json`): a damaged requeue.json is kept aside as requeue.json.damaged
+(with one line) when the next signal writes a new record, and its usable fields carry over; a
+damaged or foreign line of slurm/jobs.jsonl is passed over; a config.yaml that is not a mapping is
+ignored. `pretrain status` names what it could not read.
 
 Nothing here imports torch or Lightning: `pretrain status` and `pretrain plot` start fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -56,10 +65,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import NoneType
 from typing import TYPE_CHECKING, Any
 
 from pretrain.data.shards import write_atomic
 from pretrain.errors import UserError
+from pretrain.eval.metrics import is_score
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,6 +87,52 @@ _VAL_LOSS = re.compile(r"val/(.+)/loss")
 _DOWNSTREAM = re.compile(r"downstream/(.+)/([^/]+)")
 
 Row = tuple[int, dict[str, float]]
+Fields = dict[str, tuple[type, ...]]  # a JSON object's required keys and the types of their values
+
+_LEASE: Fields = {"host": (str,), "pid": (int,), "start": (str, NoneType), "job_id": (str, NoneType)}
+_JOB: Fields = {"job_id": (str, int), "time": (int, float)}
+_REQUEUE: Fields = {
+    "job_id": (str, int),
+    "requeues": (int,),
+    "max_requeues": (int, NoneType),
+    "updated": (int, float),
+}
+_REQUEUE_EVENT: Fields = {"signal": (str,), "step": (int,), "action": (str,)}
+
+
+class DamagedRecord(Exception):
+    """A file that `pretrain` wrote and cannot read back; the message says why, in a few words."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`, None when there is no such file; `DamagedRecord` when it is empty,
+    unreadable, not UTF-8 or not complete JSON."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise DamagedRecord(f"unreadable ({err.strerror})") from None
+    if not data.strip():
+        raise DamagedRecord("empty")
+    try:
+        return json.loads(data.decode())
+    except UnicodeDecodeError:
+        raise DamagedRecord("not UTF-8 text (garbage bytes)") from None
+    except ValueError:
+        raise DamagedRecord("not complete JSON (truncated?)") from None
+
+
+def has_fields(value: Any, fields: Fields) -> bool:
+    """Whether `value` is a JSON object holding every key of `fields` with a value of its types
+    (a bool is not an int)."""
+    return isinstance(value, dict) and all(
+        key in value and _is(value[key], types) for key, types in fields.items()
+    )
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
 def downstream_column(task: str, metric: str) -> str:
@@ -130,9 +187,14 @@ class RunLog:
         """Downstream benchmark scores: task -> metric -> series, both sorted by name."""
         found: dict[str, dict[str, Series]] = {}
         for name in sorted(self.series):
-            if match := _DOWNSTREAM.fullmatch(name):
+            if (match := _DOWNSTREAM.fullmatch(name)) and is_score(match[2]):
                 found.setdefault(match[1], {})[match[2]] = self.series[name]
         return dict(sorted(found.items()))
+
+    def downstream_extra(self, task: str, name: str) -> Series | None:
+        """A downstream column that is not a score: `<metric>_stderr` or `chance`
+        (`pretrain.eval.metrics`), None if no evaluation logged it."""
+        return self.series.get(downstream_column(task, name))
 
 
 @dataclass(frozen=True)
@@ -146,6 +208,7 @@ class RunSummary:
     tokens_per_sec: float | None
     latest_checkpoint: Path | None
     requeue: dict[str, Any]
+    requeue_problem: str | None = None  # what in requeue.json could not be read
     skipped_steps: int = 0
     incidents: tuple[dict[str, Any], ...] = ()
 
@@ -395,9 +458,11 @@ class RunDir:
 
         for version in reversed(self.log_versions().values()):
             try:
-                return yaml.safe_load((version / "config.yaml").read_text()) or {}
-            except (OSError, yaml.YAMLError):
+                config = yaml.safe_load((version / "config.yaml").read_text())
+            except (OSError, ValueError, yaml.YAMLError):
                 continue
+            if isinstance(config, dict):
+                return config
         return {}
 
     def read_logs(self) -> RunLog:
@@ -446,10 +511,12 @@ class RunDir:
 
     def acquire(self) -> None:
         """Make this process the run's one owner (module docstring), or refuse naming the owner."""
+        from pretrain.data.shards import write_atomic  # numpy: only when needed
+
         self.path.mkdir(parents=True, exist_ok=True)
         me = _this_process()
         offer = self.path / f".owner.{me['host']}.{me['pid']}.tmp"
-        offer.write_text(json.dumps(me) + "\n")
+        write_atomic(offer, (json.dumps(me) + "\n").encode())  # on disk in full before it is linked
         try:
             for _ in range(3):
                 try:
@@ -457,14 +524,16 @@ class RunDir:
                     return
                 except FileExistsError:
                     owner = self.owner()
+                    if owner == {}:
+                        raise UserError(self._damaged_lease_message()) from None
                     if owner is not None and _same_process(owner, me):
                         return
                     gone = _gone_because(owner, me)
                     if gone is None:
                         raise UserError(_in_use_message(self, owner)) from None
                     print(f"{self.path}: taking over from an earlier owner ({gone})", file=sys.stderr)
-                    if self.owner() == owner:  # still the stale lease we judged
-                        self.lease_file.unlink(missing_ok=True)
+                    if owner is not None:
+                        self._remove_stale_lease(owner, offer.with_suffix(".stale"))
             raise UserError(
                 f"{self.lease_file}: another launch keeps taking the run directory over; try again"
             )
@@ -472,13 +541,35 @@ class RunDir:
             offer.unlink(missing_ok=True)
 
     def owner(self) -> dict[str, Any] | None:
-        """The lease's content, None if there is none; {} if it is unreadable (a crash mid-write)."""
+        """The lease's content, None if there is none; {} if it is not a lease `pretrain fit` wrote
+        (unreadable, or JSON of another shape)."""
+        return _read_lease(self.lease_file)
+
+    def _damaged_lease_message(self) -> str:
         try:
-            return json.loads(self.lease_file.read_text())
+            problem = "JSON of another shape" if read_json(self.lease_file) is not None else "gone"
+        except DamagedRecord as err:
+            problem = str(err)
+        return (
+            f"{self.lease_file}: not a lease written by `pretrain fit` ({problem}), so whether another launch "
+            f"owns {self.path} cannot be told; if no `pretrain fit` runs on it, delete {self.lease_file} and "
+            "launch again"
+        )
+
+    def _remove_stale_lease(self, judged: dict[str, Any], aside: Path) -> None:
+        """Remove the lease judged stale unless another launch replaced it meanwhile: the rename is
+        atomic, so of several launches taking over at once one moves it; a newer lease moved by
+        mistake is put back."""
+        try:
+            os.rename(self.lease_file, aside)
         except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
+            return  # another launch moved it first
+        try:
+            if _read_lease(aside) != judged:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, self.lease_file)
+        finally:
+            aside.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Remove the lease if this process holds it."""
@@ -495,15 +586,41 @@ class RunDir:
     def requeue_record(self) -> dict[str, Any]:
         """requeue.json ({} when absent): job_id, requeues (SLURM_RESTART_COUNT of the latest launch),
         max_requeues, updated (a Unix time) and events (one per signal: time, job_id,
-        restart_count, signal, step, action "requeued" or "stopped")."""
+        restart_count, signal, step, action "requeued" or "stopped"). Only what has its right type
+        is returned (`read_requeue_record`)."""
+        return self.read_requeue_record()[0]
+
+    def read_requeue_record(self) -> tuple[dict[str, Any], str | None]:
+        """requeue.json's usable part, and what could not be used (None if all could)."""
         try:
-            return json.loads(self.requeue_file.read_text())
-        except (OSError, ValueError):
-            return {}
+            data = read_json(self.requeue_file)
+        except DamagedRecord as err:
+            return {}, str(err)
+        if data is None:
+            return {}, None
+        if not isinstance(data, dict):
+            return {}, f"JSON {type(data).__name__} where an object belongs"
+        record = {
+            key: value for key, value in data.items() if key not in _REQUEUE or _is(value, _REQUEUE[key])
+        }
+        events = data.get("events", [])
+        record["events"] = (
+            [e for e in events if has_fields(e, _REQUEUE_EVENT)] if isinstance(events, list) else []
+        )
+        wrong = [key for key in data if key not in record] + (
+            ["events"] if record["events"] != events else []
+        )
+        return record, (f"wrong-typed {', '.join(wrong)} left out" if wrong else None)
 
     def update_requeue_record(self, **fields: Any) -> None:
-        """Merge `fields` into requeue.json (written aside, then renamed). Rank 0 only."""
-        record = self.requeue_record() | fields | {"updated": time.time()}
+        """Merge `fields` into requeue.json (written aside, then renamed). Rank 0 only. A damaged
+        record is kept as requeue.json.damaged, with one line; its usable fields carry over."""
+        record, problem = self.read_requeue_record()
+        if problem is not None:
+            aside = self.requeue_file.with_name(self.requeue_file.name + ".damaged")
+            os.replace(self.requeue_file, aside)
+            print(f"{self.requeue_file}: {problem}; kept as {aside}, a new record started", file=sys.stderr)
+        record |= fields | {"updated": time.time()}
         self.path.mkdir(parents=True, exist_ok=True)
         partial = self.path / f".{self.requeue_file.name}.partial"
         partial.write_text(json.dumps(record, indent=1) + "\n")
@@ -519,28 +636,41 @@ class RunDir:
     def sbatch_script(self) -> Path:
         return self.slurm / "train.sbatch"
 
+    @property
+    def jobs_file(self) -> Path:
+        return self.slurm / "jobs.jsonl"
+
     def record_job(self, job_id: str) -> None:
-        """Append a submitted job to slurm/jobs.jsonl."""
+        """Append a submitted job to slurm/jobs.jsonl (on a line of its own after a cut-off one)."""
         self.slurm.mkdir(parents=True, exist_ok=True)
-        with open(self.slurm / "jobs.jsonl", "a") as f:
-            f.write(
-                json.dumps({"job_id": job_id, "time": time.time(), "script": str(self.sbatch_script)}) + "\n"
-            )
+        line = json.dumps({"job_id": job_id, "time": time.time(), "script": str(self.sbatch_script)}) + "\n"
+        with open(self.jobs_file, "a+b") as f:
+            if f.tell() and (f.seek(f.tell() - 1), f.read(1))[1] != b"\n":
+                line = "\n" + line
+            f.write(line.encode())
 
     def latest_job_id(self) -> str | None:
         """The most recently submitted or started job (from jobs.jsonl and requeue.json)."""
-        candidates: list[tuple[float, str]] = []
-        try:
-            lines = (self.slurm / "jobs.jsonl").read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else None
-            if last:
-                candidates.append((last["time"], str(last["job_id"])))
-        except (OSError, ValueError, KeyError):
-            pass
+        candidates = [job] if (job := self._last_recorded_job()) else []
         record = self.requeue_record()
         if record.get("job_id"):
-            candidates.append((record.get("updated", 0.0), str(record["job_id"])))
+            candidates.append((float(record.get("updated", 0.0)), str(record["job_id"])))
         return max(candidates)[1] if candidates else None
+
+    def _last_recorded_job(self) -> tuple[float, str] | None:
+        """(time, job id) of the last well-formed line of jobs.jsonl; damaged lines are passed over."""
+        try:
+            lines = self.jobs_file.read_bytes().splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                job = json.loads(line)
+            except ValueError:
+                continue
+            if has_fields(job, _JOB):
+                return float(job["time"]), str(job["job_id"])
+        return None
 
     # ---- status ---------------------------------------------------------------------------------
 
@@ -556,15 +686,17 @@ class RunDir:
         loss = log.series.get(TRAIN_LOSS) if log is not None else None
         speed = log.series.get(TOKENS_PER_SEC) if log is not None else None
         skipped = log.series.get(SKIPPED_STEPS) if log is not None else None
+        requeue, requeue_problem = self.read_requeue_record()
         return RunSummary(
             # row k of the log holds the loss of optimizer step k + 1
             steps_done=int(loss.steps[-1]) + 1 if loss is not None else 0,
-            max_steps=(config.get("trainer") or {}).get("max_steps"),
-            global_batch_tokens=(config.get("data") or {}).get("global_batch_tokens"),
+            max_steps=_positive_int(config, "trainer", "max_steps"),
+            global_batch_tokens=_positive_int(config, "data", "global_batch_tokens"),
             last_loss=float(loss.values[-1]) if loss is not None else None,
             tokens_per_sec=float(speed.values[-1]) if speed is not None and len(speed.values) else None,
             latest_checkpoint=self.latest_checkpoint(),
-            requeue=self.requeue_record(),
+            requeue=requeue,
+            requeue_problem=requeue_problem,
             skipped_steps=int(skipped.values[-1]) if skipped is not None else 0,
             incidents=tuple(self.incidents(strict=False)),
         )
@@ -579,6 +711,24 @@ def _skip_range(entry: dict[str, Any]) -> tuple[int, int] | None:
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
         raise ValueError(f"skip {skip} is not a [start, stop) sample range")
     return start, stop
+
+
+def _positive_int(config: dict[str, Any], section: str, name: str) -> int | None:
+    """config[section][name] if it is a positive int, else None (a hand-edited or damaged config)."""
+    values = config.get(section)
+    value = values.get(name) if isinstance(values, dict) else None
+    return value if isinstance(value, int) and _is(value, (int,)) and value > 0 else None
+
+
+def _read_lease(path: Path) -> dict[str, Any] | None:
+    """A lease's content, None if there is none; {} if it is not one `pretrain fit` wrote."""
+    try:
+        lease = read_json(path)
+    except DamagedRecord:
+        return {}
+    if lease is None:
+        return None
+    return lease if has_fields(lease, _LEASE) else {}
 
 
 def _this_process() -> dict[str, Any]:
@@ -611,8 +761,6 @@ def _gone_because(owner: dict[str, Any] | None, me: dict[str, Any]) -> str | Non
     """Why the lease's owner is provably gone, or None if it may still be running."""
     if owner is None:
         return "released meanwhile"
-    if not owner:
-        return "its lease file is unreadable, left by a crash while it was written"
     if owner.get("job_id") and owner["job_id"] == me["job_id"]:
         return f"SLURM requeued job {owner['job_id']}: its earlier run is over"
     if owner.get("host") == me["host"]:

@@ -45,6 +45,13 @@ def test_two_fsdp2_processes_log_the_scores_of_one(tiny_dataset, tmp_path):
     )
     single, double = _curve(one), _curve(two)
     assert set(single) == {"acc", "acc_norm"}
+    logged = RunDir(one).read_logs()  # beside the scores: their standard errors and the chance level
+    for name in ("acc_stderr", "acc_norm_stderr", "chance"):
+        extra = logged.downstream_extra("pystdlib_next_line", name)
+        assert extra is not None and extra.steps.tolist() == single["acc"][0], name
+    assert logged.downstream_extra("pystdlib_next_line", "chance").values.tolist() == [0.25] * (
+        STEPS // EVERY
+    )
     for metric in single:
         steps, tokens, values = single[metric]
         assert steps == [s - 1 for s in range(EVERY, STEPS + 1, EVERY)]  # Lightning's step of those metrics

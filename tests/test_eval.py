@@ -275,3 +275,235 @@ def test_every_rank_knows_how_many_forward_passes_the_busiest_rank_makes():
             for batch in (1, 4, 16):
                 per_rank = [len(range(requests)[rank::world]) for rank in range(world)]
                 assert most_batches(requests, world, batch) == max(-(-n // batch) for n in per_rank)
+
+
+# ---- run records: identity, damage, two writers; standard errors and chance levels ---------------
+
+
+def write_training_checkpoint(path: Path, seed: int, tokenizer: str) -> str:
+    """A checkpoint in `pretrain fit`'s form (weights of a random model of `seed`, a fresh
+    checkpoint_id as written at save time); returns the id."""
+    import uuid
+
+    torch.manual_seed(seed)
+    state = {f"model.{name}": value for name, value in Llama(CONFIG).state_dict().items()}
+    checkpoint_id = uuid.uuid4().hex
+    info = {"checkpoint_id": checkpoint_id, "model_config": CONFIG.to_dict(), "tokenizer": tokenizer}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state_dict": state, "pretrain": info | {"eos_id": 0, "bos_id": None, "tokens_seen": 1000 * seed}},
+        path,
+    )
+    return checkpoint_id
+
+
+@pytest.fixture(scope="module")
+def next_line():
+    from pretrain.eval.harness import load_tasks
+
+    return load_tasks(["pystdlib_next_line"])
+
+
+def make_lm(path: Path):
+    from pretrain.eval.backend import PretrainLM
+
+    return PretrainLM(str(path), batch_size=8)
+
+
+def evaluate(run, tasks, log, limit=4):
+    from pretrain.eval.runs import evaluate_run
+
+    return evaluate_run(make_lm, run, tasks, None, limit, log=log)
+
+
+def test_a_rewritten_checkpoint_is_scored_again_not_reported_with_the_old_scores(
+    tiny_dataset, tmp_path, next_line
+):
+    from pretrain.run_dir import RunDir
+
+    tokenizer = (tiny_dataset / "tokenizer.json").read_text()
+    run = RunDir(tmp_path / "run")
+    first = {step: write_training_checkpoint(run.checkpoint(step), step, tokenizer) for step in (1, 2)}
+    lines: list[str] = []
+    evaluate(run, next_line, lines.append)
+    assert json.loads(run.eval_result(2).read_text())["checkpoint_id"] == first[2]
+    # a rewind to step 1: step 2 set aside and written again, other weights under the same name
+    rewritten = write_training_checkpoint(run.checkpoint(2), 7, tokenizer)
+    lines.clear()
+    table, records = evaluate(run, next_line, lines.append)
+    assert lines == [
+        "step-00000001.ckpt: already evaluated (num_fewshot=None limit=4)",
+        f"{run.eval_result(2)}: it scored other weights than step-00000002.ckpt holds now (rewritten since); "
+        "scoring step-00000002.ckpt again",
+        "evaluating step-00000002.ckpt on pystdlib_next_line",
+    ]
+    assert records[2]["checkpoint_id"] == rewritten and records[2]["tokens"] == 7000
+    assert json.loads(run.eval_result(2).read_text()) == records[2]
+    assert "| step 2 (7K tokens) |" in table and "| step 2 (2K tokens) |" not in table
+
+
+RECORD_DAMAGE = {
+    "empty": (b"", "empty"),
+    "truncated": (b'{"step": 1, "evalu', "not complete JSON (truncated?)"),
+    "garbage": (b"\xff\xfe\x00garbage", "not UTF-8 text (garbage bytes)"),
+    "number": (b"42", "not a record of `pretrain eval` (JSON of another shape)"),
+    "list": (b"[]", "not a record of `pretrain eval` (JSON of another shape)"),
+    "missing key": (
+        b'{"step": 1, "tokens": 1000}',
+        "not a record of `pretrain eval` (JSON of another shape)",
+    ),
+    "wrong-typed evaluations": (
+        b'{"step": 1, "tokens": 1000, "checkpoint_id": "x", "evaluations": 42}',
+        "not a record of `pretrain eval` (JSON of another shape)",
+    ),
+    "wrong-typed score": (
+        b'{"step": 1, "tokens": 1000, "checkpoint_id": "x", "evaluations": '
+        b'{"num_fewshot=None limit=4": {"pystdlib_next_line": {"acc": "high"}}}}',
+        "not a record of `pretrain eval` (JSON of another shape)",
+    ),
+    "wrong-typed tokens": (
+        b'{"step": 1, "tokens": "many", "checkpoint_id": "x", "evaluations": {}}',
+        "not a record of `pretrain eval` (JSON of another shape)",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint_run(tiny_dataset, tmp_path_factory):
+    from pretrain.run_dir import RunDir
+
+    run = RunDir(tmp_path_factory.mktemp("damaged") / "run")
+    write_training_checkpoint(run.checkpoint(1), 1, (tiny_dataset / "tokenizer.json").read_text())
+    return run
+
+
+@pytest.mark.parametrize("damage", RECORD_DAMAGE.values(), ids=RECORD_DAMAGE.keys())
+def test_a_damaged_score_record_is_scored_again_in_one_line(one_checkpoint_run, next_line, damage):
+    run = one_checkpoint_run
+    content, why = damage
+    run.eval_dir.mkdir(exist_ok=True)
+    run.eval_result(1).write_bytes(content)
+    (run.eval_dir / "table.md").write_bytes(b"\xff\xfe")  # rebuilt from the records, never read
+    lines: list[str] = []
+    table, records = evaluate(run, next_line, lines.append)
+    assert lines == [
+        f"{run.eval_result(1)}: {why}; scoring step-00000001.ckpt again",
+        "evaluating step-00000001.ckpt on pystdlib_next_line",
+    ]
+    assert json.loads(run.eval_result(1).read_text()) == records[1]
+    assert (run.eval_dir / "table.md").read_text() == table
+
+
+def test_two_evals_of_one_run_at_once_keep_both_results(one_checkpoint_run, next_line, tmp_path):
+    """The second command starts while the first scores the checkpoint (its read-modify-write
+    interleaved with the first's): it waits, then adds its task to the first's record and table."""
+    import threading
+
+    from pretrain.eval.harness import load_tasks
+    from pretrain.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    (run.checkpoint(1)).symlink_to(one_checkpoint_run.checkpoint(1))
+    other = load_tasks(["my_local_task"], str(_local_task_folder(tmp_path)))
+    second_lines: list[str] = []
+    second_waits = threading.Event()
+    second = threading.Thread(
+        target=lambda: evaluate(run, other, lambda line: (second_lines.append(line), second_waits.set()))
+    )
+
+    def first_lm(path: Path):
+        second.start()  # while the first holds what it read
+        second_waits.wait(timeout=120)
+        return make_lm(path)
+
+    from pretrain.eval.runs import evaluate_run
+
+    evaluate_run(first_lm, run, next_line, None, 4, log=lambda line: None)
+    second.join(timeout=300)
+    assert (
+        second_lines[0]
+        == f"{run.eval_result(1)}: another `pretrain eval` is writing it; waiting for it to finish"
+    )
+    done = json.loads(run.eval_result(1).read_text())["evaluations"]["num_fewshot=None limit=4"]
+    assert set(done) == {"pystdlib_next_line", "my_local_task"}
+    table = (run.eval_dir / "table.md").read_text()
+    assert "|  | my_local_task (acc_norm) | pystdlib_next_line (acc_norm) | average |" in table
+
+
+def _local_task_folder(root: Path) -> Path:
+    """A folder with the task YAML `my_local_task`: items with 2, 3 and 4 choices."""
+    import yaml
+
+    from pretrain.eval.harness import NEXT_LINE, embedded_task
+
+    items = root / "items.jsonl"
+    with open(items, "w") as f:
+        for i in range(6):
+            choices = [f"y = {i}", "import os", "pass", "x += 1"][: 2 + i % 3]
+            f.write(json.dumps({"context": f"x = {i}\n", "choices": choices, "label": 0}) + "\n")
+    task = embedded_task(NEXT_LINE) | {
+        "task": "my_local_task",
+        "dataset_kwargs": {"data_files": {"test": str(items)}},
+    }
+    (root / "tasks").mkdir(exist_ok=True)
+    (root / "tasks" / "my_local_task.yaml").write_text(yaml.safe_dump(task))
+    return root / "tasks"
+
+
+def test_scores_keep_standard_errors_and_the_chance_level_of_the_documents_evaluated(
+    model_and_export, tmp_path, next_line
+):
+    from pretrain.eval.harness import chance_levels, load_tasks, score_tasks
+
+    tasks = load_tasks(["my_local_task"], str(_local_task_folder(tmp_path))) | next_line
+    assert chance_levels(tasks, 2) == {
+        "my_local_task": pytest.approx((1 / 2 + 1 / 3) / 2),
+        "pystdlib_next_line": 0.25,
+    }
+    assert chance_levels(tasks, 0.5)["my_local_task"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+    found = score_tasks(make_lm(model_and_export[0]), next_line, limit=8)["pystdlib_next_line"]
+    assert set(found) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"}
+    assert found["chance"] == 0.25 and 0 < found["acc_stderr"] < 0.5
+
+
+@pytest.mark.slow
+def test_two_eval_commands_run_at_once_on_one_run_keep_both_results(model_and_export, tmp_path):
+    """Two real `pretrain eval RUN_DIR` processes started together, on other tasks: every record
+    and the table hold both commands' scores, and neither fails."""
+    import subprocess
+
+    from helpers import PRETRAIN
+
+    from pretrain.run_dir import RunDir
+
+    model_file, _ = model_and_export
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    for step in (10, 20):
+        (run.checkpoints / f"step-{step:08d}.ckpt").write_bytes(model_file.read_bytes())
+    common = [
+        PRETRAIN,
+        "eval",
+        str(run.path),
+        "--limit",
+        "6",
+        "--include-path",
+        str(_local_task_folder(tmp_path)),
+    ]
+    commands = [common + ["--tasks", task] for task in ("pystdlib_next_line", "my_local_task")]
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+    ]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0 and "Traceback" not in err, err[-2000:]
+    for step in (10, 20):
+        done = json.loads(run.eval_result(step).read_text())["evaluations"]["num_fewshot=None limit=6"]
+        assert set(done) == {"pystdlib_next_line", "my_local_task"}
+    table = (run.eval_dir / "table.md").read_text()
+    assert (
+        table.count("| step ") == 2
+        and "my_local_task (acc_norm)" in table
+        and "pystdlib_next_line (acc_norm)" in table
+    )

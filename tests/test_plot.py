@@ -348,3 +348,40 @@ def test_summary_ends_with_the_latest_downstream_scores(downstream_run):
         "run-d: step 14, 53.25K tokens, train loss 2.0000, "
         "downstream/hellaswag acc_norm 0.4000, downstream/pystdlib_next_line acc 0.2500"
     )
+
+
+def test_a_model_at_chance_is_drawn_with_its_chance_level_and_standard_errors(tmp_path):
+    """Scores of 0.300-0.315 with a standard error of 0.02 over a chance level of 0.25: the panel
+    keeps 0.25 inside its y-axis and draws the error bars, so noise does not read as a trend."""
+    rows = [train_row(step, 3.0) for step in range(1, 13)]
+    for step, score in ((4, 0.300), (8, 0.315), (12, 0.305)):
+        rows.append(
+            {
+                "step": step,
+                "downstream/next/acc": score,
+                "downstream/next/acc_stderr": 0.02,
+                "downstream/next/chance": 0.25,
+                "downstream/gen/exact_match": 0.01,
+                "downstream/gen/exact_match_stderr": 0.01,
+            }
+        )
+    write_metrics(tmp_path / "r/logs/version_0/metrics.csv", rows)
+    log = RunDir(tmp_path / "r").read_logs()
+    assert {task: list(metrics) for task, metrics in log.downstream().items()} == {
+        "gen": ["exact_match"],
+        "next": ["acc"],
+    }  # standard errors and chance levels are not scores
+    fig = plot_runs([log], tmp_path / "loss.png")
+    gen_ax, next_ax = fig.axes[2:]
+    lines = lines_by_gid(fig)
+    (chance,) = lines["r:downstream/next/chance"]
+    assert chance.axes is next_ax and list(chance.get_ydata()) == [0.25, 0.25]
+    low, high = next_ax.get_ylim()
+    assert low < 0.25 and high > 0.315
+    (bars,) = [c for c in next_ax.collections if c.get_gid() == "r:downstream/next/acc_stderr"]
+    np.testing.assert_allclose(
+        [segment[:, 1] for segment in bars.get_segments()],
+        [[0.28, 0.32], [0.295, 0.335], [0.285, 0.325]],
+    )
+    assert [text.get_text() for text in next_ax.get_legend().get_texts()] == ["chance"]
+    assert "r:downstream/gen/chance" not in lines and gen_ax.get_legend() is None

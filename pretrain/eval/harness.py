@@ -7,8 +7,10 @@
   whose data cannot be read is one line naming the task and `pretrain eval --download TASK`
   (run where there is internet), so a run on an offline compute node fails at start.
 - Scores are {task: {metric: value}} from lm-eval's results (filters other than `none` keep
-  their name: `exact_match,strict-match`); a task's headline metric is its suite's, else acc_norm,
-  else acc, else the first.
+  their name: `exact_match,strict-match`), with each metric's standard error as
+  `<metric>_stderr` and a multiple-choice task's chance level as `chance`
+  (`pretrain.eval.metrics`); a task's headline metric is its suite's, else acc_norm, else acc,
+  else the first.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from pretrain.errors import UserError
-from pretrain.eval.metrics import SUITES, headline_metric
+from pretrain.eval.metrics import CHANCE, STDERR, SUITES, headline_metric, stderr_name
 
 EMBEDDED_DATA = Path(__file__).parent / "tasks"
 NEXT_LINE = "pystdlib_next_line"
@@ -135,15 +137,44 @@ def run_tasks(
     return results
 
 
+def score_tasks(
+    lm: Any, tasks: dict[str, Any], num_fewshot: int | None = None, limit: int | float | None = None
+) -> Scores:
+    """Run `tasks` (`run_tasks`): their scores, standard errors and chance levels."""
+    out = scores(run_tasks(lm, tasks, num_fewshot, limit))
+    for task, level in chance_levels(tasks, limit).items():
+        out.setdefault(task, {})[CHANCE] = level
+    return out
+
+
 def scores(results: dict[str, Any]) -> Scores:
-    """{task: {metric: value}} from lm-eval's results dict (stderr and aliases left out)."""
+    """{task: {metric: value, metric_stderr: its standard error}} from lm-eval's results dict
+    (aliases and standard errors lm-eval did not compute left out)."""
     out: Scores = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
+            if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
                 continue
             metric, where = key.split(",", 1)
-            out.setdefault(task, {})[metric if where == "none" else key] = float(value)
+            base = metric.removesuffix(STDERR)
+            name = base if where == "none" else f"{base},{where}"
+            out.setdefault(task, {})[stderr_name(name) if base != metric else name] = float(value)
+    return out
+
+
+def chance_levels(tasks: dict[str, Any], limit: int | float | None = None) -> dict[str, float]:
+    """The chance level of each multiple-choice task over the documents lm-eval evaluates with
+    `limit`: the mean of 1 / the number of choices (what guessing scores in acc and acc_norm)."""
+    from lm_eval.evaluator_utils import get_sample_size
+
+    out = {}
+    for name, task in tasks.items():
+        if task.OUTPUT_TYPE != "multiple_choice":
+            continue
+        docs = task.doc_iterator(limit=get_sample_size(task, limit))
+        inverse = [1 / len(task.doc_to_choice(doc)) for _, doc in docs]
+        if inverse:
+            out[name] = sum(inverse) / len(inverse)
     return out
 
 

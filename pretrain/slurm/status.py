@@ -80,6 +80,10 @@ def status(run_dir: str | os.PathLike) -> str:
                 f"; last signal: {last['signal']} at step {last['step']}, checkpoint saved, {last['action']}"
             )
         lines.append(f"requeues    {text}")
+    if summary.requeue_problem:
+        lines.append(
+            f"            {run.requeue_file}: {summary.requeue_problem} (it is kept aside at the next signal)"
+        )
 
     if summary.skipped_steps or summary.incidents:
         lines.append(f"divergence  {describe_incidents(summary.skipped_steps, summary.incidents)}")

@@ -5,8 +5,10 @@
         - class_path: pretrain.train.downstream.DownstreamEval
           init_args: {tasks: [pystdlib_next_line], every_n_steps: 30, limit: 200}
 
-Logs `downstream/<task>/<metric>` (acc, acc_norm, ...) at the step, to metrics.csv and every
-configured logger, at the step of the step's other metrics (Lightning's step, one less than the
+Logs `downstream/<task>/<metric>` (acc, acc_norm, ...), each metric's standard error
+`downstream/<task>/<metric>_stderr` and a multiple-choice task's chance level `downstream/<task>/chance`
+(`pretrain.eval.metrics`; so that `pretrain plot` draws them without lm-eval) at the step, to
+metrics.csv and every configured logger, at the step of the step's other metrics (Lightning's step, one less than the
 optimizer steps taken; `RunDir.read_logs` joins them); `pretrain plot` draws them against tokens. The tasks' datasets are loaded
 once, at setup, on every rank: a task whose data is missing (an offline node whose cache lacks
 it) stops the launch before the first step, naming the task and `pretrain eval --download`.
@@ -100,7 +102,8 @@ class DownstreamEval(StepCallback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         """Run the tasks now; log and return {column: value}."""
         from pretrain.eval.backend import PretrainLM
-        from pretrain.eval.harness import run_tasks, scores
+        from pretrain.eval.harness import score_tasks
+        from pretrain.eval.metrics import is_score
 
         data = trainer_datamodule(trainer)
         if data.tokenizer_json is None or data.eos_id is None:
@@ -117,18 +120,21 @@ class DownstreamEval(StepCallback):
             forward_context=trainer.precision_plugin.val_step_context,
         )
         with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars, inside training's
-            results = run_tasks(lm, self._tasks, self.num_fewshot, self.limit)
+            found = score_tasks(lm, self._tasks, self.num_fewshot, self.limit)
         drop_gathered(model)
         values = {
             downstream_column(task, metric): value
-            for task, metrics in scores(results).items()
+            for task, metrics in found.items()
             for metric, value in metrics.items()
         }
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # at Lightning's step for the metrics of optimizer step `step`
                 logger.log_metrics(values, step=step - 1)
             shown = ", ".join(
-                f"{name.removeprefix('downstream/')} {value:.4f}" for name, value in values.items()
+                f"{task}/{metric} {value:.4f}"
+                for task, metrics in found.items()
+                for metric, value in metrics.items()
+                if is_score(metric)
             )
             print(f"step {step}: {shown}", file=sys.stderr)
         return values
