@@ -24,8 +24,9 @@ import numpy as np
 
 from pretrain.data import tokens as tokens_module
 from pretrain.data.loader import build_train_dataset
-from pretrain.data.shards import FORMAT, content_fingerprint, load_manifest, write_json_atomic
+from pretrain.data.shards import FORMAT, content_fingerprint, load_manifest
 from pretrain.data.verify import verify
+from pretrain.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_TOKENS = 500_000_000  # 1 GB of uint16

@@ -68,9 +68,9 @@ from pathlib import Path
 from types import NoneType
 from typing import TYPE_CHECKING, Any
 
-from pretrain.data.shards import write_atomic
 from pretrain.errors import UserError
 from pretrain.eval.metrics import is_score
+from pretrain.files import write_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -511,7 +511,7 @@ class RunDir:
 
     def acquire(self) -> None:
         """Make this process the run's one owner (module docstring), or refuse naming the owner."""
-        from pretrain.data.shards import write_atomic  # numpy: only when needed
+        from pretrain.files import write_atomic
 
         self.path.mkdir(parents=True, exist_ok=True)
         me = _this_process()

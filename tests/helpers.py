@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pretrain.data.shards import FORMAT, content_fingerprint, write_json_atomic
+from pretrain.data.shards import FORMAT, content_fingerprint
+from pretrain.files import write_json_atomic
 
 REQUIRE_ALL = os.environ.get("PRETRAIN_REQUIRE_ALL") == "1"
 

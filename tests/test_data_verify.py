@@ -14,9 +14,10 @@ from helpers import bare_trainer, recipe, write_dataset
 from tokenizers import Tokenizer
 
 from pretrain.cli import main
-from pretrain.data.shards import content_fingerprint, load_manifest, sha256_file, write_json_atomic
+from pretrain.data.shards import content_fingerprint, load_manifest, sha256_file
 from pretrain.data.tokenizer import fingerprint
 from pretrain.data.verify import all_shards
+from pretrain.files import write_json_atomic
 from pretrain.run_dir import RunDir
 from pretrain.train.datamodule import PretrainDataModule, Source
 

@@ -23,11 +23,12 @@ from helpers import MODEL, PRETRAIN, recipe, run, train_losses
 
 from pretrain.cli import main
 from pretrain.data.loader import build_train_dataset
-from pretrain.data.shards import content_fingerprint, load_manifest, sha256_file, write_json_atomic
+from pretrain.data.shards import content_fingerprint, load_manifest, sha256_file
 from pretrain.data.skips import SkipList
 from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
-from pretrain.run_dir import RunDir, list_checkpoints
+from pretrain.files import write_json_atomic
+from pretrain.run_dir import RunDir
 from pretrain.train.spike_guard import SpikeGuard
 
 # ---- the guard's rule ------------------------------------------------------------------------------
@@ -64,17 +65,23 @@ def test_a_transient_loss_spike_is_skipped_in_one_line_and_the_run_goes_on():
 def test_a_flat_new_level_is_accepted_after_patience_steps_and_becomes_the_history():
     guard = SpikeGuard(vocab_size=512, patience=5)
     step = primed(guard)
-    verdicts = [guard.judge(step + i, 4.5 + 0.01 * i % 2, 1.0, 100.0 * 1.001 ** (step + i)).verdict for i in range(5)]
+    verdicts = [
+        guard.judge(step + i, 4.5 + 0.01 * i % 2, 1.0, 100.0 * 1.001 ** (step + i)).verdict for i in range(5)
+    ]
     assert verdicts == [None, None, None, None, "new level"]
     assert guard.suspect_since is None and len(guard.history) == 5
-    assert not guard.judge(step + 5, 4.5, 1.0, 100.0 * 1.001 ** (step + 5)).skip  # judged against the new level now
+    assert not guard.judge(
+        step + 5, 4.5, 1.0, 100.0 * 1.001 ** (step + 5)
+    ).skip  # judged against the new level now
 
 
 def test_a_streak_no_better_than_chance_is_a_divergence():
     guard = SpikeGuard(vocab_size=512, patience=3)
     step = primed(guard)
     worse_than_uniform = math.log(512) + 0.5
-    verdicts = [guard.judge(step + i, worse_than_uniform, 1.0, 100.0 * 1.001 ** (step + i)).verdict for i in range(3)]
+    verdicts = [
+        guard.judge(step + i, worse_than_uniform, 1.0, 100.0 * 1.001 ** (step + i)).verdict for i in range(3)
+    ]
     assert verdicts == [None, None, "divergence"]
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.data.prepare import is_val
-from pretrain.data.shards import write_atomic
+from pretrain.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

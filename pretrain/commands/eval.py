@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
 def _write(path: Path, results: dict[str, Any], table: str) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    from pretrain.data.shards import write_atomic
     from pretrain.errors import writing
+    from pretrain.files import write_atomic
 
     with writing(path, "--output"):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,12 +57,11 @@ from pretrain.data.shards import (
     load_manifest,
     sha256_file,
     shard_name,
-    write_atomic,
-    write_json_atomic,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain.data.units import END, Source, UnitSource
 from pretrain.errors import UserError, writing
+from pretrain.files import write_atomic, write_json_atomic
 
 STATE_DIR = ".prepare"
 PIECE_CHARS = 1 << 20  # longer documents are tokenized a piece at a time (`_encode`)

@@ -55,7 +55,7 @@ def train_tokenizer(
     """Train a byte-level BPE on the documents of the inputs and write it to `output`. Hub inputs
     (`hf://...`) are fetched one file at a time into `cache_dir` (default: beside `output`)."""
     from pretrain.data import hub, inputs
-    from pretrain.data.shards import write_atomic
+    from pretrain.files import write_atomic
 
     left_out: list[str] = []
     count = 0

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.shards import MANIFEST, SPLITS, Manifest, Shard, write_json_atomic
+from pretrain.data.shards import MANIFEST, SPLITS, Manifest, Shard
 from pretrain.errors import UserError
+from pretrain.files import write_json_atomic
 from pretrain.progress import progress
 
 BLOCK = 1 << 24  # bytes read at a time (a multiple of every token size)

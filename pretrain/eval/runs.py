@@ -28,9 +28,9 @@ from pathlib import Path
 from types import NoneType
 from typing import Any
 
-from pretrain.data.shards import write_atomic
 from pretrain.errors import UserError, writing
 from pretrain.eval.harness import Scores, markdown_table, run_tasks, score_tasks, scores
+from pretrain.files import write_atomic
 from pretrain.run_dir import DamagedRecord, Fields, RunDir, has_fields, read_json
 
 MakeLM = Callable[[Path], Any]  # checkpoint path -> an lm-eval LM over its weights

@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from pretrain.data.shards import write_atomic
 from pretrain.data.tokenizer import find_pad
 from pretrain.errors import UserError, writing
+from pretrain.files import write_atomic
 from pretrain.model.config import LlamaConfig
 from pretrain.progress import progress
 

@@ -25,8 +25,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from pretrain.data.shards import fsync_dir
 from pretrain.errors import UserError
+from pretrain.files import fsync_dir
 from pretrain.model.checkpoint import checkpoint_identity
 from pretrain.run_dir import RunDir, remove
 from pretrain.train.step_callback import StepCallback
