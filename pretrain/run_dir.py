@@ -702,6 +702,24 @@ class RunDir:
         )
 
 
+def describe_incidents(skipped_steps: int, incidents: tuple[dict[str, Any], ...]) -> str:
+    """The spike guard's record in one line: skipped steps, rollbacks and stops, the last incident."""
+    rolled = [entry for entry in incidents if entry["action"] == "rollback"]
+    bad_steps = sum(entry["steps"][1] - entry["steps"][0] + 1 for entry in rolled)
+    text = (
+        f"{skipped_steps} step(s) skipped on the path kept, {len(rolled)} rollback(s) (of {bad_steps} bad "
+        f"step(s)), {len(incidents) - len(rolled)} stop(s)"
+    )
+    if incidents:
+        last = incidents[-1]
+        first, final = last["steps"]
+        text += f"; last: steps {first}-{final}, {last['action']}"
+        if last["action"] == "rollback":
+            start, stop = last["skip"]
+            text += f" to step {last['skip_steps'][0]}, samples [{start:,}, {stop:,}) skipped"
+    return text
+
+
 def _skip_range(entry: dict[str, Any]) -> tuple[int, int] | None:
     """An incident's skipped [start, stop) global sample range, None if it skipped nothing."""
     skip = entry.get("skip")

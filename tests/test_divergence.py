@@ -255,7 +255,7 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
     run_dir = tmp_path / "healed"
     assert main(["fit", "--config", str(poisoned_recipe(tmp_path, dataset, run_dir))]) == 0
     err = capsys.readouterr().err
-    assert err.count("skipped, a loss spike") == 1 and err.count("skipped, ") == 4  # the 4 poisoned steps
+    assert err.count("skipped, a loss spike") == 4  # the 4 poisoned steps, and no other
     assert "no better than guessing uniformly" in err
     assert "rolled back to" in err and "(step 16) and skipping global samples [256, 448)" in err
     (incident,) = RunDir(run_dir).incidents()
@@ -277,7 +277,10 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(40)) and all(math.isfinite(v) for v in losses.values())
     status = subprocess.run([PRETRAIN, "status", str(run_dir)], capture_output=True, text=True)
-    assert "divergence  4 step(s) skipped, 1 rollback(s), 0 stop(s)" in status.stdout
+    assert (
+        "divergence  0 step(s) skipped on the path kept, 1 rollback(s) (of 4 bad step(s)), 0 stop(s)"
+        in status.stdout
+    )
     assert "samples [256, 448) skipped" in status.stdout
 
 

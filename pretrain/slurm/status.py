@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 from pretrain.plot import format_tokens
-from pretrain.run_dir import RunDir
+from pretrain.run_dir import RunDir, describe_incidents
 
 
 def _first_line(command: list[str]) -> str:
@@ -30,21 +30,6 @@ def job_state(job_id: str) -> str:
         state, exit_code, elapsed = line.split("|")
         return f"{state} (exit code {exit_code}, elapsed {elapsed})"
     return "unknown (not in squeue, and sacct has no record)"
-
-
-def describe_incidents(skipped_steps: int, incidents: tuple[dict, ...]) -> str:
-    """The spike guard's record in one line: skipped steps, rollbacks and stops, the last incident."""
-    rollbacks = sum(entry["action"] == "rollback" for entry in incidents)
-    stops = len(incidents) - rollbacks
-    text = f"{skipped_steps} step(s) skipped, {rollbacks} rollback(s), {stops} stop(s)"
-    if incidents:
-        last = incidents[-1]
-        first, final = last["steps"]
-        text += f"; last: steps {first}-{final}, {last['action']}"
-        if last["action"] == "rollback":
-            start, stop = last["skip"]
-            text += f" to step {last['skip_steps'][0]}, samples [{start:,}, {stop:,}) skipped"
-    return text
 
 
 def _duration(seconds: float) -> str:

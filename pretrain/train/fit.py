@@ -40,7 +40,7 @@ from pretrain.errors import UserError
 from pretrain.model.checkpoint import check_sharded_checkpoint, checkpoint_identity
 from pretrain.model.config import get_preset
 from pretrain.model.flops import count_parameters, flops_per_token
-from pretrain.run_dir import RunDir
+from pretrain.run_dir import RunDir, describe_incidents
 from pretrain.train import private_apis, requeue, rollback
 from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.final_validation import FinalValidation
@@ -349,15 +349,12 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
 
 
 def _print_guard_summary(cli: FitCLI) -> None:
-    """One line on what the spike guard did over this launch, if anything."""
-    module = cli.model
-    if not cli.trainer.is_global_zero or not (
-        module.skipped_steps or module.grad_norm_outliers or module.rollbacks_in_a_row
-    ):
-        return
-    print(
-        f"spike guard: {module.skipped_steps} step(s) skipped over the run, {module.grad_norm_outliers} "
-        f"gradient-norm outlier(s) kept (clipped), {module.rollbacks_in_a_row} rollback(s) in a row "
-        f"(incidents: {RunDir(cli.config.run_dir).incidents_file})",
-        file=sys.stderr,
-    )
+    """One line on what the spike guard did over the run, if anything."""
+    module, run = cli.model, RunDir(cli.config.run_dir)
+    incidents = tuple(run.incidents(strict=False))
+    if cli.trainer.is_global_zero and (module.skipped_steps or module.grad_norm_outliers or incidents):
+        print(
+            f"spike guard: {describe_incidents(module.skipped_steps, incidents)}; {module.grad_norm_outliers} "
+            f"gradient-norm outlier(s) kept (clipping bounds them); details in {run.incidents_file}",
+            file=sys.stderr,
+        )

@@ -4,11 +4,13 @@ Each optimizer step is judged (`SpikeGuard.judge`) from its loss, its gradient n
 of the weights it was computed with:
 
 - **Bad step**: the loss or the gradient norm is not finite, or the loss is a spike: more than
-  `threshold` scales above the mean of the last `window` good steps, where the scale is the
-  standard deviation of those losses, but at least 1% of their mean (a smooth late-training
-  history must not turn ordinary noise into a 6-sigma event). Judged once `min_steps` good steps
-  are known. A bad step is skipped: no update, no optimizer-state change. Every skipped step is
-  reported in one line (`Judgment.message`).
+  `threshold` scales above the current level (the mean of the last `LEVEL_STEPS` good steps). The
+  scale is the step-to-step noise of the last `window` good steps (the standard deviation of
+  their successive differences over sqrt 2, which a falling trend does not inflate as a plain
+  standard deviation would early in training), but at least 1% of the level (a smooth
+  late-training history must not turn ordinary noise into a 6-sigma event). Judged once
+  `min_steps` good steps are known. A bad step is skipped: no update, no optimizer-state change.
+  Every skipped step is reported in one line (`Judgment.message`).
 - A gradient-norm outlier with a normal loss is **not** skipped: gradient clipping already bounds
   its update, and on ordinary runs such outliers are about 1% of steps (the false positives that
   skipping them gave); they are counted (`grad_norm_outliers`) and logged.
@@ -43,6 +45,7 @@ from typing import Any
 WEIGHT_JUMP = 30.0  # an update this many times larger (in weight-norm change) than any recent one
 MIN_WEIGHT_JUMP = 0.01  # ...and changing the weight norm by at least 1% is a divergence
 MIN_RELATIVE_SCALE = 0.01  # the loss scale is at least 1% of the mean loss
+LEVEL_STEPS = 10  # the loss level is the mean of this many latest good steps
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,16 @@ class SpikeGuard:
             return f"a non-finite loss or gradient (loss {loss:.4g}, gradient norm {grad_norm:.4g})"
         if self.threshold is None or len(self.history) < self.min_steps:
             return None
-        mean, std = _mean_std([entry[0] for entry in self.history])
-        scale = max(std, MIN_RELATIVE_SCALE * abs(mean))
-        z = (loss - mean) / scale if scale > 0 else 0.0
+        losses = [entry[0] for entry in self.history]
+        level = sum(losses[-LEVEL_STEPS:]) / len(losses[-LEVEL_STEPS:])
+        noise = _mean_std([b - a for a, b in zip(losses, losses[1:])])[1] / math.sqrt(2)
+        scale = max(noise, MIN_RELATIVE_SCALE * abs(level))
+        z = (loss - level) / scale if scale > 0 else 0.0
         if z > self.threshold:
-            return f"a loss spike ({loss:.4g}, z-score {z:.1f} against the mean {mean:.4g} of the last {len(self.history)} good steps)"
+            return (
+                f"a loss spike ({loss:.4g}, z-score {z:.1f}: the level of the last good steps is {level:.4g}, "
+                f"their step-to-step noise {scale:.3g})"
+            )
         return None
 
     def _grad_norm_z(self, grad_norm: float) -> float | None:
