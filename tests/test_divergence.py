@@ -5,14 +5,13 @@ a known-bad state."""
 
 from __future__ import annotations
 
-import glob
+import base64
 import json
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
 
@@ -161,14 +160,15 @@ def test_every_checkpoint_damaged_is_one_line_nothing_renamed_and_resume_none_st
 
 @pytest.fixture(scope="module")
 def shifted_dataset(tiny_dataset, tmp_path_factory) -> Path:
-    """Another corpus, tokenized with the same tokenizer: stdlib modules written backwards (the same
-    characters, a very different distribution of tokens: a large domain shift)."""
+    """Another corpus, tokenized with the same tokenizer: base64 text (nothing like Python source,
+    though learnable: a large domain shift for a model trained on the stdlib)."""
     root = tmp_path_factory.mktemp("shifted")
-    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))[150:260]
-    with open(root / "backwards.jsonl", "w") as f:
-        for path in files:
-            f.write(json.dumps({"text": Path(path).read_text(errors="replace")[::-1]}) + "\n")
-    args = ["data", "prepare", "--input", str(root / "backwards.jsonl"), "--output", str(root / "out")]
+    rng = np.random.default_rng(0)
+    with open(root / "base64.jsonl", "w") as f:
+        for _ in range(300):
+            text = base64.encodebytes(rng.bytes(3000)).decode()
+            f.write(json.dumps({"text": text}) + "\n")
+    args = ["data", "prepare", "--input", str(root / "base64.jsonl"), "--output", str(root / "out")]
     tokenizer = str(tiny_dataset / "tokenizer.json")
     assert main([*args, "--tokenizer", tokenizer, "--val-fraction", "0.1", "--num-proc", "1"]) == 0
     return root / "out"
@@ -325,14 +325,17 @@ def test_two_fsdp2_processes_roll_back_alike(poisoned, tmp_path):
 
 @pytest.fixture(scope="module")
 def stage_one(tiny_dataset, tmp_path_factory) -> Path:
-    """A run trained 30 steps on the stdlib corpus (its loss well below chance), checkpoints every 10."""
+    """A run trained 60 steps on the stdlib corpus, its guard judging by the last 20 steps (a settled
+    loss: the old guard's history), checkpoints every 20."""
     tmp = tmp_path_factory.mktemp("stage_one")
+    model = {"model": "tiny", "model_overrides": MODEL, "spike_window": 20} | recipe_model()
     config = recipe(
         tmp,
         tiny_dataset,
         tmp / "one",
-        trainer__max_steps=30,
-        checkpoint={"every_n_steps": 10, "keep_last": 5},
+        trainer__max_steps=60,
+        model=model,
+        checkpoint={"every_n_steps": 20, "keep_last": 5},
     )
     run(["fit", "--config", str(config)])
     return tmp / "one"
@@ -372,10 +375,10 @@ def assert_no_guard_action(run_dir: Path, err: str) -> None:
 def test_a_continual_stage_on_another_corpus_skips_nothing(
     door, stage_one, tiny_dataset, shifted_dataset, tmp_path, capsys
 ):
-    checkpoint = stage_one / "checkpoints" / "step-00000030.ckpt"
+    checkpoint = stage_one / "checkpoints" / "step-00000060.ckpt"
     run_dir = tmp_path / door
     data = shifted_sources(shifted_dataset, tiny_dataset if door == "ramp" else None, ramp=door == "ramp")
-    changes: dict = {"data": data, "trainer__max_steps": 45}
+    changes: dict = {"data": data, "trainer__max_steps": 75}
     args: list[str] = []
     if door in ("allow_data_change", "ramp", "rewarm"):
         shutil.copytree(stage_one, run_dir)  # the same run, continued
@@ -386,11 +389,12 @@ def test_a_continual_stage_on_another_corpus_skips_nothing(
                 "model_overrides": MODEL,
                 "lr_schedule": {
                     "class_path": "pretrain.train.schedules.WarmupCosine",
-                    "init_args": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 40},
+                    "init_args": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 70},
                 },
             }
-    elif door == "branch_from":
+    elif door == "branch_from":  # new data in a branch: allowed explicitly, as the recipes say
         changes["branch_from"] = str(checkpoint)
+        data["allow_data_change"] = True
     else:
         changes["model"] = {"model": "tiny", "model_overrides": MODEL, "init_from": str(checkpoint)}
         changes["trainer__max_steps"] = 15
@@ -402,5 +406,5 @@ def test_a_continual_stage_on_another_corpus_skips_nothing(
         assert "spike guard: history restarts" in err
     # The shift is real: the new stage's first loss lies far above the history the old guard judged by.
     losses = train_losses(run_dir)
-    first_new = losses[30] if door != "init_from" else losses[0]
+    first_new = losses[60] if door != "init_from" else losses[0]
     assert first_loss_z_against_the_saved_history(checkpoint, first_new) > 6
