@@ -7,10 +7,12 @@ relaunches the command line for the second rank).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -354,6 +356,77 @@ def test_checkpoints_are_not_staged_in_tmpdir(tiny_dataset, tmp_path, monkeypatc
     assert main(["fit", "--config", str(config)]) == 0
     assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 4]
     assert load_model_checkpoint(run_dir / "checkpoints" / "step-00000004.ckpt").meta["global_step"] == 4
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str, monkeypatch):
+    """A real tmpfs of `size` at `path` where this process may mount one (root, as in CI); elsewhere
+    torch's zip writer is made to fail as it does on a full disk (a RuntimeError without an errno)
+    and the filesystem to report no free space."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode == 0:
+        try:
+            yield "tmpfs"
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+        return
+    from pretrain.train import periodic_checkpoint
+
+    real_save, saves = torch.save, []
+
+    def save_until_full(obj, target, *args, **kwargs):
+        saves.append(target)
+        if len(saves) > 1:
+            Path(target).write_bytes(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(periodic_checkpoint.torch, "save", save_until_full)
+    monkeypatch.setattr(periodic_checkpoint.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    yield "simulated"
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_in_torchs_zip_writer_is_one_line_without_a_partial(
+    tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """torch.save on a full filesystem raises RuntimeError("... unexpected pos ..."), no OSError."""
+    run_dir = tmp_path / "full"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    with small_filesystem(run_dir / "checkpoints", "2500k", monkeypatch):  # one checkpoint fits (~1.7 MB)
+        assert main(["fit", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "no space left on the device writing checkpoint" in err and "Traceback" not in err
+        assert "the partial file is removed and the earlier checkpoints are intact" in err
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002.ckpt"]
+
+
+def test_a_file_under_a_run_checkpoint_name_that_the_run_did_not_write_is_set_aside(
+    tiny_dataset, tmp_path, capsys
+):
+    """`pretrain average A B -o B` is refused; a model file copied in as step-N.ckpt never stands in
+    for the run's own checkpoint: it is set aside and the run writes its own."""
+    run_dir = tmp_path / "run"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    assert main(["fit", "--config", str(config), "--trainer.max_steps", "2"]) == 0
+    step2 = run_dir / "checkpoints" / "step-00000002.ckpt"
+    before = step2.read_bytes()
+    assert main(["average", str(step2), str(step2), "-o", str(step2)]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err and step2.read_bytes() == before
+    step4 = run_dir / "checkpoints" / "step-00000004.ckpt"
+    assert main(["average", str(step2), "-o", str(step4)]) == 2
+    assert "a run's checkpoint name in a checkpoints folder" in capsys.readouterr().err
+    assert main(["average", str(step2), "-o", str(tmp_path / "model.pt")]) == 0
+    shutil.copy(tmp_path / "model.pt", step4)  # as a sync tool or a careless cp would
+    assert main(["fit", "--config", str(config)]) == 0
+    assert "step-00000004.ckpt: not written by this run; set aside as" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "foreign-step-00000004.ckpt").read_bytes() == (
+        tmp_path / "model.pt"
+    ).read_bytes()
+    assert load_model_checkpoint(step4).meta["global_step"] == 4  # the run's own
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_checkpoints(
