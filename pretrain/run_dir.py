@@ -23,12 +23,11 @@ How the logs are read (`RunDir.read_logs`):
 - downstream benchmark scores are the sparse columns `downstream/<task>/<metric>` (`RunLog.downstream`),
   merged across versions like every other column.
 
-The lease (`RunDir.acquire`): one `pretrain fit` owns a run directory at a time, so that two
-launches never both write checkpoints there. It is created with a hard link (atomic on local
-disks, NFS and Lustre alike) and names its owner's host, process (with its start time, against
-pid reuse) and SLURM job. Another launch takes it over only when the owner is provably gone: a
-process of this host that no longer runs, or the same SLURM job requeued; otherwise it is refused
-with the owner named. `release` removes it when training ends.
+The lease (`RunDir.acquire`, `pretrain.lease`): one `pretrain fit` owns a run directory at a time,
+so that two launches never both write checkpoints there. It names its owner's host, process and
+SLURM job; another launch takes it over only when the owner is provably gone (a process of this
+host that no longer runs, or the same SLURM job requeued); otherwise it is refused with the owner
+named. `release` removes it when training ends.
 
 Nothing here imports torch or Lightning: `pretrain status` and `pretrain plot` start fast.
 """
@@ -42,7 +41,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pretrain import lease
 from pretrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -338,44 +337,15 @@ class RunDir:
     def acquire(self) -> None:
         """Make this process the run's one owner (module docstring), or refuse naming the owner."""
         self.path.mkdir(parents=True, exist_ok=True)
-        me = _this_process()
-        offer = self.path / f".owner.{me['host']}.{me['pid']}.tmp"
-        offer.write_text(json.dumps(me) + "\n")
-        try:
-            for _ in range(3):
-                try:
-                    os.link(offer, self.lease_file)  # fails if a lease exists, atomically
-                    return
-                except FileExistsError:
-                    owner = self.owner()
-                    if owner is not None and _same_process(owner, me):
-                        return
-                    gone = _gone_because(owner, me)
-                    if gone is None:
-                        raise UserError(_in_use_message(self, owner)) from None
-                    print(f"{self.path}: taking over from an earlier owner ({gone})", file=sys.stderr)
-                    if self.owner() == owner:  # still the stale lease we judged
-                        self.lease_file.unlink(missing_ok=True)
-            raise UserError(
-                f"{self.lease_file}: another launch keeps taking the run directory over; try again"
-            )
-        finally:
-            offer.unlink(missing_ok=True)
+        lease.acquire(self.lease_file, lambda owner: _in_use_message(self, owner), "owner")
 
     def owner(self) -> dict[str, Any] | None:
         """The lease's content, None if there is none; {} if it is unreadable (a crash mid-write)."""
-        try:
-            return json.loads(self.lease_file.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
+        return lease.read(self.lease_file)
 
     def release(self) -> None:
         """Remove the lease if this process holds it."""
-        owner = self.owner()
-        if owner and _same_process(owner, _this_process()):
-            self.lease_file.unlink(missing_ok=True)
+        lease.release(self.lease_file)
 
     # ---- requeue record -------------------------------------------------------------------------
 
@@ -458,54 +428,9 @@ class RunDir:
         )
 
 
-def _this_process() -> dict[str, Any]:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start": _process_start(os.getpid()),
-        "job_id": os.environ.get("SLURM_JOB_ID"),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), None where unknown or not running."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _same_process(owner: dict[str, Any], me: dict[str, Any]) -> bool:
+def _in_use_message(run: RunDir, owner: dict[str, Any]) -> str:
     return (
-        owner.get("host") == me["host"]
-        and owner.get("pid") == me["pid"]
-        and owner.get("start") == me["start"]
-    )
-
-
-def _gone_because(owner: dict[str, Any] | None, me: dict[str, Any]) -> str | None:
-    """Why the lease's owner is provably gone, or None if it may still be running."""
-    if owner is None:
-        return "released meanwhile"
-    if not owner:
-        return "its lease file is unreadable, left by a crash while it was written"
-    if owner.get("job_id") and owner["job_id"] == me["job_id"]:
-        return f"SLURM requeued job {owner['job_id']}: its earlier run is over"
-    if owner.get("host") == me["host"]:
-        pid = owner.get("pid")
-        start = _process_start(pid) if isinstance(pid, int) else None
-        if start is None or start != owner.get("start"):
-            return f"process {pid} on this host is no longer running"
-    return None
-
-
-def _in_use_message(run: RunDir, owner: dict[str, Any] | None) -> str:
-    owner = owner or {}
-    job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
-    return (
-        f"{run.path} is in use by another `pretrain fit` (host {owner.get('host')}, pid {owner.get('pid')}{job}, "
-        f"since {owner.get('since')}): two runs in one directory would overwrite each other's checkpoints. "
+        f"{run.path} is in use by another `pretrain fit` ({lease.describe_owner(owner)}): two runs in one directory would overwrite each other's checkpoints. "
         "Wait for it to finish or stop it, or give this run another run_dir; if that process is gone for good "
         f"(its node died), delete {run.lease_file}"
     )

@@ -14,7 +14,8 @@ import pytest
 from helpers import PRETRAIN, logged_steps, recipe
 
 from pretrain.errors import UserError
-from pretrain.run_dir import RunDir, _process_start
+from pretrain.lease import process_start
+from pretrain.run_dir import RunDir
 
 
 def write_lease(run: RunDir, **owner) -> None:
@@ -40,7 +41,7 @@ def test_a_live_owner_keeps_the_run_and_is_named(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     other = subprocess.Popen(["sleep", "30"])
     try:
-        write_lease(run, pid=other.pid, start=_process_start(other.pid))
+        write_lease(run, pid=other.pid, start=process_start(other.pid))
         with pytest.raises(UserError, match=rf"in use by another `pretrain fit` \(host .*, pid {other.pid}"):
             run.acquire()
         write_lease(run, host="gpu-node-7", pid=4242, start="1", job_id="900")  # elsewhere, maybe alive
