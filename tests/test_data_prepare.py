@@ -451,5 +451,7 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, 
     pieces = prepare([str(corpus)], tokenizer, tmp_path / "pieces", show_progress=False, num_proc=1)
     assert pieces.fingerprint == whole.fingerprint  # every token of every shard identical
     text = "def f():\n    return 1\n\n\nclass A:\n  pass\n" * 40
-    assert "".join(prepare_module._pieces(text)) == text
-    assert all(len(p) <= 300 for p in prepare_module._pieces(text))
+    pieces = list(prepare_module._pieces(prepare_module._slices(text)))
+    assert "".join(pieces) == text and all(len(p) <= 300 for p in pieces)
+    blocks = (text[i : i + 7] for i in range(0, len(text), 7))  # however the text comes, the same cuts
+    assert list(prepare_module._pieces(blocks)) == pieces
