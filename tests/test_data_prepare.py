@@ -455,3 +455,103 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, 
     assert "".join(pieces) == text and all(len(p) <= 300 for p in pieces)
     blocks = (text[i : i + 7] for i in range(0, len(text), 7))  # however the text comes, the same cuts
     assert list(prepare_module._pieces(blocks)) == pieces
+
+
+def long_text(chars: int, seed: int = 0) -> str:
+    """Text of about `chars` characters, with line breaks and non-ASCII words."""
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < chars:
+        line = " ".join(rng.choice(WORDS + EXTRA) for _ in range(rng.randint(0, 14)))
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines)
+
+
+def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, tokenizer, monkeypatch):
+    """Documents whose ids exceed SPILL_TOKENS reach the shards through spill files; text files are read
+    a block at a time (a block edge may fall inside a character): same bytes as with everything in memory,
+    also where a spilled document starts a new shard, and no spill file is left."""
+    from pretrain.data import prepare as prepare_module
+
+    docs = make_docs(30)
+    long_docs = [long_text(9_000, seed) for seed in range(3)]
+    write_jsonl(
+        tmp_path / "in" / "a.jsonl", docs[:10] + long_docs[:2] + docs[10:20] + long_docs[2:] + docs[20:]
+    )
+    (tmp_path / "in" / "b.txt").write_text(long_text(12_000, seed=7))
+    (tmp_path / "in" / "c.txt.gz").write_bytes(gzip.compress(long_text(5_000, seed=8).encode()))
+    (tmp_path / "in" / "d.txt").write_text("short")
+    pattern, settings = [str(tmp_path / "in")], Settings(shard_tokens=2500, val_fraction=0.3, bos=True)
+    memory = prepare(pattern, tokenizer, tmp_path / "memory", settings, num_proc=1, show_progress=False)
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
+    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 700)
+    monkeypatch.setattr(prepare_module, "READ_BYTES", 333)
+    spilled = []
+    real_add = prepare_module.SplitWriter._add_spilled
+    monkeypatch.setattr(
+        prepare_module.SplitWriter,
+        "_add_spilled",
+        lambda self, spill: spilled.append(spill) or real_add(self, spill),
+    )
+    streamed = prepare(pattern, tokenizer, tmp_path / "streamed", settings, num_proc=1, show_progress=False)
+    assert len(spilled) >= 5  # the long JSON documents and the long text files
+    assert streamed.fingerprint == memory.fingerprint and tree(tmp_path / "streamed") == tree(
+        tmp_path / "memory"
+    )
+    assert not any(Path(s.path).exists() for s in spilled)
+
+
+@pytest.mark.parametrize("where", ["first block", "later block", "split character", "last byte"])
+def test_a_text_file_read_in_blocks_names_bad_bytes_as_reading_it_whole(
+    tmp_path, tokenizer, monkeypatch, where
+):
+    from pretrain.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "READ_BYTES", 64)
+    good = long_text(1000).encode()  # holds 2-, 3- and 4-byte characters
+    at = {"first block": 10, "later block": 700, "split character": good.index("日".encode()) + 1,
+          "last byte": len(good)}[where]  # fmt: skip
+    bad = good[:at] + (b"\xe6" if where == "last byte" else b"\xff") + good[at:]
+    path = tmp_path / "in" / "bad.txt"
+    path.parent.mkdir()
+    path.write_bytes(bad)
+    (units,), _ = inputs.plan([path], "text")
+    (expected,) = inputs.read(path, units, inputs.Fields()).problems
+    write_jsonl(tmp_path / "in" / "good.jsonl", make_docs(5))
+    manifest = prepare([str(tmp_path / "in")], tokenizer, tmp_path / "out", num_proc=1, show_progress=False)
+    assert manifest.data["skipped"]["examples"] == [inputs.describe_problem(path, expected, 0)]
+    assert manifest.data["skipped"]["by_reason"] == {"undecodable bytes": 1}
+    assert not list((tmp_path / "out").rglob("*.tokens"))
+
+
+def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
+    """Peak Python memory (tracemalloc: strings, bytes, numpy arrays) of preparing one 9 MB text file is
+    that of a 1 MB one: it is read, hashed and tokenized a block at a time and its ids reach the shard
+    through a spill file (reading it whole held its bytes, its text and 8 bytes per token: +38 MB)."""
+    import tracemalloc
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pretrain.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 1 << 16)
+    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 1 << 16, raising=False)  # (absent before spills)
+    words = Tokenizer(models.WordLevel({EOS: 0, "?": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}, "?"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # fast: the test measures memory, not BPE
+    words.save(str(tmp_path / "words.json"))
+    line = " ".join(random.Random(0).choice(WORDS) for _ in range(20_000)) + "\n"
+    peaks = {}
+    for megabytes in (1, 9):
+        path = tmp_path / f"in{megabytes}" / "doc.txt"
+        path.parent.mkdir()
+        path.write_text(line * int(megabytes * 1e6 / len(line)))
+        tracemalloc.start()
+        try:
+            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", num_proc=1,
+                    show_progress=False)  # fmt: skip
+            peaks[megabytes] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert load_manifest(tmp_path / f"out{megabytes}").tokens("train") > megabytes * 1e6 / 6
+    assert peaks[9] - peaks[1] < 2e6, f"peak memory {peaks[1] / 1e6:.1f} MB -> {peaks[9] / 1e6:.1f} MB"

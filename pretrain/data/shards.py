@@ -75,7 +75,7 @@ def fsync_dir(path: Path) -> None:
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
