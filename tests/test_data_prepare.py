@@ -555,3 +555,134 @@ def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
             tracemalloc.stop()
         assert load_manifest(tmp_path / f"out{megabytes}").tokens("train") > megabytes * 1e6 / 6
     assert peaks[9] - peaks[1] < 2e6, f"peak memory {peaks[1] / 1e6:.1f} MB -> {peaks[9] / 1e6:.1f} MB"
+
+
+def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[list[str], Settings, Path]:
+    """An unfinished preparation in tmp_path/out, stopped after `commits` commits (some shards published),
+    and the uninterrupted preparation of the same inputs in tmp_path/clean."""
+    from pretrain.data import prepare as prepare_module
+
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
+    real_commit = prepare_module.Run.commit
+    done = []
+
+    def stop_after(self, final: bool = False) -> None:
+        if len(done) == commits:
+            raise KeyboardInterrupt
+        done.append(real_commit(self, final))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.Run, "commit", stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False,
+                    commit_seconds=0)  # fmt: skip
+    return pattern, settings, tmp_path / "out"
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "42", "[]", "missing key"])
+@pytest.mark.parametrize("file", ["state", "sidecar"])
+def test_damaged_preparation_state_or_sidecar_starts_the_preparation_over(tmp_path, tokenizer, monkeypatch,
+                                                                           capsys, file, kind):  # fmt: skip
+    from test_data_verify import damage
+
+    pattern, settings, out = interrupted(tmp_path, tokenizer, monkeypatch, commits=3)
+    path = out / ".prepare" / "state.json" if file == "state" else out / "train" / "shard_00000.json"
+    assert path.exists()
+    damage(path, kind, drop="splits" if file == "state" else "sha256")
+    capsys.readouterr()
+    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    err = capsys.readouterr().err
+    assert f"{path}: damaged" in err and "starting the preparation over" in err
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_shard_file_the_state_counts_on_gone_starts_the_preparation_over(tmp_path, tokenizer, monkeypatch,
+                                                                           capsys):  # fmt: skip
+    pattern, settings, out = interrupted(tmp_path, tokenizer, monkeypatch, commits=3)
+    state = json.loads((out / ".prepare" / "state.json").read_text())
+    assert state["splits"]["train"]["tokens"] > 0
+    (out / "train" / f"shard_{state['splits']['train']['index']:05d}.bin.tmp").unlink()
+    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    assert "starting the preparation over" in capsys.readouterr().err
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_damaged_state_beside_a_finished_dataset_is_named_not_guessed(tmp_path, tokenizer, capsys):
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=1)
+    (tmp_path / "clean" / ".prepare").mkdir()
+    (tmp_path / "clean" / ".prepare" / "state.json").write_text("[]")
+    before = tree(tmp_path / "clean")
+    with pytest.raises(UserError, match="already holds a prepared dataset"):
+        prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    assert tree(tmp_path / "clean") == before
+
+
+def test_an_output_held_by_a_live_prepare_is_refused_and_a_dead_ones_taken_over(tmp_path, tokenizer, capsys):
+    import socket
+
+    from pretrain.lease import process_start
+
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=2)
+    lock = tmp_path / "out" / ".prepare-owner.json"
+    lock.parent.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        owner = {
+            "host": socket.gethostname(),
+            "pid": other.pid,
+            "start": process_start(other.pid),
+            "since": "then",
+        }
+        lock.write_text(json.dumps(owner))
+        with pytest.raises(
+            UserError, match=rf"being written by another `pretrain data prepare` \(host .*, pid {other.pid}"
+        ):
+            prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)
+        assert json.loads(lock.read_text()) == owner and not (tmp_path / "out" / ".prepare").exists()
+    finally:
+        other.kill()
+        other.wait()
+    capsys.readouterr()
+    prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)  # its owner is gone now
+    assert f"process {other.pid} on this host is no longer running" in capsys.readouterr().err
+    assert not lock.exists() and tree(tmp_path / "out") == tree(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_two_prepares_on_one_output(tmp_path, tokenizer):
+    """A second `pretrain data prepare` into the folder a first one is writing is refused, naming the first;
+    once the first is SIGKILLed, the same command takes over and finishes: the dataset of a clean run."""
+    import socket
+
+    for i in range(150):
+        write_jsonl(tmp_path / "in" / f"part{i:03d}.jsonl", make_docs(25, seed=i))
+    pattern = str(tmp_path / "in" / "*.jsonl")
+    first = _run_prepare(tmp_path / "out", pattern, tokenizer)
+    while units_done(tmp_path / "out") < 5:
+        assert first.poll() is None, "the first prepare finished before a second could start"
+        time.sleep(0.01)
+    args = ["data", "prepare", "--input", pattern, "--tokenizer", str(tokenizer), "--output", str(tmp_path / "out"),
+            "--shard-tokens", "3000", "--val-fraction", "0.1", "--num-proc", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    second = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert (
+        f"being written by another `pretrain data prepare` (host {socket.gethostname()}, pid {first.pid},"
+        in (second.stderr)
+    )
+    assert first.poll() is None  # untouched
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    third = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert (
+        f"taking over from an earlier `pretrain data prepare` (process {first.pid} on this host"
+        in third.stderr
+    )
+    assert _run_prepare(tmp_path / "clean", pattern, tokenizer).wait() == 0
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
