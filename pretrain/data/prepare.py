@@ -14,7 +14,17 @@ sizes, skip counts). Shards closed since the last commit are then published: sid
 written, `.bin.tmp` renamed to `.bin`. A rerun after a kill at any point truncates the
 temporary files to the committed sizes, finishes publishing, and continues with the next
 unit. `manifest.json` is written last, and readers accept only shards it lists, so no
-partial shard is ever read.
+partial shard is ever read. A state or a published shard's sidecar that is damaged (empty,
+truncated, not JSON, the wrong shape), or a shard file it counts on that is gone, is not guessed
+at: the preparation starts over, saying so in one line (nothing finished is lost).
+
+Memory: a long document is tokenized a piece at a time, and once its ids pass SPILL_TOKENS the
+worker writes them to a spill file (`.prepare/spill/`) that the writer copies into the shard, so
+no process holds a huge document's ids; a text file is read, hashed and tokenized a block at a
+time, so its length costs nothing (`benchmarks/prepare_memory.py`).
+
+One preparation per output folder: `prepare` holds the folder's lease (`LOCK`, `pretrain.lease`)
+while it runs; another is refused naming it, and a killed one's lease on this host is taken over.
 """
 
 from __future__ import annotations
