@@ -39,3 +39,42 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+Fields = dict[str, tuple[type, ...]]  # JSON key -> the types its value may have
+
+
+class DamagedRecord(ValueError):
+    """A file that `pretrain` wrote and cannot read back; the message says why, in a few words."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in `path`, None when there is no such file; `DamagedRecord` when it is empty,
+    unreadable, not UTF-8 or not complete JSON."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise DamagedRecord(f"unreadable ({err.strerror})") from None
+    if not data.strip():
+        raise DamagedRecord("empty")
+    try:
+        return json.loads(data.decode())
+    except UnicodeDecodeError:
+        raise DamagedRecord("not UTF-8 text (garbage bytes)") from None
+    except ValueError:
+        raise DamagedRecord("not complete JSON (truncated?)") from None
+
+
+def has_fields(value: Any, fields: Fields) -> bool:
+    """Whether `value` is a JSON object holding every key of `fields` with a value of its types
+    (a bool is not an int)."""
+    return isinstance(value, dict) and all(
+        key in value and is_a(value[key], types) for key, types in fields.items()
+    )
+
+
+def is_a(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is not an int."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)

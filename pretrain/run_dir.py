@@ -31,27 +31,23 @@ How the logs are read (`RunDir.read_logs`):
 - downstream benchmark scores are the sparse columns `downstream/<task>/<metric>` (`RunLog.downstream`),
   merged across versions like every other column.
 
-The lease (`RunDir.acquire`): one `pretrain fit` owns a run directory at a time, so that two
-launches never both write checkpoints there. It is created with a hard link (atomic on local
-disks, NFS and Lustre alike) and names its owner's host, process (with its start time, against
-pid reuse) and SLURM job. Another launch takes it over only when the owner is provably gone: a
-process of this host that no longer runs, or the same SLURM job requeued; otherwise it is refused
-with the owner named. `release` removes it when training ends. The lease is written in full
-(fsynced) before it is linked into place, so a lease that cannot be read (empty, truncated, not
-UTF-8, not JSON, or JSON of another shape) was not written by `pretrain fit`: no launch can tell
-whether its owner still runs, so every launch is refused, naming the file to delete.
+The lease (`RunDir.acquire`, `pretrain.lease`): one `pretrain fit` owns a run directory at a time,
+so that two launches never both write checkpoints there. It names its owner's host, process and
+SLURM job; another launch takes it over only when the owner is provably gone (a process of this
+host that no longer runs, or the same SLURM job requeued); otherwise it is refused with the owner
+named. A lease that cannot be read was not written by `pretrain fit`: every launch is refused,
+naming the file to delete. `release` removes it when training ends.
 
-Files read back (`read_json`): a damaged requeue.json is kept aside as requeue.json.damaged
-(with one line) when the next signal writes a new record, and its usable fields carry over; a
-damaged or foreign line of slurm/jobs.jsonl is passed over; a config.yaml that is not a mapping is
-ignored. `pretrain status` names what it could not read.
+Files read back (`pretrain.files.read_json`): a damaged requeue.json is kept aside as
+requeue.json.damaged (with one line) when the next signal writes a new record, and its usable
+fields carry over; a damaged or foreign line of slurm/jobs.jsonl is passed over; a config.yaml
+that is not a mapping is ignored. `pretrain status` names what it could not read.
 
 Nothing here imports torch or Lightning: `pretrain status` and `pretrain plot` start fast.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -59,7 +55,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -68,9 +63,10 @@ from pathlib import Path
 from types import NoneType
 from typing import TYPE_CHECKING, Any
 
+from pretrain import lease
 from pretrain.errors import UserError
 from pretrain.eval.metrics import is_score
-from pretrain.files import write_atomic
+from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,9 +83,6 @@ _VAL_LOSS = re.compile(r"val/(.+)/loss")
 _DOWNSTREAM = re.compile(r"downstream/(.+)/([^/]+)")
 
 Row = tuple[int, dict[str, float]]
-Fields = dict[str, tuple[type, ...]]  # a JSON object's required keys and the types of their values
-
-_LEASE: Fields = {"host": (str,), "pid": (int,), "start": (str, NoneType), "job_id": (str, NoneType)}
 _JOB: Fields = {"job_id": (str, int), "time": (int, float)}
 _REQUEUE: Fields = {
     "job_id": (str, int),
@@ -98,41 +91,6 @@ _REQUEUE: Fields = {
     "updated": (int, float),
 }
 _REQUEUE_EVENT: Fields = {"signal": (str,), "step": (int,), "action": (str,)}
-
-
-class DamagedRecord(Exception):
-    """A file that `pretrain` wrote and cannot read back; the message says why, in a few words."""
-
-
-def read_json(path: Path) -> Any:
-    """The JSON value in `path`, None when there is no such file; `DamagedRecord` when it is empty,
-    unreadable, not UTF-8 or not complete JSON."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise DamagedRecord(f"unreadable ({err.strerror})") from None
-    if not data.strip():
-        raise DamagedRecord("empty")
-    try:
-        return json.loads(data.decode())
-    except UnicodeDecodeError:
-        raise DamagedRecord("not UTF-8 text (garbage bytes)") from None
-    except ValueError:
-        raise DamagedRecord("not complete JSON (truncated?)") from None
-
-
-def has_fields(value: Any, fields: Fields) -> bool:
-    """Whether `value` is a JSON object holding every key of `fields` with a value of its types
-    (a bool is not an int)."""
-    return isinstance(value, dict) and all(
-        key in value and _is(value[key], types) for key, types in fields.items()
-    )
-
-
-def _is(value: Any, types: tuple[type, ...]) -> bool:
-    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
 def downstream_column(task: str, metric: str) -> str:
@@ -511,71 +469,16 @@ class RunDir:
 
     def acquire(self) -> None:
         """Make this process the run's one owner (module docstring), or refuse naming the owner."""
-        from pretrain.files import write_atomic
-
         self.path.mkdir(parents=True, exist_ok=True)
-        me = _this_process()
-        offer = self.path / f".owner.{me['host']}.{me['pid']}.tmp"
-        write_atomic(offer, (json.dumps(me) + "\n").encode())  # on disk in full before it is linked
-        try:
-            for _ in range(3):
-                try:
-                    os.link(offer, self.lease_file)  # fails if a lease exists, atomically
-                    return
-                except FileExistsError:
-                    owner = self.owner()
-                    if owner == {}:
-                        raise UserError(self._damaged_lease_message()) from None
-                    if owner is not None and _same_process(owner, me):
-                        return
-                    gone = _gone_because(owner, me)
-                    if gone is None:
-                        raise UserError(_in_use_message(self, owner)) from None
-                    print(f"{self.path}: taking over from an earlier owner ({gone})", file=sys.stderr)
-                    if owner is not None:
-                        self._remove_stale_lease(owner, offer.with_suffix(".stale"))
-            raise UserError(
-                f"{self.lease_file}: another launch keeps taking the run directory over; try again"
-            )
-        finally:
-            offer.unlink(missing_ok=True)
+        lease.acquire(self.lease_file, lambda owner: _in_use_message(self, owner), "`pretrain fit`")
 
     def owner(self) -> dict[str, Any] | None:
-        """The lease's content, None if there is none; {} if it is not a lease `pretrain fit` wrote
-        (unreadable, or JSON of another shape)."""
-        return _read_lease(self.lease_file)
-
-    def _damaged_lease_message(self) -> str:
-        try:
-            problem = "JSON of another shape" if read_json(self.lease_file) is not None else "gone"
-        except DamagedRecord as err:
-            problem = str(err)
-        return (
-            f"{self.lease_file}: not a lease written by `pretrain fit` ({problem}), so whether another launch "
-            f"owns {self.path} cannot be told; if no `pretrain fit` runs on it, delete {self.lease_file} and "
-            "launch again"
-        )
-
-    def _remove_stale_lease(self, judged: dict[str, Any], aside: Path) -> None:
-        """Remove the lease judged stale unless another launch replaced it meanwhile: the rename is
-        atomic, so of several launches taking over at once one moves it; a newer lease moved by
-        mistake is put back."""
-        try:
-            os.rename(self.lease_file, aside)
-        except FileNotFoundError:
-            return  # another launch moved it first
-        try:
-            if _read_lease(aside) != judged:
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.lease_file)
-        finally:
-            aside.unlink(missing_ok=True)
+        """The lease's content, None if there is none; {} if it is not a lease `pretrain fit` wrote."""
+        return lease.read(self.lease_file)
 
     def release(self) -> None:
         """Remove the lease if this process holds it."""
-        owner = self.owner()
-        if owner and _same_process(owner, _this_process()):
-            self.lease_file.unlink(missing_ok=True)
+        lease.release(self.lease_file)
 
     # ---- requeue record -------------------------------------------------------------------------
 
@@ -601,7 +504,7 @@ class RunDir:
         if not isinstance(data, dict):
             return {}, f"JSON {type(data).__name__} where an object belongs"
         record = {
-            key: value for key, value in data.items() if key not in _REQUEUE or _is(value, _REQUEUE[key])
+            key: value for key, value in data.items() if key not in _REQUEUE or is_a(value, _REQUEUE[key])
         }
         events = data.get("events", [])
         record["events"] = (
@@ -735,66 +638,12 @@ def _positive_int(config: dict[str, Any], section: str, name: str) -> int | None
     """config[section][name] if it is a positive int, else None (a hand-edited or damaged config)."""
     values = config.get(section)
     value = values.get(name) if isinstance(values, dict) else None
-    return value if isinstance(value, int) and _is(value, (int,)) and value > 0 else None
+    return value if isinstance(value, int) and is_a(value, (int,)) and value > 0 else None
 
 
-def _read_lease(path: Path) -> dict[str, Any] | None:
-    """A lease's content, None if there is none; {} if it is not one `pretrain fit` wrote."""
-    try:
-        lease = read_json(path)
-    except DamagedRecord:
-        return {}
-    if lease is None:
-        return None
-    return lease if has_fields(lease, _LEASE) else {}
-
-
-def _this_process() -> dict[str, Any]:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "start": _process_start(os.getpid()),
-        "job_id": os.environ.get("SLURM_JOB_ID"),
-        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), None where unknown or not running."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _same_process(owner: dict[str, Any], me: dict[str, Any]) -> bool:
+def _in_use_message(run: RunDir, owner: dict[str, Any]) -> str:
     return (
-        owner.get("host") == me["host"]
-        and owner.get("pid") == me["pid"]
-        and owner.get("start") == me["start"]
-    )
-
-
-def _gone_because(owner: dict[str, Any] | None, me: dict[str, Any]) -> str | None:
-    """Why the lease's owner is provably gone, or None if it may still be running."""
-    if owner is None:
-        return "released meanwhile"
-    if owner.get("job_id") and owner["job_id"] == me["job_id"]:
-        return f"SLURM requeued job {owner['job_id']}: its earlier run is over"
-    if owner.get("host") == me["host"]:
-        pid = owner.get("pid")
-        start = _process_start(pid) if isinstance(pid, int) else None
-        if start is None or start != owner.get("start"):
-            return f"process {pid} on this host is no longer running"
-    return None
-
-
-def _in_use_message(run: RunDir, owner: dict[str, Any] | None) -> str:
-    owner = owner or {}
-    job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
-    return (
-        f"{run.path} is in use by another `pretrain fit` (host {owner.get('host')}, pid {owner.get('pid')}{job}, "
-        f"since {owner.get('since')}): two runs in one directory would overwrite each other's checkpoints. "
+        f"{run.path} is in use by another `pretrain fit` ({lease.describe_owner(owner)}): two runs in one directory would overwrite each other's checkpoints. "
         "Wait for it to finish or stop it, or give this run another run_dir; if that process is gone for good "
         f"(its node died), delete {run.lease_file}"
     )

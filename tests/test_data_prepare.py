@@ -451,5 +451,239 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, 
     pieces = prepare([str(corpus)], tokenizer, tmp_path / "pieces", show_progress=False, num_proc=1)
     assert pieces.fingerprint == whole.fingerprint  # every token of every shard identical
     text = "def f():\n    return 1\n\n\nclass A:\n  pass\n" * 40
-    assert "".join(prepare_module._pieces(text)) == text
-    assert all(len(p) <= 300 for p in prepare_module._pieces(text))
+    pieces = list(prepare_module._pieces(prepare_module._slices(text)))
+    assert "".join(pieces) == text and all(len(p) <= 300 for p in pieces)
+    blocks = (text[i : i + 7] for i in range(0, len(text), 7))  # however the text comes, the same cuts
+    assert list(prepare_module._pieces(blocks)) == pieces
+
+
+def long_text(chars: int, seed: int = 0) -> str:
+    """Text of about `chars` characters, with line breaks and non-ASCII words."""
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < chars:
+        line = " ".join(rng.choice(WORDS + EXTRA) for _ in range(rng.randint(0, 14)))
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines)
+
+
+def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, tokenizer, monkeypatch):
+    """Documents whose ids exceed SPILL_TOKENS reach the shards through spill files; text files are read
+    a block at a time (a block edge may fall inside a character): same bytes as with everything in memory,
+    also where a spilled document starts a new shard, and no spill file is left."""
+    from pretrain.data import prepare as prepare_module
+
+    docs = make_docs(30)
+    long_docs = [long_text(9_000, seed) for seed in range(3)]
+    write_jsonl(
+        tmp_path / "in" / "a.jsonl", docs[:10] + long_docs[:2] + docs[10:20] + long_docs[2:] + docs[20:]
+    )
+    (tmp_path / "in" / "b.txt").write_text(long_text(12_000, seed=7))
+    (tmp_path / "in" / "c.txt.gz").write_bytes(gzip.compress(long_text(5_000, seed=8).encode()))
+    (tmp_path / "in" / "d.txt").write_text("short")
+    pattern, settings = [str(tmp_path / "in")], Settings(shard_tokens=2500, val_fraction=0.3, bos=True)
+    memory = prepare(pattern, tokenizer, tmp_path / "memory", settings, num_proc=1, show_progress=False)
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
+    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 700)
+    monkeypatch.setattr(prepare_module, "READ_BYTES", 333)
+    spilled = []
+    real_add = prepare_module.SplitWriter._add_spilled
+    monkeypatch.setattr(
+        prepare_module.SplitWriter,
+        "_add_spilled",
+        lambda self, spill: spilled.append(spill) or real_add(self, spill),
+    )
+    streamed = prepare(pattern, tokenizer, tmp_path / "streamed", settings, num_proc=1, show_progress=False)
+    assert len(spilled) >= 5  # the long JSON documents and the long text files
+    assert streamed.fingerprint == memory.fingerprint and tree(tmp_path / "streamed") == tree(
+        tmp_path / "memory"
+    )
+    assert not any(Path(s.path).exists() for s in spilled)
+
+
+@pytest.mark.parametrize("where", ["first block", "later block", "split character", "last byte"])
+def test_a_text_file_read_in_blocks_names_bad_bytes_as_reading_it_whole(
+    tmp_path, tokenizer, monkeypatch, where
+):
+    from pretrain.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "READ_BYTES", 64)
+    good = long_text(1000).encode()  # holds 2-, 3- and 4-byte characters
+    at = {"first block": 10, "later block": 700, "split character": good.index("日".encode()) + 1,
+          "last byte": len(good)}[where]  # fmt: skip
+    bad = good[:at] + (b"\xe6" if where == "last byte" else b"\xff") + good[at:]
+    path = tmp_path / "in" / "bad.txt"
+    path.parent.mkdir()
+    path.write_bytes(bad)
+    (units,), _ = inputs.plan([path], "text")
+    (expected,) = inputs.read(path, units, inputs.Fields()).problems
+    write_jsonl(tmp_path / "in" / "good.jsonl", make_docs(5))
+    manifest = prepare([str(tmp_path / "in")], tokenizer, tmp_path / "out", num_proc=1, show_progress=False)
+    assert manifest.data["skipped"]["examples"] == [inputs.describe_problem(path, expected, 0)]
+    assert manifest.data["skipped"]["by_reason"] == {"undecodable bytes": 1}
+    assert not list((tmp_path / "out").rglob("*.tokens"))
+
+
+def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
+    """Peak Python memory (tracemalloc: strings, bytes, numpy arrays) of preparing one 9 MB text file is
+    that of a 1 MB one: it is read, hashed and tokenized a block at a time and its ids reach the shard
+    through a spill file (reading it whole held its bytes, its text and 8 bytes per token: +38 MB)."""
+    import tracemalloc
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pretrain.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 1 << 16)
+    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 1 << 16, raising=False)  # (absent before spills)
+    words = Tokenizer(models.WordLevel({EOS: 0, "?": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}, "?"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # fast: the test measures memory, not BPE
+    words.save(str(tmp_path / "words.json"))
+    line = " ".join(random.Random(0).choice(WORDS) for _ in range(20_000)) + "\n"
+    peaks = {}
+    for megabytes in (1, 9):
+        path = tmp_path / f"in{megabytes}" / "doc.txt"
+        path.parent.mkdir()
+        path.write_text(line * int(megabytes * 1e6 / len(line)))
+        tracemalloc.start()
+        try:
+            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", num_proc=1,
+                    show_progress=False)  # fmt: skip
+            peaks[megabytes] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert load_manifest(tmp_path / f"out{megabytes}").tokens("train") > megabytes * 1e6 / 6
+    assert peaks[9] - peaks[1] < 2e6, f"peak memory {peaks[1] / 1e6:.1f} MB -> {peaks[9] / 1e6:.1f} MB"
+
+
+def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[list[str], Settings, Path]:
+    """An unfinished preparation in tmp_path/out, stopped after `commits` commits (some shards published),
+    and the uninterrupted preparation of the same inputs in tmp_path/clean."""
+    from pretrain.data import prepare as prepare_module
+
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
+    real_commit = prepare_module.Run.commit
+    done = []
+
+    def stop_after(self, final: bool = False) -> None:
+        if len(done) == commits:
+            raise KeyboardInterrupt
+        done.append(real_commit(self, final))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.Run, "commit", stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False,
+                    commit_seconds=0)  # fmt: skip
+    return pattern, settings, tmp_path / "out"
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "42", "[]", "missing key"])
+@pytest.mark.parametrize("file", ["state", "sidecar"])
+def test_damaged_preparation_state_or_sidecar_starts_the_preparation_over(tmp_path, tokenizer, monkeypatch,
+                                                                           capsys, file, kind):  # fmt: skip
+    from test_data_verify import damage
+
+    pattern, settings, out = interrupted(tmp_path, tokenizer, monkeypatch, commits=3)
+    path = out / ".prepare" / "state.json" if file == "state" else out / "train" / "shard_00000.json"
+    assert path.exists()
+    damage(path, kind, drop="splits" if file == "state" else "sha256")
+    capsys.readouterr()
+    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    err = capsys.readouterr().err
+    assert f"{path}: damaged" in err and "starting the preparation over" in err
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_shard_file_the_state_counts_on_gone_starts_the_preparation_over(tmp_path, tokenizer, monkeypatch,
+                                                                           capsys):  # fmt: skip
+    pattern, settings, out = interrupted(tmp_path, tokenizer, monkeypatch, commits=3)
+    state = json.loads((out / ".prepare" / "state.json").read_text())
+    assert state["splits"]["train"]["tokens"] > 0
+    (out / "train" / f"shard_{state['splits']['train']['index']:05d}.bin.tmp").unlink()
+    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    assert "starting the preparation over" in capsys.readouterr().err
+    assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_a_damaged_state_beside_a_finished_dataset_is_named_not_guessed(tmp_path, tokenizer, capsys):
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=1)
+    (tmp_path / "clean" / ".prepare").mkdir()
+    (tmp_path / "clean" / ".prepare" / "state.json").write_text("[]")
+    before = tree(tmp_path / "clean")
+    with pytest.raises(UserError, match="already holds a prepared dataset"):
+        prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    assert tree(tmp_path / "clean") == before
+
+
+def test_an_output_held_by_a_live_prepare_is_refused_and_a_dead_ones_taken_over(tmp_path, tokenizer, capsys):
+    import socket
+
+    from pretrain.lease import process_start
+
+    pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=2)
+    lock = tmp_path / "out" / ".prepare-owner.json"
+    lock.parent.mkdir()
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        owner = {
+            "host": socket.gethostname(),
+            "pid": other.pid,
+            "start": process_start(other.pid),
+            "job_id": None,
+            "since": "then",
+        }
+        lock.write_text(json.dumps(owner))
+        with pytest.raises(
+            UserError, match=rf"being written by another `pretrain data prepare` \(host .*, pid {other.pid}"
+        ):
+            prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)
+        assert json.loads(lock.read_text()) == owner and not (tmp_path / "out" / ".prepare").exists()
+    finally:
+        other.kill()
+        other.wait()
+    capsys.readouterr()
+    prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)  # its owner is gone now
+    assert f"process {other.pid} on this host is no longer running" in capsys.readouterr().err
+    assert not lock.exists() and tree(tmp_path / "out") == tree(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_two_prepares_on_one_output(tmp_path, tokenizer):
+    """A second `pretrain data prepare` into the folder a first one is writing is refused, naming the first;
+    once the first is SIGKILLed, the same command takes over and finishes: the dataset of a clean run."""
+    import socket
+
+    for i in range(150):
+        write_jsonl(tmp_path / "in" / f"part{i:03d}.jsonl", make_docs(25, seed=i))
+    pattern = str(tmp_path / "in" / "*.jsonl")
+    first = _run_prepare(tmp_path / "out", pattern, tokenizer)
+    while units_done(tmp_path / "out") < 5:
+        assert first.poll() is None, "the first prepare finished before a second could start"
+        time.sleep(0.01)
+    args = ["data", "prepare", "--input", pattern, "--tokenizer", str(tokenizer), "--output", str(tmp_path / "out"),
+            "--shard-tokens", "3000", "--val-fraction", "0.1", "--num-proc", "2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    second = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert (
+        f"being written by another `pretrain data prepare` (host {socket.gethostname()}, pid {first.pid},"
+        in (second.stderr)
+    )
+    assert first.poll() is None  # untouched
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    third = subprocess.run(
+        [sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert (
+        f"taking over from an earlier `pretrain data prepare` (process {first.pid} on this host"
+        in third.stderr
+    )
+    assert _run_prepare(tmp_path / "clean", pattern, tokenizer).wait() == 0
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")

@@ -1,4 +1,5 @@
-"""A prepared dataset altered after the fact is never trained on silently."""
+"""A prepared dataset altered after the fact is never trained on silently; a damaged manifest is
+named in one line by every command that reads it."""
 
 from __future__ import annotations
 
@@ -175,3 +176,66 @@ def test_a_plain_trainer_checks_random_shards_and_writes_nothing(tmp_path, capsy
     data.setup("fit")
     assert "verified 2 shard(s)" in capsys.readouterr().err
     assert not list(folder.iterdir())
+
+
+def damage(path, kind: str, drop: str) -> None:
+    """Damage a JSON file the way disks, copies and people do; `drop` is the key a "missing key" loses."""
+    data = path.read_bytes()
+    obj = json.loads(data)
+    obj.pop(drop)
+    path.write_bytes(
+        {
+            "empty": b"",
+            "truncated": data[: len(data) // 2],
+            "garbage": b"\xff\xfe\x00\x81garbage\xc3",
+            "42": b"42",
+            "[]": b"[]",
+            "missing key": json.dumps(obj).encode(),
+        }[kind]
+    )
+
+
+DAMAGE = ["empty", "truncated", "garbage", "42", "[]", "missing key"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_manifest_is_named_in_one_line_by_every_reader(
+    tiny_dataset, dataset, tmp_path, capsys, kind
+):
+    path = dataset / "manifest.json"
+    damage(path, kind, drop="splits")
+    corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", dataset / "tokenizer.json"
+    config = recipe(tmp_path, dataset, tmp_path / "run", trainer__max_steps=2)
+    commands = {
+        "info": ["data", "info", str(dataset)],
+        "verify": ["data", "verify", str(dataset)],
+        "prepare": [
+            "data",
+            "prepare",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--output",
+            str(dataset),
+            "--num-proc",
+            "1",
+        ],  # fmt: skip
+        "fit": ["fit", "--config", str(config)],
+    }
+    for name, args in commands.items():
+        assert main(args) == 2, name
+        err = capsys.readouterr().err
+        assert f"{path}: damaged manifest (" in err and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 or name == "fit", (name, err)
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+def test_a_manifest_missing_what_info_shows_is_named_by_info(dataset, capsys):
+    path = dataset / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["skipped"]["by_reason"]
+    path.write_text(json.dumps(manifest))
+    load_manifest(dataset)  # training needs none of it
+    assert main(["data", "info", str(dataset)]) == 2
+    assert f"{path}: damaged manifest (field 'skipped.by_reason' is missing)" in capsys.readouterr().err

@@ -14,8 +14,10 @@ import time
 import pytest
 from helpers import PRETRAIN, logged_steps, recipe
 
+from pretrain import lease
 from pretrain.errors import UserError
-from pretrain.run_dir import RunDir, _process_start
+from pretrain.lease import process_start
+from pretrain.run_dir import RunDir
 from pretrain.slurm.status import status
 
 
@@ -42,7 +44,7 @@ def test_a_live_owner_keeps_the_run_and_is_named(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     other = subprocess.Popen(["sleep", "30"])
     try:
-        write_lease(run, pid=other.pid, start=_process_start(other.pid))
+        write_lease(run, pid=other.pid, start=process_start(other.pid))
         with pytest.raises(UserError, match=rf"in use by another `pretrain fit` \(host .*, pid {other.pid}"):
             run.acquire()
         write_lease(run, host="gpu-node-7", pid=4242, start="1", job_id="900")  # elsewhere, maybe alive
@@ -132,7 +134,9 @@ def test_taking_over_never_removes_a_lease_that_replaced_the_stale_one(tmp_path)
     run = RunDir(tmp_path / "run")
     write_lease(run, pid=4242, start="1")
     newer = run.lease_file.read_bytes()
-    run._remove_stale_lease({"host": "judged", "pid": 1, "start": "1", "job_id": None}, run.path / ".aside")
+    lease.remove_stale(
+        run.lease_file, {"host": "judged", "pid": 1, "start": "1", "job_id": None}, run.path / ".aside"
+    )
     assert run.lease_file.read_bytes() == newer and not (run.path / ".aside").exists()
 
 

@@ -14,11 +14,22 @@ sizes, skip counts). Shards closed since the last commit are then published: sid
 written, `.bin.tmp` renamed to `.bin`. A rerun after a kill at any point truncates the
 temporary files to the committed sizes, finishes publishing, and continues with the next
 unit. `manifest.json` is written last, and readers accept only shards it lists, so no
-partial shard is ever read.
+partial shard is ever read. A state or a published shard's sidecar that is damaged (empty,
+truncated, not JSON, the wrong shape), or a shard file it counts on that is gone, is not guessed
+at: the preparation starts over, saying so in one line (nothing finished is lost).
+
+Memory: a long document is tokenized a piece at a time, and once its ids pass SPILL_TOKENS the
+worker writes them to a spill file (`.prepare/spill/`) that the writer copies into the shard, so
+no process holds a huge document's ids; a text file is read, hashed and tokenized a block at a
+time, so its length costs nothing (`benchmarks/prepare_memory.py`).
+
+One preparation per output folder: `prepare` holds the folder's lease (`LOCK`, `pretrain.lease`)
+while it runs; another is refused naming it, and a killed one's lease on this host is taken over.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import hashlib
@@ -32,7 +43,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,6 +53,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from pretrain import lease
 from pretrain.data import hub, inputs
 from pretrain.data.hub import RemoteFile
 from pretrain.data.inputs import Problem, Unit
@@ -52,33 +64,58 @@ from pretrain.data.shards import (
     SPLITS,
     TOKENIZER,
     Manifest,
+    as_object,
     content_fingerprint,
     dtype_for_vocab,
+    field,
     load_manifest,
+    read_sidecar,
     sha256_file,
     shard_name,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain.data.units import END, Source, UnitSource
 from pretrain.errors import UserError, writing
-from pretrain.files import write_atomic, write_json_atomic
+from pretrain.files import read_json, write_atomic, write_json_atomic
 
 STATE_DIR = ".prepare"
+SPILL_DIR = "spill"  # in STATE_DIR: long documents' tokens on their way from a worker to a shard
+LOCK = ".prepare-owner.json"  # the lease of the one `prepare` writing an output folder
 PIECE_CHARS = 1 << 20  # longer documents are tokenized a piece at a time (`_encode`)
+SPILL_TOKENS = 1 << 22  # a document with more tokens goes to a shard through a spill file (`_Sink`)
+READ_BYTES = 1 << 20  # a text file is read this much at a time (`_TextFile`)
+HASH_CHARS = 1 << 22  # a document is hashed this many characters at a time (`is_val`)
 OUR_FILE = re.compile(r"shard_\d+\.(bin|json|bin\.tmp|docs\.tmp|json\.tmp)")  # what prepare writes in a split
 EXAMPLES = 20  # skipped records listed in the manifest
 WARNINGS = 10  # skipped records printed while running
 
 
+@dataclass(frozen=True)
+class Spill:
+    """One long document's tokens (with its BOS/EOS), written by a worker to a file of their own."""
+
+    path: str
+    tokens: int
+
+
+# Documents of a split, in order: several packed in memory (tokens back to back, lengths), or one spilled.
+Part = tuple[np.ndarray, np.ndarray] | Spill
+
+
 @dataclass
 class UnitResult:
-    """One tokenized unit: per split, concatenated tokens and document lengths."""
+    """One tokenized unit: per split, its documents as parts."""
 
-    tokens: dict[str, np.ndarray]
-    lengths: dict[str, np.ndarray]
+    parts: dict[str, list[Part]]
     problems: list[Problem]
     lines: int
     excluded: int
+
+    def documents(self) -> int:
+        return sum(1 if isinstance(p, Spill) else len(p[1]) for parts in self.parts.values() for p in parts)
+
+    def tokens(self) -> int:
+        return sum(p.tokens if isinstance(p, Spill) else len(p[0]) for ps in self.parts.values() for p in ps)
 
 
 # ---------------------------------------------------------------- worker side
@@ -102,6 +139,7 @@ def _init_worker(
     eos: int,
     bos: int | None,
     dtype: str,
+    spill_dir: str,
 ) -> None:
     _die_with_parent()
     _worker.update(
@@ -112,13 +150,22 @@ def _init_worker(
         eos=eos,
         bos=bos if settings.bos else None,
         dtype=np.dtype(dtype),
+        spill_dir=spill_dir,
     )
 
 
 def is_val(text: str, val_fraction: float) -> bool:
-    """The document's split: a hash of its text, so duplicates share a split."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2**64
+    """The document's split: a hash of its text, so duplicates share a split (hashed a slice at a
+    time: no copy of a long document)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for start in range(0, len(text), HASH_CHARS):
+        digest.update(text[start : start + HASH_CHARS].encode("utf-8"))
+    return _below(digest, val_fraction)
+
+
+def _below(digest: Any, val_fraction: float) -> bool:
+    """The split rule on a finished 8-byte blake2b of a document's UTF-8 bytes."""
+    return int.from_bytes(digest.digest(), "little") < val_fraction * 2**64
 
 
 def _pack(
@@ -134,48 +181,193 @@ def _pack(
     return np.insert(flat, where, np.tile([bos, eos], len(ids))), lengths + 2
 
 
+Doc = Sequence[int] | np.ndarray | Spill  # one document's ids: in memory (no BOS/EOS yet), or spilled
+
+
+def _parts(docs: Sequence[Doc]) -> list[Part]:
+    """A split's documents as parts: each run of in-memory documents packed, each spilled one alone."""
+    w = _worker
+    parts: list[Part] = []
+    run: list[Sequence[int] | np.ndarray] = []
+    for doc in [*docs, None]:
+        if (doc is None or isinstance(doc, Spill)) and run:
+            parts.append(_pack(run, w["eos"], w["bos"], w["dtype"]))
+            run = []
+        if isinstance(doc, Spill):
+            parts.append(doc)
+        elif doc is not None:
+            run.append(doc)
+    return parts
+
+
 def tokenize_unit(unit: Unit) -> UnitResult:
     """Read, split and tokenize one unit (runs in a worker process)."""
     w = _worker
+    if unit.kind == "text":
+        return _tokenize_text_file(unit)
     chunk = inputs.read(w["paths"][unit.file], unit, w["fields"])
     val = [is_val(t, w["val_fraction"]) for t in chunk.texts]
     ids = _encode(w["tokenizer"], chunk.texts)
-    tokens, lengths = {}, {}
-    for split in SPLITS:
-        mine = [x for x, v in zip(ids, val, strict=True) if v == (split == "val")]
-        tokens[split], lengths[split] = _pack(mine, w["eos"], w["bos"], w["dtype"])
-    return UnitResult(tokens, lengths, chunk.problems, chunk.lines, chunk.excluded)
+    chunk.texts.clear()
+    parts = {
+        split: _parts([x for x, v in zip(ids, val, strict=True) if v == (split == "val")]) for split in SPLITS
+    }
+    return UnitResult(parts, chunk.problems, chunk.lines, chunk.excluded)
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Sequence[int] | np.ndarray]:
+def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Doc]:
     """Token ids of each text. A long document is encoded a piece at a time, cut where white space
     follows a non-space character: a pre-tokenization boundary of byte-level BPE, so the ids are those
     of encoding it whole, while memory stays bounded by the piece (a 50 MB document whole peaks at
-    several GB)."""
+    several GB); its ids go to a spill file once they are many (`_Sink`)."""
     short = [i for i, text in enumerate(texts) if len(text) <= PIECE_CHARS]
-    ids: list[Sequence[int] | np.ndarray] = [[] for _ in texts]
+    ids: list[Doc] = [[] for _ in texts]
     encoded = tokenizer.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)
     for i, encoding in zip(short, encoded, strict=True):
         ids[i] = encoding.ids
     for i, text in enumerate(texts):
         if len(text) > PIECE_CHARS:
-            pieces = (tokenizer.encode(piece, add_special_tokens=False).ids for piece in _pieces(text))
-            ids[i] = np.concatenate([np.array(piece, dtype=np.int64) for piece in pieces])
+            ids[i] = _encode_pieces(tokenizer, _pieces(_slices(text)))
     return ids
 
 
-def _pieces(text: str) -> Iterator[str]:
-    """`text` in pieces of at most PIECE_CHARS, each cut before white space that follows a non-space
-    character (a hard cut only where PIECE_CHARS characters hold no white space at all)."""
-    start = 0
-    while len(text) - start > PIECE_CHARS:
-        cut = start + PIECE_CHARS
-        while cut > start + 1 and not (text[cut].isspace() and not text[cut - 1].isspace()):
-            cut -= 1
-        cut = cut if cut > start + 1 else start + PIECE_CHARS
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
+def _encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str]) -> np.ndarray | Spill:
+    """One document's ids, encoded piece by piece into a `_Sink`; the sink's file is removed if
+    reading the pieces fails."""
+    sink = _Sink()
+    try:
+        for piece in pieces:
+            sink.add(tokenizer.encode(piece, add_special_tokens=False).ids)
+    except BaseException:
+        sink.discard()
+        raise
+    return sink.result()
+
+
+_spill_numbers = itertools.count()
+
+
+class _Sink:
+    """One long document's ids, added piece by piece: kept in memory up to SPILL_TOKENS, then
+    written to a spill file (in the shard dtype, with BOS and EOS), so that a worker never holds a
+    huge document's ids and never sends them through a pipe; the writer copies the file."""
+
+    def __init__(self) -> None:
+        self.dtype: np.dtype = _worker["dtype"]
+        self.pieces: list[np.ndarray] = []
+        self.count = 0
+        self.file: BinaryIO | None = None
+        self.path = ""
+
+    def add(self, ids: Sequence[int]) -> None:
+        array = np.asarray(ids, dtype=self.dtype)
+        if self.file is None and self.count + len(array) > SPILL_TOKENS:
+            self._spill()
+        if self.file is None:
+            self.pieces.append(array)
+        else:
+            self.file.write(array.tobytes())
+        self.count += len(array)
+
+    def _spill(self) -> None:
+        self.path = os.path.join(_worker["spill_dir"], f"{os.getpid()}-{next(_spill_numbers)}.tokens")
+        self.file = open(self.path, "wb")
+        if _worker["bos"] is not None:
+            self.file.write(np.array([_worker["bos"]], dtype=self.dtype).tobytes())
+        for piece in self.pieces:
+            self.file.write(piece.tobytes())
+        self.pieces = []
+
+    def result(self) -> np.ndarray | Spill:
+        """The ids in memory (no BOS/EOS), or the spill file, finished with EOS."""
+        if self.file is None:
+            return np.concatenate(self.pieces) if self.pieces else np.zeros(0, self.dtype)
+        self.file.write(np.array([_worker["eos"]], dtype=self.dtype).tobytes())
+        self.file.close()
+        return Spill(self.path, self.count + 1 + (_worker["bos"] is not None))
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            os.unlink(self.path)
+
+
+def _tokenize_text_file(unit: Unit) -> UnitResult:
+    """A text file is one document: read, hashed and tokenized a block at a time, so that memory stays
+    bounded however long it is. Same document, split and problems as reading it whole (`inputs.read`)."""
+    w = _worker
+    text = _TextFile(w["paths"][unit.file])
+    doc = _encode_pieces(w["tokenizer"], _pieces(text.blocks()))
+    if text.problem is None and not text.size:
+        text.problem = Problem(None, "", "empty file", "empty file")
+    if text.problem is not None:
+        if isinstance(doc, Spill):
+            os.unlink(doc.path)
+        return UnitResult({split: [] for split in SPLITS}, [text.problem], 0, 0)
+    split = "val" if _below(text.digest, w["val_fraction"]) else "train"
+    return UnitResult({s: _parts([doc] if s == split else []) for s in SPLITS}, [], 0, 0)
+
+
+class _TextFile:
+    """A (possibly compressed) UTF-8 text file's characters, READ_BYTES at a time, hashing its bytes as
+    they pass; a decoding problem stops the characters and is kept in `problem`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.blake2b(digest_size=8)
+        self.size = 0  # bytes read so far
+        self.lines = 0  # line breaks in them
+        self.problem: Problem | None = None
+
+    def blocks(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with inputs._open_bytes(self.path) as f:
+                while block := f.read(READ_BYTES):
+                    pending = len(decoder.getstate()[0])  # bytes of a character begun in the block before
+                    try:
+                        text = decoder.decode(block)
+                    except UnicodeDecodeError as err:
+                        self._undecodable(block[: max(0, err.start - pending)], err.start - pending)
+                        return
+                    yield text
+                    self.digest.update(block)
+                    self.size += len(block)
+                    self.lines += block.count(b"\n")
+                try:
+                    decoder.decode(b"", final=True)
+                except UnicodeDecodeError as err:  # the file ends inside a character
+                    self._undecodable(b"", err.start - len(decoder.getstate()[0]))
+        except inputs._decompress_errors() as err:
+            self.problem = Problem(None, "", "unreadable file", f"cannot decompress: {err}")
+
+    def _undecodable(self, before: bytes, offset: int) -> None:
+        """Invalid UTF-8 `offset` bytes into the current block, after the bytes `before` in it."""
+        line = self.lines + before.count(b"\n") + 1
+        self.problem = Problem(line, "", "undecodable bytes", f"invalid UTF-8 at byte {self.size + offset}")
+
+
+def _slices(text: str) -> Iterator[str]:
+    """`text` in slices of PIECE_CHARS characters."""
+    return (text[start : start + PIECE_CHARS] for start in range(0, len(text), PIECE_CHARS))
+
+
+def _pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """The text of `blocks`, in pieces of at most PIECE_CHARS, each cut before white space that
+    follows a non-space character (a hard cut only where PIECE_CHARS characters hold no white space
+    at all). The pieces depend only on the text, not on how `blocks` cut it."""
+    rest = ""
+    for block in blocks:
+        rest += block
+        while len(rest) > PIECE_CHARS:
+            cut = PIECE_CHARS
+            while cut > 1 and not (rest[cut].isspace() and not rest[cut - 1].isspace()):
+                cut -= 1
+            cut = cut if cut > 1 else PIECE_CHARS
+            yield rest[:cut]
+            rest = rest[cut:]
+    if rest:
+        yield rest
 
 
 @contextlib.contextmanager
@@ -244,19 +436,47 @@ class SplitWriter:
         self.index, self.tokens, self.docs = state["index"], state["tokens"], state["docs"]
         self.closed: list[int] = []  # closed in the current unit, published after the commit
         (root / split).mkdir(parents=True, exist_ok=True)
-        bin_tmp, docs_tmp = _temp_paths(root, split, self.index)
         self._files: tuple[BinaryIO, BinaryIO] | None = None
         if self.tokens:
-            self._files = (open(bin_tmp, "r+b"), open(docs_tmp, "r+b"))
-            self._files[0].truncate(self.tokens * dtype.itemsize)
-            self._files[1].truncate(self.docs * 8)
-            for f in self._files:
-                f.seek(0, os.SEEK_END)
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Continue the open shard of a committed state: its files cut to the committed sizes."""
+        paths = _temp_paths(self.root, self.split, self.index)
+        sizes = (self.tokens * self.dtype.itemsize, self.docs * 8)
+        for path, size in zip(paths, sizes, strict=True):
+            if not path.is_file() or path.stat().st_size < size:
+                raise Damaged(
+                    f"{path}: shorter than the {size} bytes {STATE_DIR}/state.json counts in it, or missing"
+                )
+        self._files = (open(paths[0], "r+b"), open(paths[1], "r+b"))
+        for f, size in zip(self._files, sizes, strict=True):
+            f.truncate(size)
+            f.seek(0, os.SEEK_END)
 
     def state(self) -> dict:
         return {"index": self.index, "tokens": self.tokens, "docs": self.docs}
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, part: Part) -> None:
+        """Append a part's documents."""
+        if isinstance(part, Spill):
+            self._add_spilled(part)
+        else:
+            self._add_packed(*part)
+
+    def _add_spilled(self, spill: Spill) -> None:
+        """Append one long document from its spill file (copied a block at a time), then delete that."""
+        if self.tokens and self.tokens + spill.tokens > self.shard_tokens:
+            self.close_shard()
+        files = self._open()
+        with open(spill.path, "rb") as f:
+            shutil.copyfileobj(f, files[0], READ_BYTES)
+        files[1].write(np.array([spill.tokens], dtype="<i8").tobytes())
+        self.tokens += spill.tokens
+        self.docs += 1
+        os.unlink(spill.path)
+
+    def _add_packed(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents (their tokens back to back, and their lengths)."""
         ends = np.cumsum(lengths)
         i, n = 0, len(lengths)
@@ -271,12 +491,16 @@ class SplitWriter:
                 self.close_shard()
             i = j
 
-    def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def _open(self) -> tuple[BinaryIO, BinaryIO]:
         if self._files is None:
             bin_tmp, docs_tmp = _temp_paths(self.root, self.split, self.index)
             self._files = (open(bin_tmp, "wb"), open(docs_tmp, "wb"))
-        self._files[0].write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._files[1].write(lengths.astype("<i8").tobytes())
+        return self._files
+
+    def _write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        files = self._open()
+        files[0].write(tokens.astype(self.dtype, copy=False).tobytes())
+        files[1].write(lengths.astype("<i8").tobytes())
         self.tokens += len(tokens)
         self.docs += len(lengths)
 
@@ -304,12 +528,19 @@ class SplitWriter:
             self._files = None
 
 
+class Damaged(UserError):
+    """A file of an unfinished preparation is damaged or missing: the preparation starts over."""
+
+
 def publish(root: Path, split: str, index: int, header: dict) -> dict:
-    """Turn a closed shard's temporary files into `.bin` + sidecar; idempotent. Returns its entry."""
+    """Turn a closed shard's temporary files into `.bin` + sidecar; idempotent. Returns its entry;
+    raises Damaged if the files are missing or the sidecar of a published shard is damaged."""
     name = shard_name(split, index)
     final, sidecar = root / f"{name}.bin", root / f"{name}.json"
     bin_tmp, docs_tmp = _temp_paths(root, split, index)
     if not final.exists():
+        if not (bin_tmp.is_file() and docs_tmp.is_file()):
+            raise Damaged(f"{final}: missing, though {STATE_DIR}/state.json counts it as written")
         lengths = np.fromfile(docs_tmp, dtype="<i8")
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
         tokens = bin_tmp.stat().st_size // np.dtype(header["dtype"]).itemsize
@@ -317,7 +548,10 @@ def publish(root: Path, split: str, index: int, header: dict) -> dict:
         write_json_atomic(sidecar, {**meta, "doc_offsets": offsets})
         os.replace(bin_tmp, final)
     docs_tmp.unlink(missing_ok=True)
-    meta = json.loads(sidecar.read_text())
+    try:
+        meta = read_sidecar(sidecar, np.dtype(header["dtype"]).itemsize)
+    except (OSError, ValueError) as err:
+        raise Damaged(f"{sidecar}: damaged shard sidecar ({err})") from None
     return {
         "file": f"{name}.bin",
         "tokens": meta["tokens"],
@@ -405,13 +639,14 @@ def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
     """The committed state to continue from: fresh unless an identical run was interrupted;
     None if an identical run finished (killed while removing its progress folder)."""
     state_path = root / STATE_DIR / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() and not overwrite else None
+    state, damage = (None, None) if overwrite else _read_state(state_path)
     if overwrite:
         _clean(root)
     elif (root / MANIFEST).exists():
         if state is not None and state["identity"] == identity:
             shutil.rmtree(root / STATE_DIR)
             return None
+        load_manifest(root)  # a damaged manifest is named as such
         raise UserError(
             f"{root} already holds a prepared dataset ({root / MANIFEST}); pass --overwrite to replace it"
         )
@@ -422,14 +657,68 @@ def _start(root: Path, identity: str, overwrite: bool) -> dict | None:
             f"{root} holds an unfinished preparation of other inputs or settings ({state_path}); "
             "pass --overwrite to start over"
         )
+    elif damage is not None:
+        _start_over(root, f"{state_path}: damaged ({damage})")
     elif any((root / s).exists() for s in SPLITS):
         raise UserError(
             f"{root} holds shard folders but no manifest or progress; pass --overwrite to start over"
         )
+    return _begin(root, identity)
+
+
+def _begin(root: Path, identity: str) -> dict:
+    """A fresh state, committed: a kill before the first commit resumes from nothing."""
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
     state = _fresh_state(identity)
-    write_json_atomic(state_path, state)  # a kill before the first commit resumes from nothing
+    write_json_atomic(root / STATE_DIR / "state.json", state)
     return state
+
+
+def _start_over(root: Path, why: str) -> None:
+    """Remove an unfinished preparation that cannot be continued, saying so (its work is redone)."""
+    print(f"{why}: starting the preparation over (nothing finished is lost: no dataset was written yet)",
+          file=sys.stderr)  # fmt: skip
+    _clean(root)
+
+
+def _read_state(path: Path) -> tuple[dict | None, str | None]:
+    """The committed state at `path` (None if there is none), or None and why it is damaged."""
+    if not path.exists():
+        return None, None
+    try:
+        state = as_object(read_json(path))
+        _check_state(state)
+    except (OSError, ValueError) as err:
+        return None, str(err)
+    return state, None
+
+
+def _check_state(state: dict) -> None:
+    """The fields a preparation continues from; ValueError naming the first one wrong."""
+    field(state, "identity", str)
+    field(state, "units_done", int)
+    field(state, "line_base.0", int)
+    field(state, "line_base.1", int)
+    for split in SPLITS:
+        for name in ("index", "tokens", "docs"):
+            if field(state, f"splits.{split}.{name}", int) < 0:
+                raise ValueError(f"field 'splits.{split}.{name}' is negative")
+    for name in ("skipped", *(("file_units",) if "file_units" in state else ())):
+        for key, count in field(state, name, dict).items():
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError(f"field {name!r} counts {key!r} as {count!r}, not an integer")
+    field(state, "examples", list)
+    field(state, "excluded", int)
+
+
+def _open_run(root: Path, state: dict, header: dict, shard_tokens: int) -> Run:
+    """The output side, continuing `state`; started over (said in one line) when a file the state
+    counts on is damaged or missing."""
+    try:
+        return Run(root, state, header, shard_tokens)
+    except Damaged as err:
+        _start_over(root, str(err))
+    return Run(root, _begin(root, state["identity"]), header, shard_tokens)
 
 
 class Run:
@@ -446,6 +735,8 @@ class Run:
         s = self.state["splits"][split]
         published = [publish(self.root, split, i, self.header) for i in range(s["index"])]
         for path in (self.root / split).glob("shard_*"):
+            if not OUR_FILE.fullmatch(path.name):
+                continue  # not ours: never deleted as ours
             index, _, suffix = path.name[len("shard_") :].partition(".")
             if int(index) < s["index"]:
                 keep = suffix in ("bin", "json")
@@ -468,7 +759,8 @@ class Run:
         state = self.state
         self.add_problems(result.problems, messages)
         for split, writer in self.writers.items():
-            writer.add(result.tokens[split], result.lengths[split])
+            for part in result.parts[split]:
+                writer.add(part)
         state["excluded"] += result.excluded
         state["units_done"] += 1
         state["line_base"] = [unit.file, self.line_base(unit) + result.lines]
@@ -521,7 +813,10 @@ def prepare(
     """
     if num_proc is not None and num_proc < 1:
         raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {num_proc}")
-    with writing(output, "--output"):  # a file in the way, no space left, ...: one line
+    with (
+        writing(output, "--output"),
+        contextlib.ExitStack() as held,
+    ):  # a file in the way, no space, ...: one line
         began = time.time()
         settings = settings or Settings()
         if not 0 <= settings.val_fraction < 1:
@@ -555,6 +850,7 @@ def prepare(
             raise UserError(early_messages[0])
         root = Path(output)
         root.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_owning(root))
         identity = _identity(sources, tok, settings, token_dtype)
         state = _start(root, identity, overwrite)
         if state is None:
@@ -570,7 +866,11 @@ def prepare(
             "bos_id": tok.bos_id if settings.bos else None,
             "tokenizer_fingerprint": tok.fingerprint,
         }
-        run = Run(root, state, header, settings.shard_tokens)
+        run = _open_run(root, state, header, settings.shard_tokens)
+        state = run.state
+        spill_dir = root / STATE_DIR / SPILL_DIR
+        shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed run left on its way to a shard
+        spill_dir.mkdir()
         num_proc = num_proc or (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
@@ -618,6 +918,7 @@ def prepare(
                     tok.eos_id,
                     tok.bos_id,
                     token_dtype.name,
+                    str(spill_dir),
                 )
                 for unit, result in _processed(units, num_proc, initargs, commit):
                     note_found()
@@ -632,8 +933,8 @@ def prepare(
                     run.add(unit, result, messages)
                     if time.monotonic() - last_commit >= commit_seconds:
                         commit()
-                    docs += sum(len(x) for x in result.lengths.values())
-                    tokens += sum(len(x) for x in result.tokens.values())
+                    docs += result.documents()
+                    tokens += result.tokens()
                     elapsed = max(time.time() - began, 1e-9)
                     bar.set_postfix_str(
                         f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:,.2f}M tokens/s",
@@ -664,6 +965,26 @@ def prepare(
         if show_progress:
             print(summary(prepared, time.time() - began))
         return prepared
+
+
+@contextlib.contextmanager
+def _owning(root: Path) -> Iterator[None]:
+    """Hold the lease of output folder `root` (`pretrain.lease`): a second `prepare` into it is refused
+    naming this one while it runs; a lease left by a killed one on this host is taken over."""
+    path = root / LOCK
+
+    def refuse(owner: dict) -> str:
+        return (
+            f"{root} is being written by another `pretrain data prepare` ({lease.describe_owner(owner)}): two "
+            "preparations into one folder would mix their shards. Wait for it to finish or stop it, or choose "
+            f"another --output; if that process is gone for good (its node died), delete {path}"
+        )
+
+    lease.acquire(path, refuse, "`pretrain data prepare`")
+    try:
+        yield
+    finally:
+        lease.release(path)
 
 
 def _warn(message: str, warned: int, bar: tqdm) -> int:

@@ -30,8 +30,8 @@ from typing import Any
 
 from pretrain.errors import UserError, writing
 from pretrain.eval.harness import Scores, markdown_table, run_tasks, score_tasks, scores
-from pretrain.files import write_atomic
-from pretrain.run_dir import DamagedRecord, Fields, RunDir, has_fields, read_json
+from pretrain.files import DamagedRecord, Fields, has_fields, read_json, write_atomic
+from pretrain.run_dir import RunDir
 
 MakeLM = Callable[[Path], Any]  # checkpoint path -> an lm-eval LM over its weights
 Log = Callable[[str], None]
