@@ -27,7 +27,7 @@ from pretrain.data.skips import SkipList
 from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
 from pretrain.files import write_json_atomic
-from pretrain.run_dir import RunDir
+from pretrain.run_dir import RunDir, list_checkpoints
 from pretrain.train.spike_guard import SpikeGuard
 
 # ---- the guard's rule ------------------------------------------------------------------------------
@@ -239,6 +239,11 @@ def recipe_model() -> dict:
     }
 
 
+def lr_by_step(run_dir: Path) -> dict[int, float]:
+    series = RunDir(run_dir).read_logs().series["train/lr"]
+    return dict(zip(series.steps.tolist(), series.values.tolist(), strict=True))
+
+
 def last_val_loss(run_dir: Path) -> float:
     log = RunDir(run_dir).read_logs()
     return float(log.series["val/stdlib/loss"].values[-1])
@@ -253,7 +258,8 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
 ):
     dataset, origins = poisoned
     run_dir = tmp_path / "healed"
-    assert main(["fit", "--config", str(poisoned_recipe(tmp_path, dataset, run_dir))]) == 0
+    config = poisoned_recipe(tmp_path, dataset, run_dir)
+    assert main(["fit", "--config", str(config), "--model.rollback_lr_scale", "0.5"]) == 0
     err = capsys.readouterr().err
     assert err.count("skipped, a loss spike") == 4  # the 4 poisoned steps, and no other
     assert "no better than guessing uniformly" in err
@@ -274,6 +280,9 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
     clean = tmp_path / "clean"
     assert main(["fit", "--config", str(poisoned_recipe(tmp_path, tiny_dataset, clean))]) == 0
     assert abs(last_val_loss(run_dir) - last_val_loss(clean)) < 0.15
+    # The re-done steps 16-27 ran at half the schedule's LR, the rest at the schedule's.
+    lrs, clean_lrs = lr_by_step(run_dir), lr_by_step(clean)
+    assert all(lrs[s] == pytest.approx(clean_lrs[s] * (0.5 if 16 <= s < 28 else 1.0)) for s in range(40))
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(40)) and all(math.isfinite(v) for v in losses.values())
     status = subprocess.run([PRETRAIN, "status", str(run_dir)], capture_output=True, text=True)
@@ -282,6 +291,81 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
         in status.stdout
     )
     assert "samples [256, 448) skipped" in status.stdout
+
+
+@pytest.mark.slow
+def test_on_divergence_stop_stops_and_the_same_command_resumes_from_the_kept_checkpoint(
+    poisoned, tmp_path, capsys
+):
+    dataset, _ = poisoned
+    run_dir = tmp_path / "stopping"
+    config = poisoned_recipe(tmp_path, dataset, run_dir)
+    assert main(["fit", "--config", str(config), "--model.on_divergence", "stop"]) == 3
+    err = capsys.readouterr().err
+    kept = run_dir / "checkpoints" / "step-00000016.ckpt"
+    assert (
+        "stopped because model.on_divergence is stop" in err
+        and f"the same command resumes from {kept}" in err
+    )
+    assert [entry["action"] for entry in RunDir(run_dir).incidents()] == ["stop"]
+    assert (run_dir / "checkpoints" / "diverged-step-00000024.ckpt").is_file()
+    assert main(["fit", "--config", str(config)]) == 0  # rollback now: heals from the kept checkpoint
+    err = capsys.readouterr().err
+    assert f"resuming from {kept}" in err and "rolled back to" in err
+
+
+@pytest.mark.slow
+def test_every_checkpoint_of_a_run_damaged_stops_fit_in_one_line_and_deletes_nothing(
+    tiny_dataset, tmp_path, capsys
+):
+    run_dir = tmp_path / "damaged"
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    assert main(["fit", "--config", str(config)]) == 0
+    for _, path in list_checkpoints(run_dir / "checkpoints"):
+        path.write_bytes(path.read_bytes()[:1000])  # truncated
+    before = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    assert main(["fit", "--config", str(config), "--trainer.max_steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "--resume none" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == before
+    assert main(["fit", "--config", str(config), "--resume", "none"]) == 0  # deliberately over
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("damaged-*")) == [
+        "damaged-step-00000002.ckpt",
+        "damaged-step-00000004.ckpt",
+    ]
+
+
+def test_the_skip_list_is_the_same_global_order_on_any_number_of_ranks_and_travels_in_checkpoints(
+    tiny_dataset,
+):
+    from pretrain.train.datamodule import PretrainDataModule, Source
+
+    skips = SkipList([(40, 100), (130, 150)])
+    read = {}
+    for world in (1, 2, 4):
+        samples: list[int] = []
+        for rank in range(world):
+            dataset = build_train_dataset(
+                {"stdlib": str(tiny_dataset)},
+                seq_len=64,
+                global_batch_size=BATCH,
+                micro_batch_size=4,
+                rank=rank,
+                world_size=world,
+                start_sample=2 * BATCH,
+                skips=skips,
+            )
+            micro_batches = np.arange(dataset.first, dataset.first + 8 * BATCH // (world * 4))
+            samples += dataset.skips.index(dataset.layout.sample_indices(micro_batches)).ravel().tolist()
+        read[world] = sorted(samples)
+    assert read[1] == read[2] == read[4]
+    assert read[1][:8] == [*range(32, 40)] and read[1][8] == 100 and 130 not in read[1]
+    assert len(read[1]) == 8 * BATCH and read[1][-1] == 239
+    data = PretrainDataModule({"stdlib": Source(str(tiny_dataset))}, seq_len=64, global_batch_tokens=1024)
+    data.skips = skips
+    branch = PretrainDataModule({"stdlib": Source(str(tiny_dataset))}, seq_len=64, global_batch_tokens=1024)
+    branch.load_state_dict(data.state_dict())  # what a resume or branch_from reads from a checkpoint
+    assert branch.skips == skips
 
 
 @pytest.mark.slow

@@ -323,9 +323,10 @@ def _fit(cli: FitCLI, run: RunDir) -> int:
         if cli.model.divergence is None:
             break
         rolling_back = cli.model.divergence.action == "rollback"
-        if rolling_back and cli.trainer.is_global_zero:  # before the record: a kill in between replays it all
-            for aside in run.set_aside_after(cli.model.divergence.checkpoint or Path()):
-                print(f"rolling back: set a later checkpoint aside as {aside}", file=sys.stderr)
+        kept = cli.model.divergence.checkpoint
+        if kept is not None and cli.trainer.is_global_zero:  # before the record: a kill in between replays it
+            for aside in run.set_aside_after(kept):  # from the streak's first step on: suspect
+                print(f"divergence: set a later checkpoint aside as {aside}", file=sys.stderr)
         entry = rollback.record(cli.trainer, run, cli.model, cli.datamodule)
         if not rolling_back:
             break

@@ -80,13 +80,14 @@ class TrainingMonitor(StepCallback):
         if step % trainer.log_every_n_steps != 0:  # type: ignore[attr-defined]
             return
         data = trainer_datamodule(trainer)
+        module = cast("PretrainModule", pl_module)
         now = time.perf_counter()
         steps = step - self._last_logged_step
         self.tokens_per_sec = steps * data.global_batch_tokens / max(now - self._last_time, 1e-9)
         self._last_time, self._last_logged_step = now, step
         metrics = {
             "train/tokens_seen": float(step * data.global_batch_tokens),
-            "train/lr": cast("PretrainModule", pl_module).lr_schedule(step - 1, trainer.max_steps),
+            "train/lr": module.lr_schedule(step - 1, trainer.max_steps) * module.lr_factor(step - 1),
             "train/tokens_per_sec": self.tokens_per_sec,
         }
         for source, epoch in data.epochs_at(step).items():
