@@ -199,6 +199,11 @@ def plot_runs(
                 ax.axvspan(
                     first, max(last, first + 1e-9), color="red", alpha=0.15, gid=f"{run.name}:incident"
                 )
+            if incident["action"] == "rollback":  # the samples stepped over, as steps of the old path
+                start, stop = _x_of_steps(run, incident["skip_steps"], by_steps)
+                loss_ax.axvspan(
+                    start, stop, ymax=0.04, color="red", alpha=0.5, gid=f"{run.name}:incident:skipped"
+                )
             loss_ax.plot(
                 [last],
                 [1.0],
@@ -224,7 +229,10 @@ def plot_runs(
         note
         for note, shown in (
             ("dashed vertical lines: resumes", any(run.resumes for run in logs)),
-            ("red: divergences, x: rollback or stop", any(run.incidents for run in logs)),
+            (
+                "red: divergences, x: rollback or stop, bar: samples skipped",
+                any(run.incidents for run in logs),
+            ),
         )
         if shown
     ]
@@ -253,6 +261,8 @@ def plot_runs(
 
 def _x_of_steps(run: RunLog, steps: Sequence[int], by_steps: bool) -> np.ndarray:
     """Where steps lie on the x axis: the steps themselves, or the tokens seen at them."""
+    import numpy as np
+
     train = run.series.get(TRAIN_LOSS)
     if by_steps or train is None or len(train.steps) < 2:
         return np.asarray(steps, dtype=float)

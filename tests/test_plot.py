@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -385,3 +386,19 @@ def test_a_model_at_chance_is_drawn_with_its_chance_level_and_standard_errors(tm
     )
     assert [text.get_text() for text in next_ax.get_legend().get_texts()] == ["chance"]
     assert "r:downstream/gen/chance" not in lines and gen_ax.get_legend() is None
+
+
+def test_incidents_are_drawn_and_summarized(tmp_path):
+    """A run that rolled back: its bad steps shaded, the decision marked, the skipped range barred."""
+    run = tmp_path / "healed"
+    write_metrics(run / "logs" / "version_0" / "metrics.csv", [train_row(step, 3.0) for step in range(30)])
+    incident = {"action": "rollback", "steps": [20, 23], "skip": [256, 448], "skip_steps": [16, 28]}
+    (run / "incidents.jsonl").write_text(
+        json.dumps(incident) + "\n" + json.dumps(incident | {"action": "stop"})
+    )
+    log = RunDir(run).read_logs()
+    fig = plot_runs([log], tmp_path / "plot.png")
+    gids = [artist.get_gid() for ax in fig.axes for artist in ax.get_children()]
+    assert gids.count("healed:incident") == 4 and gids.count("healed:incident:skipped") == 1
+    assert gids.count("healed:incident:rollback") == 1 and gids.count("healed:incident:stop") == 1
+    assert summarize(log).endswith("1 rollback(s), 1 divergence stop(s)")
