@@ -44,7 +44,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
 from pretrain.model.attention import BACKENDS, document_ids
-from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint
+from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint, training_checkpoint_problem
 from pretrain.run_dir import RunDir
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import LossSums
@@ -401,11 +401,17 @@ class PretrainModule(L.LightningModule):
             self.stop_reason = self._divergence_message(first, why, before)
 
     def _checkpoint_before(self, first: int) -> tuple[int, Path | None]:
-        """The newest checkpoint of this run from before step `first`, and its step (rank 0 decides)."""
+        """The newest usable checkpoint of this run from before step `first`, and its step (rank 0
+        decides)."""
         found: tuple[int, Path | None] = (-1, None)
         if self.trainer.is_global_zero:
             run = RunDir(self.trainer.default_root_dir)
-            found = next(((s, p) for s, p in reversed(run.list_checkpoints()) if s < first), found)
+            usable = (
+                (s, p)
+                for s, p in reversed(run.list_checkpoints())
+                if s < first and training_checkpoint_problem(p) is None
+            )
+            found = next(usable, found)
         return self.trainer.strategy.broadcast(found, src=0)
 
     def _divergence_message(self, first: int, why: str, before: Path | None) -> str:
