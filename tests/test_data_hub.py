@@ -380,7 +380,7 @@ def _hub_error(kind: str, message: str) -> Exception:
         (("RevisionNotFoundError", "404"), "bigcode/starcoderdata has no revision 'v9'"),
         (
             ConnectionError("Name or service not known"),
-            "could not read bigcode/starcoderdata (ConnectionError: Name or service not known); check the network, or use HF_HUB_OFFLINE=1",
+            "could not read bigcode/starcoderdata (ConnectionError: Name or service not known); check the network, or set HF_HUB_OFFLINE=1",
         ),
     ],
 )
