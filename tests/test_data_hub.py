@@ -759,3 +759,42 @@ def test_train_tokenizer_into_an_existing_folder_is_refused_before_training(repo
         f"{folder / 'tokenizer.json'}\n"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(folder.iterdir())
+
+
+def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_moved(
+    repo, tokenizer, tmp_path, monkeypatch, capsys
+):
+    from pretrain.data import prepare as prepare_module
+
+    old, new = "1" * 40, "2" * 40
+    cache = tmp_path / "hf-cache" / "datasets--someone--corpus"
+    shutil.copytree(repo, cache / "snapshots" / old)
+    shutil.copytree(repo, cache / "snapshots" / new)
+    (cache / "snapshots" / new / "data" / "prose" / "part-03.parquet").unlink()  # main moves on
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(old)
+    _offline_with(monkeypatch, tmp_path / "hf-cache")
+    pattern = ["hf://someone/corpus?config=prose"]
+    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    real_tokenize = prepare_module.tokenize_unit
+
+    def interrupted(unit):
+        if unit.file == 2:
+            raise KeyboardInterrupt
+        return real_tokenize(unit)
+
+    monkeypatch.setattr(prepare_module, "tokenize_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+        )
+    monkeypatch.setattr(prepare_module, "tokenize_unit", real_tokenize)
+    (cache / "refs" / "main").write_text(new)
+    capsys.readouterr()
+    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    assert capsys.readouterr().err == (
+        f"hf://someone/corpus?config=prose: resuming at commit {old}, which the interrupted run read "
+        "(--overwrite starts over at the main branch as it is now)\n"
+    )
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+    assert {i["revision"] for i in load_manifest(tmp_path / "out").data["inputs"]} == {old}

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -175,8 +175,9 @@ def escape(text: str) -> str:
     return "".join(f"%{ord(c):02X}" if c in RESERVED else c for c in text)
 
 
-def resolve(spec: HubSpec) -> list[RemoteFile]:
-    """The spec's data files, in path order, at one commit (module docstring)."""
+def resolve(spec: HubSpec, pinned: str | None = None) -> list[RemoteFile]:
+    """The spec's data files, in path order, at one commit (module docstring): `pinned`, the commit
+    an interrupted preparation of the same input read, when given (a rerun resumes there)."""
     if spec.local:
         root = Path(spec.repo)
         if not root.is_dir():
@@ -187,6 +188,13 @@ def resolve(spec: HubSpec) -> list[RemoteFile]:
             RemoteFile(spec.repo, revision, p, (root / p).stat().st_size, "copy", str(root / p), spec.text)
             for p in files
         ]
+    if pinned and pinned != spec.revision:
+        print(
+            f"{spec.text}: resuming at commit {pinned}, which the interrupted run read "
+            f"(--overwrite starts over at {spec.revision or 'the main branch'} as it is now)",
+            file=sys.stderr,
+        )
+        spec = replace(spec, revision=pinned)
     if _offline():
         return _resolve_cached(spec)
     from huggingface_hub import HfApi
@@ -610,12 +618,16 @@ def documents(
             cache.remove()
 
 
-def expand(patterns: Sequence[str]) -> list[Path | RemoteFile]:
-    """Local inputs (as `inputs.expand`) and Hub inputs, in the order given."""
+def expand(patterns: Sequence[str], pins: dict[str, str] | None = None) -> list[Path | RemoteFile]:
+    """Local inputs (as `inputs.expand`) and Hub inputs, in the order given; `pins` maps a Hub input
+    to the commit an interrupted run of it read (`resolve`)."""
     if any(map(is_hub, patterns)):
         _require_hub_libraries()
 
     found: list[Path | RemoteFile] = []
     for pattern in patterns:
-        found += resolve(parse(pattern)) if is_hub(pattern) else inputs.expand([pattern])
+        if is_hub(pattern):
+            found += resolve(parse(pattern), (pins or {}).get(pattern))
+        else:
+            found += inputs.expand([pattern])
     return inputs.read_once(found)

@@ -61,7 +61,7 @@ from pretrain.data.shards import (
     write_json_atomic,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
-from pretrain.data.units import END, Source, UnitSource
+from pretrain.data.units import END, Source, UnitSource, recorded_revisions
 from pretrain.errors import UserError, writing
 
 STATE_DIR = ".prepare"
@@ -546,7 +546,8 @@ def prepare(
         if cache_max < 1:
             raise UserError(f"--cache-max must be positive, got {cache_max}")
         fields = inputs.Fields(settings.text_field, settings.exclude)
-        sources = hub.expand(patterns)
+        pins = {} if overwrite else recorded_revisions(Path(output) / STATE_DIR / "state.json")
+        sources = hub.expand(patterns, pins)
         local = [s for s in sources if isinstance(s, Path)]
         _check_apart(Path(output), [p for p in patterns if not hub.is_hub(p)], local)
         units = UnitSource(sources, settings.text_field)

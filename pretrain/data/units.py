@@ -9,12 +9,15 @@ skips the files it finished without fetching them again.
 A file copied from a local mirror (`hf:///path`) is also stamped in the state when first read
 (its mtime and the sha256 of its bytes). A resumed run checks that every file it read before
 still holds those bytes: by mtime, and by content where the mtime moved (a file restored from
-a backup resumes; a file rewritten with other bytes is refused in one line).
+a backup resumes; a file rewritten with other bytes is refused in one line). The commit each Hub
+input was read at is kept too: a rerun reads that commit again even if the branch moved since
+(`recorded_revisions`), so "run the same command again to resume" holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -67,6 +70,9 @@ class UnitSource:
         self.cache = cache
         self.file_units = state.setdefault("file_units", {})
         self.file_stamps = state.setdefault("file_stamps", {})
+        state.setdefault(
+            "revisions", {s.spec: s.revision for s in self.remote.values() if s.source != "copy"}
+        )
         done, skipped = state["units_done"], 0
         for i in range(len(self.sources)):
             count = self._count(i)
@@ -174,6 +180,16 @@ class UnitSource:
     def _cache(self) -> Cache:
         assert self.cache is not None, "Hub inputs come with a cache"
         return self.cache
+
+
+def recorded_revisions(state_path: Path) -> dict[str, str]:
+    """The commit each Hub input was read at by the interrupted preparation whose state is at
+    `state_path` (none when there is no readable state)."""
+    try:
+        revisions = json.loads(state_path.read_text()).get("revisions", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return revisions if isinstance(revisions, dict) else {}
 
 
 def _changed(source: Source) -> str:
