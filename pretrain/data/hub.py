@@ -1,20 +1,42 @@
-"""Inputs straight from the Hugging Face Hub: `hf://OWNER/NAME[@REVISION][?config=C&split=S&files=GLOB]`.
+"""Inputs straight from the Hugging Face Hub: `hf://REPO[@REVISION][?KEY=VALUE&KEY=VALUE...]`.
 
-- Which files: one config's (subset's) split of the repository, as `datasets` resolves its data
-  files from the README's `configs:` metadata or the file-name conventions
-  (`load_dataset_builder`), narrowed by `files=GLOB` (repo-relative, fnmatch), in path order.
-  The revision (branch, tag or sha; default the main branch) is resolved to its commit sha
-  once and every file is read at that sha; the manifest records repository, config, split and
-  sha (`pretrain data info`).
-- `hf:///abs/path` or `hf://./rel/path`: a local folder laid out as a Hub dataset repository (a
-  mirror, or `hf download --repo-type dataset --local-dir` output) is resolved the same way and
-  fetched through the same cache. With `HF_HUB_OFFLINE=1`, a repository already in the Hugging
-  Face cache is read in place from there.
-- Fetching: a file becomes local only when the preparation reaches it (`Cache`: one folder per
-  file under the cache directory, at most `max_bytes` at a time, fetched ahead in order while
-  there is room), and is removed once all its work units are committed. A file already in the
-  Hugging Face cache is read in place, never removed. Downloads retry with backoff; after the
-  last retry the run stops with everything committed kept, and a rerun resumes.
+Grammar (`parse`); every refusal is one line naming the input:
+- `REPO` is `OWNER/NAME` (a Hub dataset repository), or a local folder laid out as one: an
+  absolute path `hf:///abs/path` or a relative one `hf://./rel/path` (`~` is not expanded).
+- `@` (the first one before `?`) starts the REVISION: a branch, tag or commit sha. On a local
+  folder a revision is honoured only when the folder is a git checkout whose HEAD is that
+  revision with no uncommitted change to tracked files (the manifest then records the sha);
+  otherwise it is refused, never ignored.
+- `?` (the first one) starts the options; `&` separates them; `=` (the first in an option)
+  separates key and value. Keys: `config=`, `split=` (default train), `files=GLOB` (fnmatch on
+  the repo-relative path) and `revision=` (the same as `@`, not both). An unknown, repeated or
+  empty option is refused.
+- `#` has no meaning (there are no fragments): it is refused.
+- `%XX` is a percent-escape (UTF-8), decoded in the path, the revision and every value, after
+  the input is split at the characters above. So a literal `@ # ? %` is written `%40 %23 %3F
+  %25`, and `&` inside a value `%26` (`hf:///data/corpus%40v2` is the folder `corpus@v2`); a `%`
+  that starts no escape is refused. A space may be written as it is (quoted in the shell) or as `%20`; `+` is a plus.
+  `escape` writes a path this way; manifest and message names (`RemoteFile.name`) use it.
+
+Which files: one config's (subset's) split of the repository, as `datasets` resolves its data
+files from the README's `configs:` metadata or the file-name conventions
+(`load_dataset_builder`), narrowed by `files=GLOB`, in path order. They must be in a format
+the local reader reads (`inputs`): `.jsonl`, `.ndjson`, `.json` (lines or one array), `.txt`
+(one document per file, as given locally, not one per line as `datasets` reads it), each
+optionally `.gz` or `.zst`, and `.parquet`; anything else (CSV, TSV, Arrow, ...) is refused.
+The revision (default the main branch) is resolved to its commit sha once and every file is
+read at that sha; the manifest records repository, config, split and sha (`pretrain data
+info`). With `HF_HUB_OFFLINE=1`, a repository already in the Hugging Face cache is read in
+place from there.
+
+Fetching: a file becomes local only when the preparation reaches it (`Cache`: one folder per
+file under the cache directory, at most `max_bytes` at a time, fetched ahead in order while
+there is room), and is removed once all its work units are committed. A file already in the
+Hugging Face cache is read in place, never removed. Network failures are retried with backoff;
+what waiting cannot mend (a file gone from the mirror or repository, a full or read-only disk,
+a repository gone or gated) stops at once in one line. Either way everything committed is
+kept and a rerun of the same command resumes: at the commit the interrupted run read, with
+the mirror files it read checked by content (`pretrain.data.units`).
 """
 
 from __future__ import annotations
