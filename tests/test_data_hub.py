@@ -469,6 +469,10 @@ def test_a_revision_on_a_plain_folder_is_refused_not_read_from_a_sibling(repo, t
         show_progress=False,
     )
     assert load_manifest(tmp_path / "o").data["inputs"][0]["repo"] == f"{tmp_path}/corpus@v2"
+    with pytest.raises(
+        UserError, match=f"{tmp_path}/corpusAv2 is not a folder .a literal % in a path is written %25.$"
+    ):
+        hub.resolve(hub.parse(f"hf://{tmp_path}/corpus%41v2"))
 
 
 def _git(root: Path, *args: str) -> str:
@@ -798,3 +802,17 @@ def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_move
     )
     assert shards(tmp_path / "out") == shards(tmp_path / "clean")
     assert {i["revision"] for i in load_manifest(tmp_path / "out").data["inputs"]} == {old}
+
+
+def test_a_file_gone_from_the_hugging_face_cache_is_named(tmp_path):
+    file = hub.RemoteFile(
+        "someone/corpus", "0123abcd", "data/a.parquet", 10, "in-place", str(tmp_path / "gone")
+    )
+    cache = hub.Cache({0: file}, tmp_path / "cache", 100)
+    with pytest.raises(UserError) as caught:
+        cache.wait(0, lambda: None)
+    assert str(caught.value) == (
+        f"hf://someone/corpus@0123abcd/data/a.parquet: {tmp_path / 'gone'} is gone from the Hugging Face cache: "
+        "restore it (hf download someone/corpus data/a.parquet --repo-type dataset --revision 0123abcd); what was "
+        "committed is kept: run the same command again to resume"
+    )

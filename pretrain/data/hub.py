@@ -203,7 +203,7 @@ def resolve(spec: HubSpec, pinned: str | None = None) -> list[RemoteFile]:
     if spec.local:
         root = Path(spec.repo)
         if not root.is_dir():
-            raise UserError(f"{spec.text}: {root} is not a folder{_at_hint(spec)}")
+            raise UserError(f"{spec.text}: {root} is not a folder{_literal_hint(spec)}")
         revision = _checkout_at(spec, root) if spec.revision else "local"
         files = _data_files(spec, str(root), None)
         return [
@@ -236,9 +236,11 @@ def resolve(spec: HubSpec, pinned: str | None = None) -> list[RemoteFile]:
     ]
 
 
-def _at_hint(spec: HubSpec) -> str:
-    """For an input with an @: how a literal @ in a path is written."""
-    return " (a literal @ in a path is written %40)" if "@" in spec.text.split("?")[0] else ""
+def _literal_hint(spec: HubSpec) -> str:
+    """For a local path written with `@` or `%`: how those are written when meant literally."""
+    path = spec.text[len(SCHEME) :].split("?")[0]
+    hints = [f"a literal {c} in a path is written {escape(c)}" for c in "@%" if c in path]
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _checkout_at(spec: HubSpec, root: Path) -> str:
@@ -248,11 +250,11 @@ def _checkout_at(spec: HubSpec, root: Path) -> str:
     if not (root / ".git").exists():
         raise UserError(
             f"{spec.text}: a revision (@{rev}) needs {root} to be a git checkout, and it is a plain "
-            f"folder: leave out @{rev}{_at_hint(spec)}"
+            f"folder: leave out @{rev}{_literal_hint(spec)}"
         )
     wanted = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     if not wanted:
-        raise UserError(f"{spec.text}: the git checkout {root} has no revision {rev!r}{_at_hint(spec)}")
+        raise UserError(f"{spec.text}: the git checkout {root} has no revision {rev!r}{_literal_hint(spec)}")
     head = _git(root, "rev-parse", "HEAD")
     if head != wanted:
         raise UserError(
@@ -433,7 +435,8 @@ class Cache:
         if file.source == "in-place":
             if not Path(file.where).is_file():
                 raise UserError(
-                    f"{file.name}: {file.where} is gone from the Hugging Face cache; {self.rerun}"
+                    f"{file.name}: {file.where} is gone from the Hugging Face cache: restore it (hf download "
+                    f"{file.repo} {file.path} --repo-type dataset --revision {file.revision}); {self.rerun}"
                 )
             return self.local_path(i)
         with self._lock:
