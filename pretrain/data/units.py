@@ -143,9 +143,9 @@ class UnitSource:
     def _stamp(self, i: int, stamp: list | None) -> None:
         """Record a mirror file's stamp as fetched now; refuse one whose bytes differ from the bytes
         an interrupted run read (it resumes inside this file)."""
-        recorded = self.file_stamps.get(str(i))
         if stamp is None:
             return
+        recorded = self.file_stamps.get(str(i))
         if recorded is not None and recorded[1] != stamp[1]:
             raise UserError(_changed(self.sources[i]))
         self.file_stamps[str(i)] = stamp
