@@ -380,7 +380,7 @@ def _hub_error(kind: str, message: str) -> Exception:
         (("RevisionNotFoundError", "404"), "bigcode/starcoderdata has no revision 'v9'"),
         (
             ConnectionError("Name or service not known"),
-            "could not read bigcode/starcoderdata (ConnectionError: Name or service not known); check the network, or use HF_HUB_OFFLINE=1",
+            "could not read bigcode/starcoderdata (ConnectionError: Name or service not known); check the network, or set HF_HUB_OFFLINE=1",
         ),
     ],
 )
@@ -432,3 +432,387 @@ def test_train_tokenizer_from_a_hub_input_equals_local_files(repo, tmp_path):
     )
     assert hub_out.read_bytes() == local_out.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.json", "local.json"]  # no cache left behind
+
+
+# ---------------------------------------------------------------- the hf:// grammar
+
+
+def test_paths_with_grammar_characters_are_read_through_escapes(repo, tokenizer, tmp_path):
+    """`@ # ? %` in a local path are written %40 %23 %3F %25; a space as it is or %20; `+` is literal."""
+    odd = tmp_path / "we@ird #1?x%41 y+z"
+    shutil.copytree(repo, odd)
+    prepare([str(repo / "data" / "prose")], tokenizer, tmp_path / "local", SETTINGS, show_progress=False)
+    for n, path in enumerate((hub.escape(str(odd)), hub.escape(str(odd)).replace(" ", "%20"))):
+        out = tmp_path / f"odd{n}"
+        prepare([f"hf://{path}?config=prose"], tokenizer, out, SETTINGS, show_progress=False)
+        assert shards(out) == shards(tmp_path / "local")
+        record = load_manifest(out).data["inputs"][0]
+        assert record["repo"] == str(odd)
+        assert record["path"] == f"hf://{hub.escape(str(odd))}@local/data/prose/part-00.parquet"
+
+
+def test_a_revision_on_a_plain_folder_is_refused_not_read_from_a_sibling(repo, tokenizer, tmp_path):
+    shutil.copytree(repo, tmp_path / "corpus")
+    shutil.copytree(repo, tmp_path / "corpus@v2")
+    with pytest.raises(UserError) as caught:
+        prepare([f"hf://{tmp_path}/corpus@v2?config=prose"], tokenizer, tmp_path / "o", SETTINGS)
+    assert str(caught.value) == (
+        f"hf://{tmp_path}/corpus@v2?config=prose: a revision (@v2) needs {tmp_path}/corpus to be a git "
+        "checkout, and it is a plain folder: leave out @v2 (a literal @ in a path is written %40)"
+    )
+    assert not (tmp_path / "o").exists()
+    prepare(
+        [f"hf://{tmp_path}/corpus%40v2?config=prose"],
+        tokenizer,
+        tmp_path / "o",
+        SETTINGS,
+        show_progress=False,
+    )
+    assert load_manifest(tmp_path / "o").data["inputs"][0]["repo"] == f"{tmp_path}/corpus@v2"
+    with pytest.raises(
+        UserError, match=f"{tmp_path}/corpusAv2 is not a folder .a literal % in a path is written %25.$"
+    ):
+        hub.resolve(hub.parse(f"hf://{tmp_path}/corpus%41v2"))
+
+
+def _git(root: Path, *args: str) -> str:
+    command = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_revision_on_a_git_checkout_must_be_what_is_checked_out(repo, tokenizer, tmp_path):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(repo, checkout)
+    _git(checkout, "init", "-q")
+    _git(checkout, "add", ".")
+    _git(checkout, "commit", "-qm", "one")
+    _git(checkout, "tag", "v1")
+    sha = _git(checkout, "rev-parse", "HEAD")
+    prepare([f"hf://{checkout}@v1?config=prose"], tokenizer, tmp_path / "v1", SETTINGS, show_progress=False)
+    record = load_manifest(tmp_path / "v1").data["inputs"][0]
+    assert (record["revision"], record["path"]) == (sha, f"hf://{checkout}@{sha}/data/prose/part-00.parquet")
+    (checkout / "README.md").write_text(README + "more\n")
+    with pytest.raises(UserError, match=r"has uncommitted changes, so its files are not those of v1"):
+        hub.resolve(hub.parse(f"hf://{checkout}@v1?config=prose"))
+    _git(checkout, "commit", "-qam", "two")
+    with pytest.raises(
+        UserError, match=rf"is at \w{{12}}, not at v1 \({sha[:12]}\): run git -C {checkout} checkout v1"
+    ):
+        hub.resolve(hub.parse(f"hf://{checkout}@v1?config=prose"))
+    with pytest.raises(UserError, match=f"the git checkout {checkout} has no revision 'v9'"):
+        hub.resolve(hub.parse(f"hf://{checkout}?config=prose&revision=v9"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("hf:///data/d#e?config=prose", "# has no meaning in an hf:// input; a literal # is written %23"),
+        ("hf:///data/a%zz", "a % must start an escape such as %40; a literal % is written %25"),
+        ("hf:///data/a%ff", "the %-escapes in '/data/a%ff' are not UTF-8"),
+        ("hf://owner/name@", "nothing after @"),
+        ("hf://owner/name@v1?revision=v2", "a revision is given twice (@ and revision=)"),
+        ("hf://owner/name?config=a&config=b", "config= is given twice"),
+        ("hf://owner/name?config=", "config= needs a value"),
+        ("hf://owner/name?split", "split= needs a value"),
+        ("hf://owner/name?confg=a", "unknown option 'confg'"),
+        ("hf://~/corpus", "expected hf://OWNER/NAME, or a local folder as hf:///abs/path"),
+        ("hf://owner/name/sub", "expected hf://OWNER/NAME"),
+    ],
+)
+def test_what_the_grammar_cannot_honour_is_refused(text, message):
+    with pytest.raises(UserError) as caught:
+        hub.parse(text)
+    assert str(caught.value) == f"{text}: {message}" or message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_escapes_decode_in_every_part_and_plus_stays_a_plus():
+    spec = hub.parse("hf://owner/name@refs%2Fpr%2F1?files=c++/%2A%3F.jsonl&split=a%26b&config=x=y")
+    assert (spec.repo, spec.revision, spec.files, spec.split, spec.config) == (
+        "owner/name",
+        "refs/pr/1",
+        "c++/*?.jsonl",
+        "a&b",
+        "x=y",
+    )
+    assert hub.parse("hf://./rel/a%20b").repo == "./rel/a b"
+
+
+def test_a_mirror_of_csv_files_is_refused_not_read_as_json_lines(tokenizer, tmp_path):
+    (tmp_path / "csv" / "data").mkdir(parents=True)
+    (tmp_path / "csv" / "data" / "train.csv").write_text("text\nhello there\n")
+    with pytest.raises(UserError) as caught:
+        prepare([f"hf://{tmp_path}/csv"], tokenizer, tmp_path / "o", SETTINGS)
+    assert str(caught.value) == (
+        f"hf://{tmp_path}/csv: data/train.csv is not in a format read here (.jsonl, .ndjson, .json or .txt, "
+        "optionally .gz or .zst, and .parquet); leave such files out with files=GLOB, or convert them"
+    )
+
+
+# ---------------------------------------------------------------- fetch faults and resume
+
+
+def test_a_file_vanished_from_a_mirror_stops_at_once_and_a_restored_copy_resumes(
+    repo, tokenizer, tmp_path, monkeypatch, capsys
+):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(repo, mirror)
+    pattern = [f"hf://{mirror}?config=prose"]
+    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)  # a retry shows in `calls`
+    real_copy, calls = hub._copy, []
+    part = mirror / "data" / "prose" / "part-02.parquet"
+
+    def vanishing(source: Path, destination: Path) -> None:  # part-02 is deleted as it is reached
+        calls.append(source.name)
+        if source == part:
+            part.rename(tmp_path / "backup.parquet")
+        real_copy(source, destination)
+
+    monkeypatch.setattr(hub, "_copy", vanishing)
+    with pytest.raises(UserError) as caught:
+        prepare(
+            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+        )
+    assert str(caught.value) == (
+        f"hf://{mirror}@local/data/prose/part-02.parquet: {part} is gone from the folder since the run listed "
+        "it: restore it; what was committed is kept: run the same command again to resume"
+    )
+    assert calls.count("part-02.parquet") == 1  # not retried
+    monkeypatch.setattr(hub, "_copy", real_copy)
+    shutil.copy(tmp_path / "backup.parquet", part)  # restored: same bytes, a new mtime
+    read = mirror / "data" / "prose" / "part-00.parquet"
+    os.utime(read, ns=(time.time_ns(), time.time_ns()))  # read by the first run, touched since
+    capsys.readouterr()
+    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+    assert (
+        f"hf://{mirror}@local/data/prose/part-00.parquet: modified time changed, same bytes as the interrupted "
+        "run read: resuming"
+    ) in capsys.readouterr().err
+
+
+def _flip_a_byte(path: Path) -> bytes:
+    """Rewrite `path` with one byte changed (same size, a new mtime); its old bytes."""
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    return data
+
+
+def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
+    repo, tokenizer, tmp_path, monkeypatch
+):
+    from pretrain.data import prepare as prepare_module
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(repo, mirror)
+    pattern = [f"hf://{mirror}?config=prose"]
+    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    real_tokenize = prepare_module.tokenize_unit
+
+    def interrupted(unit):  # stops inside part-01, after its first row group
+        if (unit.file, unit.start) == (1, 1):
+            raise KeyboardInterrupt
+        return real_tokenize(unit)
+
+    monkeypatch.setattr(prepare_module, "tokenize_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+        )
+    monkeypatch.setattr(prepare_module, "tokenize_unit", real_tokenize)
+    assert units_done(tmp_path / "out") == 4
+    for name in ("part-00.parquet", "part-01.parquet"):  # read whole; read in part (fetched again)
+        path = mirror / "data" / "prose" / name
+        original = _flip_a_byte(path)
+        with pytest.raises(UserError) as caught:
+            prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+        assert str(caught.value) == (
+            f"hf://{mirror}@local/data/prose/{name}: {path} holds other bytes than when the interrupted run "
+            "read it: restore that version to resume, or pass --overwrite to start over"
+        )
+        path.write_bytes(original)
+    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+
+
+def test_a_full_cache_disk_is_not_retried_and_the_rerun_resumes(repo, tokenizer, tmp_path, monkeypatch):
+    import errno
+
+    pattern = [f"hf://{repo}?config=prose"]
+    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)
+    real_copy, calls = hub._copy, []
+
+    def full(source: Path, destination: Path) -> None:
+        calls.append(source.name)
+        if source.name == "part-02.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+        real_copy(source, destination)
+
+    monkeypatch.setattr(hub, "_copy", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as caught:
+        prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0,
+                cache_dir=cache)  # fmt: skip
+    assert str(caught.value).startswith(f"--cache-dir {cache}/prepare-")
+    assert str(caught.value).endswith(
+        f"no space left on the device (No space left on device) while fetching hf://{repo}@local/data/prose/"
+        "part-02.parquet: free space, lower --cache-max or choose another --cache-dir; what was committed is "
+        "kept: run the same command again to resume"
+    )
+    assert calls.count("part-02.parquet") == 1
+    monkeypatch.setattr(hub, "_copy", real_copy)
+    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, cache_dir=cache)
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            ("RemoteEntryNotFoundError", "404"),
+            "someone/corpus no longer holds this file at revision 0123abcd (its history was rewritten?)",
+        ),
+        (("RepositoryNotFoundError", "404"), "no dataset repository someone/corpus on the Hub"),
+    ],
+)
+def test_a_file_gone_from_a_hub_repository_is_not_a_network_error(tmp_path, monkeypatch, error, message):
+    import huggingface_hub
+
+    calls = []
+
+    def gone(*args, **kwargs):
+        calls.append(args)
+        raise _hub_error(*error)
+
+    monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gone)
+    file = hub.RemoteFile("someone/corpus", "0123abcd", "data/a.parquet", 10, "hub")
+    cache = hub.Cache({0: file}, tmp_path / "cache", 100)
+    cache.start(0)
+    try:
+        with pytest.raises(UserError) as caught:
+            cache.wait(0, lambda: None)
+    finally:
+        cache.close()
+    assert message in str(caught.value) and "\n" not in str(caught.value) and len(calls) == 1
+
+
+# ---------------------------------------------------------------- tokenizer sources
+
+
+def test_tokenizer_advice_fits_where_it_is_read(tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _offline_with(monkeypatch, tmp_path / "empty-cache")
+    with pytest.raises(UserError) as caught:
+        hub.tokenizer_file("someone/other")
+    offline = str(caught.value)
+    assert offline.startswith(
+        "--tokenizer someone/other: HF_HUB_OFFLINE is set and the Hugging Face cache has no"
+    )
+    assert offline.endswith(
+        "fetch it where there is internet (hf download someone/other tokenizer.json), or give a tokenizer.json "
+        "or a folder holding one"
+    )
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(UserError) as caught:
+        hub.tokenizer_file("hf://someone/other@v1")
+    assert str(caught.value) == (
+        "--tokenizer hf://someone/other@v1: could not read someone/other (ConnectionError: Name or service not "
+        "known); check the network, or set HF_HUB_OFFLINE=1 to use a copy in the Hugging Face cache, or give a "
+        "tokenizer.json or a folder holding one"
+    )
+
+
+def test_tokenizer_in_hf_forms(tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "tok @#?% dir"
+    folder.mkdir()
+    shutil.copy(tokenizer, folder / "tokenizer.json")
+    assert hub.tokenizer_file(f"hf://{hub.escape(str(folder))}") == (folder / "tokenizer.json", None)
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = tmp_path / "hf-cache" / "models--someone--tok" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    shutil.copy(tokenizer, snapshot / "tokenizer.json")
+    _offline_with(monkeypatch, tmp_path / "hf-cache")
+    found = (snapshot / "tokenizer.json", f"someone/tok@{sha}")
+    assert hub.tokenizer_file(f"hf://someone/tok@{sha}") == hub.tokenizer_file(f"someone/tok@{sha}") == found
+    with pytest.raises(UserError, match=r"options \(\?\.\.\.\) are for dataset inputs"):
+        hub.tokenizer_file("hf://someone/tok?config=x")
+    with pytest.raises(UserError, match="a local tokenizer has no revision: leave out @v1"):
+        hub.tokenizer_file(f"hf://{hub.escape(str(folder))}@v1")
+
+
+def test_train_tokenizer_into_an_existing_folder_is_refused_before_training(repo, tmp_path, capsys):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    args = ["data", "train-tokenizer", "--input", str(repo / "data"), "--vocab-size", "300"]
+    assert main([*args, "--output", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"pretrain data: error: --output {folder} is a folder; give the file to write, e.g. "
+        f"{folder / 'tokenizer.json'}\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(folder.iterdir())
+
+
+def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_moved(
+    repo, tokenizer, tmp_path, monkeypatch, capsys
+):
+    from pretrain.data import prepare as prepare_module
+
+    old, new = "1" * 40, "2" * 40
+    cache = tmp_path / "hf-cache" / "datasets--someone--corpus"
+    shutil.copytree(repo, cache / "snapshots" / old)
+    shutil.copytree(repo, cache / "snapshots" / new)
+    (cache / "snapshots" / new / "data" / "prose" / "part-03.parquet").unlink()  # main moves on
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(old)
+    _offline_with(monkeypatch, tmp_path / "hf-cache")
+    pattern = ["hf://someone/corpus?config=prose"]
+    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    real_tokenize = prepare_module.tokenize_unit
+
+    def interrupted(unit):
+        if unit.file == 2:
+            raise KeyboardInterrupt
+        return real_tokenize(unit)
+
+    monkeypatch.setattr(prepare_module, "tokenize_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+        )
+    monkeypatch.setattr(prepare_module, "tokenize_unit", real_tokenize)
+    (cache / "refs" / "main").write_text(new)
+    capsys.readouterr()
+    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    assert capsys.readouterr().err == (
+        f"hf://someone/corpus?config=prose: resuming at commit {old}, which the interrupted run read "
+        "(--overwrite starts over at the main branch as it is now)\n"
+    )
+    assert shards(tmp_path / "out") == shards(tmp_path / "clean")
+    assert {i["revision"] for i in load_manifest(tmp_path / "out").data["inputs"]} == {old}
+
+
+def test_a_file_gone_from_the_hugging_face_cache_is_named(tmp_path):
+    file = hub.RemoteFile(
+        "someone/corpus", "0123abcd", "data/a.parquet", 10, "in-place", str(tmp_path / "gone")
+    )
+    cache = hub.Cache({0: file}, tmp_path / "cache", 100)
+    with pytest.raises(UserError) as caught:
+        cache.wait(0, lambda: None)
+    assert str(caught.value) == (
+        f"hf://someone/corpus@0123abcd/data/a.parquet: {tmp_path / 'gone'} is gone from the Hugging Face cache: "
+        "restore it (hf download someone/corpus data/a.parquet --repo-type dataset --revision 0123abcd); what was "
+        "committed is kept: run the same command again to resume"
+    )

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     hub_input = (
-        "input files, folders or globs, or Hub datasets: hf://OWNER/NAME[@REV][?config=C&split=S&files=GLOB]"
+        "input files, folders or globs, or Hub datasets: hf://OWNER/NAME[@REV][?config=C&split=S&files=GLOB] "
+        "(or hf:///local/mirror; a literal @ # ? %% is written %%40 %%23 %%3F %%25)"
     )
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer with EOS/BOS/PAD tokens")
     p.add_argument("--input", nargs="+", required=True, metavar="GLOB", help=hub_input)
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         required=True,
-        help="a tokenizer.json, a folder holding one, or a Hub model repo OWNER/NAME",
+        help="a tokenizer.json, a folder holding one, or a Hub model repo OWNER/NAME[@REV] (or hf://OWNER/NAME[@REV])",
     )
     p.add_argument("--output", required=True, help="dataset directory to write")
     p.add_argument(

@@ -74,7 +74,7 @@ from pretrain.data.shards import (
     shard_name,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
-from pretrain.data.units import END, Source, UnitSource
+from pretrain.data.units import END, Source, UnitSource, recorded_revisions
 from pretrain.errors import UserError, writing
 from pretrain.files import read_json, write_atomic, write_json_atomic
 
@@ -572,7 +572,7 @@ def _identity(sources: list[Source], tok: TokenizerInfo, settings: Settings, dty
         "dtype": dtype.name,
         "settings": asdict(settings),
         "inputs": [
-            [s.name, s.size, inputs.modified(Path(s.where)) if s.source == "copy" else 0]
+            [s.name, s.size]  # a mirror file's bytes are checked by content on resume (`units`)
             if isinstance(s, RemoteFile)
             else [str(s), inputs.input_record(s)["bytes"], inputs.modified(s)]
             for s in sources
@@ -840,7 +840,8 @@ def prepare(
         if cache_max < 1:
             raise UserError(f"--cache-max must be positive, got {cache_max}")
         fields = inputs.Fields(settings.text_field, settings.exclude)
-        sources = hub.expand(patterns)
+        pins = {} if overwrite else recorded_revisions(Path(output) / STATE_DIR / "state.json")
+        sources = hub.expand(patterns, pins)
         local = [s for s in sources if isinstance(s, Path)]
         _check_apart(Path(output), [p for p in patterns if not hub.is_hub(p)], local)
         units = UnitSource(sources, settings.text_field)

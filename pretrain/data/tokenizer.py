@@ -57,6 +57,10 @@ def train_tokenizer(
     from pretrain.data import hub, inputs
     from pretrain.files import write_atomic
 
+    if Path(output).is_dir():
+        raise UserError(
+            f"--output {output} is a folder; give the file to write, e.g. {Path(output) / 'tokenizer.json'}"
+        )
     left_out: list[str] = []
     count = 0
 

@@ -5,17 +5,29 @@ cut the same way once the cache has fetched it, so its units are those of the sa
 locally, and the unit sequence, hence the output, does not depend on where the bytes came from.
 How many units a Hub file has is kept in the preparation's state once known, so a resumed run
 skips the files it finished without fetching them again.
+
+A file copied from a local mirror (`hf:///path`) is also stamped in the state when first read
+(its mtime and the sha256 of its bytes). A resumed run checks that every file it read before
+still holds those bytes: by mtime, and by content where the mtime moved (a file restored from
+a backup resumes; a file rewritten with other bytes is refused in one line). The commit each Hub
+input was read at is kept too: a rerun reads that commit again even if the branch moved since
+(`recorded_revisions`), so "run the same command again to resume" holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from pretrain.data import inputs
 from pretrain.data.hub import Cache, RemoteFile
 from pretrain.data.inputs import Problem, Unit
+from pretrain.data.shards import sha256_file
+from pretrain.errors import UserError
 
 Source = Path | RemoteFile
 END = Unit(-1, "end")  # `UnitSource.next`: no unit left
@@ -29,6 +41,7 @@ class UnitSource:
         self.cache: Cache | None = None
         self.names = [s.name if isinstance(s, RemoteFile) else str(s) for s in sources]
         self.file_units: dict[str, int] = {}  # units per Hub file planned so far (kept in the state)
+        self.file_stamps: dict[str, list] = {}  # a mirror file's [mtime_ns, sha256] when read (state)
         self.units: dict[int, list[Unit]] = {}
         self.early: list[tuple[int, Problem]] = []  # problems found while planning local inputs
         self.found: list[tuple[int, Problem]] = []  # ... and Hub files planned for the first time
@@ -56,6 +69,10 @@ class UnitSource:
         input bytes skipped (progress)."""
         self.cache = cache
         self.file_units = state.setdefault("file_units", {})
+        self.file_stamps = state.setdefault("file_stamps", {})
+        state.setdefault(
+            "revisions", {s.spec: s.revision for s in self.remote.values() if s.source != "copy"}
+        )
         done, skipped = state["units_done"], 0
         for i in range(len(self.sources)):
             count = self._count(i)
@@ -66,6 +83,8 @@ class UnitSource:
             skipped += self._size(i)
             self._input = i + 1
         self._within = done - self._base
+        for i in range(self._input):
+            self._check_unchanged(i)
         return skipped
 
     def fetch(self) -> None:
@@ -117,8 +136,35 @@ class UnitSource:
         if str(i) not in self.file_units:  # counted once, not again by a run that resumes inside it
             self.file_units[str(i)] = len(planned)
             self.found += [(i, problem) for _, problem in early]
+        self._stamp(i, cache.stamps.get(i))
         self.ranges[i] = (self._base, self._base + len(planned))
         return self.units[i]
+
+    def _stamp(self, i: int, stamp: list | None) -> None:
+        """Record a mirror file's stamp as fetched now; refuse one whose bytes differ from the bytes
+        an interrupted run read (it resumes inside this file)."""
+        if stamp is None:
+            return
+        recorded = self.file_stamps.get(str(i))
+        if recorded is not None and recorded[1] != stamp[1]:
+            raise UserError(_changed(self.sources[i]))
+        self.file_stamps[str(i)] = stamp
+
+    def _check_unchanged(self, i: int) -> None:
+        """A mirror file an interrupted run read whole must hold the same bytes now."""
+        source, recorded = self.sources[i], self.file_stamps.get(str(i))
+        if not isinstance(source, RemoteFile) or recorded is None:
+            return
+        mtime = os.stat(source.where).st_mtime_ns
+        if mtime == recorded[0]:
+            return
+        if sha256_file(Path(source.where)) != recorded[1]:
+            raise UserError(_changed(source))
+        print(
+            f"{source.name}: modified time changed, same bytes as the interrupted run read: resuming",
+            file=sys.stderr,
+        )
+        recorded[0] = mtime
 
     def _count(self, i: int) -> int | None:
         if i in self.units:
@@ -134,3 +180,22 @@ class UnitSource:
     def _cache(self) -> Cache:
         assert self.cache is not None, "Hub inputs come with a cache"
         return self.cache
+
+
+def recorded_revisions(state_path: Path) -> dict[str, str]:
+    """The commit each Hub input was read at by the interrupted preparation whose state is at
+    `state_path` (none when there is no readable state)."""
+    try:
+        revisions = json.loads(state_path.read_text()).get("revisions", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return revisions if isinstance(revisions, dict) else {}
+
+
+def _changed(source: Source) -> str:
+    """The refusal for a mirror file whose bytes changed after an interrupted run read them."""
+    assert isinstance(source, RemoteFile)
+    return (
+        f"{source.name}: {source.where} holds other bytes than when the interrupted run read it: "
+        "restore that version to resume, or pass --overwrite to start over"
+    )
