@@ -260,7 +260,8 @@ def _line_ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
         start = 0
         while start < size:
             f.seek(min(size, start + UNIT_BYTES))
-            f.readline()
+            while (skipped := f.readline(STREAM_BYTES)) and not skipped.endswith(b"\n"):
+                pass  # to the line's end, a block at a time (a line may be huge)
             stop = min(size, f.tell())
             yield start, stop
             start = stop
