@@ -14,7 +14,7 @@ ids are `BASE`'s ids repeated (checked on three copies first), then EOS.
 
 Target (issue 21, item 4): the 1 GB document peaks at most 1 GB above the small input.
 
-Run: python benchmarks/prepare_memory.py [--work DIR] [--gigabytes 1] [--jsonl-gigabytes 0.25]
+Run: python benchmarks/prepare_memory.py [--work DIR] [--gigabytes 1] [--jsonl-gigabytes 1]
 
 Measured (2 shared CPU cores, 24 GB RAM; 4096-token BPE; `--num-proc 2`):
 
@@ -128,7 +128,7 @@ def main() -> None:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "pretrain-bench-prepare-memory"
     )
     parser.add_argument("--gigabytes", type=float, default=1.0)
-    parser.add_argument("--jsonl-gigabytes", type=float, default=0.25)
+    parser.add_argument("--jsonl-gigabytes", type=float, default=1.0)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: measure one command (JSON args)
     args = parser.parse_args()
     if args.measure:
@@ -180,10 +180,12 @@ def main() -> None:
             f"{name:<20} {size / 1e9:7.3f} GB {seconds:7.1f} s {largest / 1e9:13.3f} GB {summed / 1e9:8.3f} GB"
         )
     (_, small_largest, small_summed), _ = results["small input"]
-    if "one txt document" in results:
-        (_, largest, summed), size = results["one txt document"]
-        print(f"one {size / 1e9:.2f} GB text document: +{(largest - small_largest) / 1e9:.3f} GB (largest process), "
-              f"+{(summed - small_summed) / 1e9:.3f} GB (whole tree) over the small input; target <= +1 GB")  # fmt: skip
+    for kind in ("txt", "jsonl"):
+        if f"one {kind} document" in results:
+            (_, largest, summed), size = results[f"one {kind} document"]
+            print(f"one {size / 1e9:.2f} GB {kind} document: +{(largest - small_largest) / 1e9:.3f} GB (largest "
+                  f"process), +{(summed - small_summed) / 1e9:.3f} GB (whole tree) over the small input; "
+                  "target <= +1 GB")  # fmt: skip
     print("shards identical to the document tokenized without prepare: yes")
 
 
