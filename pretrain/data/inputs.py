@@ -546,7 +546,8 @@ class LongLine:
         self._skeleton_chars = 0
         self._spans: list[tuple[int, int, int, int]] = []  # replaced strings: skeleton start, end, line's
         self._cut: tuple[int, int, int] | None = None  # skeleton quote, line quote, line start of the rest
-        self._depth, self._object, self._state, self._key = 0, False, "", None
+        self._depth, self._object, self._state = 0, False, ""  # nesting, in a top-level object, what is next
+        self._key: str | None = None  # the last top-level key
         self._head = max((len(value) for _, value in fields.rules), default=-1) + 1
         self._values = self._parse()
 
@@ -658,7 +659,9 @@ class LongLine:
         quote = self.base + self.pos
         self.pos += 1
         while True:
-            end = _VALID.match(self.buf, self.pos).end()  # type: ignore[union-attr] (matches "")
+            valid = _VALID.match(self.buf, self.pos)
+            assert valid is not None  # it matches "" at least
+            end = valid.end()
             if end > self.pos:
                 chunk = self.buf[self.pos : end]
                 self.pos = end
