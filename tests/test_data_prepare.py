@@ -557,6 +557,168 @@ def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
     assert peaks[9] - peaks[1] < 2e6, f"peak memory {peaks[1] / 1e6:.1f} MB -> {peaks[9] / 1e6:.1f} MB"
 
 
+TRICKY_LINES = [
+    '{"text": "esc \\" \\\\ \\/ \\b\\f\\n\\r\\t \\u00e9 \\ud83d\\ude00 café 日本", "meta": {"a": [1, -2.5e3, null]}}',
+    '{"meta": {"text": "nested"}, "id": 3, "text": "not first \\ud83d\\ude00\\ud83d\\ude00", "after": [{}]}',
+    '{"te\\u0078t": "an escaped key", "tail": "\\"}\\""}',
+    '{"text": "given twice", "text": "the second wins"}',
+    '{"text": "given twice", "text": 5}',
+    '{"text": null}',
+    '{"text": ""}',
+    '{"other": "x"}',
+    "[1, 2]",
+    '"a string"',
+    '{"text": "lone \\ud800 high"}',
+    '{"text": "lone low \\udc00"}',
+    '{"text": "pair, bad \\ud800\\u12G4"}',
+    '{"text": "bad \\x escape"}',
+    '{"text": "control \x01 character"}',
+    '{"text": "unterminated',
+    '{"text": "ends in an escape \\u12',
+    '{"text": "ends in a backslash \\',
+    '{"text": "ok"} extra',
+    '{"text": "ok",}',
+    '{"a" 1, "text": "x"}',
+    '\ufeff{"text": "bom"}',
+    '{"text": "x", "a": tru}',
+    "   ",
+    "",
+    '{"text": "excluded", "meta": {"set": "Git"}}',
+    '{"text": "tx"}',
+    ' {"text" : "ws" } \r',
+]
+TRICKY_BYTES = (
+    b'{"text": "bad UTF-8 after a JSON error \\q" \xff}\n{"text": "ends inside a character \xe6\x97'
+)
+
+
+def read_all(path: Path, fields: inputs.Fields) -> list[tuple]:
+    units, _ = inputs.plan([path], fields.text)
+    return [astuple_chunk(inputs.read(path, unit, fields)) for unit in units]
+
+
+def astuple_chunk(chunk: inputs.Chunk) -> tuple:
+    return chunk.texts, chunk.problems, chunk.lines, chunk.excluded
+
+
+def streamed_reads(path: Path, fields: inputs.Fields, monkeypatch) -> list[list[tuple]]:
+    """`read_all` with every line long, at several block sizes (a block edge falls everywhere)."""
+    reads = []
+    for long_line, stream_bytes, copy_chars in ((1, 1, 1), (8, 3, 1 << 16), (5, 7, 3), (40, 5, 0)):
+        monkeypatch.setattr(inputs, "LONG_LINE", long_line)
+        monkeypatch.setattr(inputs, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(inputs, "COPY_CHARS", copy_chars)
+        reads.append(read_all(path, fields))
+    return reads
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_long_json_line_is_read_as_a_short_one(tmp_path, monkeypatch, compressed):
+    """A line over LONG_LINE, parsed as it is read (every escape, surrogate pairs across block edges, the
+    text field anywhere, given twice, excluded, bad in every way), gives what json.loads gives."""
+    data = "\n".join(TRICKY_LINES).encode() + b"\n" + TRICKY_BYTES
+    path = tmp_path / ("in.jsonl.gz" if compressed else "in.jsonl")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    fields = inputs.Fields("text", ("meta.set=Git", "text=tx"))
+    whole = read_all(path, fields)
+    (texts, problems, lines, excluded), *_ = whole
+    assert len(texts) == 5 and "the second wins" in texts and excluded == 2 and lines > len(TRICKY_LINES)
+    assert {p.reason for p in problems} == {
+        "not a string", "missing field", "empty text", "not an object", "undecodable bytes", "malformed JSON"
+    }  # fmt: skip
+    for streamed in streamed_reads(path, fields, monkeypatch):
+        assert streamed == whole
+
+
+def test_long_json_lines_damaged_at_random_are_named_as_json_loads_names_them(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    alphabet = list('"\\ud80c{}[]:, x\x01nt1.e-é')
+    lines = []
+    for _ in range(150):
+        line = list(rng.choice(TRICKY_LINES[:5]))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(line))
+            if rng.random() < 0.4:
+                del line[at]
+            else:
+                line.insert(at, rng.choice(alphabet))
+        lines.append("".join(line))
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    fields = inputs.Fields("text", ("text=tx",))
+    whole = read_all(path, fields)
+    assert len(whole[0][1]) > 50  # most damaged lines are skipped
+    for streamed in streamed_reads(path, fields, monkeypatch):
+        assert streamed == whole
+
+
+def test_long_json_lines_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
+    """Long lines, tokenized as they are read and spilled, give the same dataset byte for byte as
+    json.loads does, for any --num-proc, plain or compressed, and leave no spill file."""
+    from pretrain.data import prepare as prepare_module
+
+    docs = make_docs(20)
+    long_docs = [long_text(6_000, seed) for seed in range(4)]
+    lines = [json.dumps({"text": d, "i": i}) for i, d in enumerate(docs[:8] + long_docs[:2] + docs[8:])]
+    lines[3:3] = [json.dumps({"meta": [1, {"x": "y"}], "text": long_docs[2]}), '{"text": "\\ud800 lone"}']
+    lines += [json.dumps({"text": long_docs[3]})[:-5], json.dumps({"text": "dropped", "text2": long_docs[0]})]
+    data = ("\n".join(lines) + "\n").encode()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(data)
+    (tmp_path / "in" / "b.jsonl.gz").write_bytes(gzip.compress(data))
+    pattern = [str(tmp_path / "in")]
+    settings = Settings(shard_tokens=2500, val_fraction=0.3, bos=True, exclude=("text2=x",))
+    whole = prepare(pattern, tokenizer, tmp_path / "whole", settings, num_proc=1, show_progress=False)
+    assert whole.data["skipped"]["by_reason"] == {"malformed JSON": 2, "undecodable bytes": 2}
+    monkeypatch.setattr(inputs, "LONG_LINE", 1000)
+    monkeypatch.setattr(inputs, "STREAM_BYTES", 333)
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
+    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 700)
+    streamed = []
+    real = prepare_module._encode_line
+    monkeypatch.setattr(prepare_module, "_encode_line", lambda line: streamed.append(line) or real(line))
+    one = prepare(pattern, tokenizer, tmp_path / "one", settings, num_proc=1, show_progress=False)
+    assert len(streamed) == 2 * 5  # the long lines of both files were parsed as they were read
+    two = prepare(pattern, tokenizer, tmp_path / "two", settings, num_proc=2, show_progress=False)
+    assert one.fingerprint == two.fingerprint == whole.fingerprint
+    assert tree(tmp_path / "one") == tree(tmp_path / "two") == tree(tmp_path / "whole")
+
+
+def test_a_long_json_line_costs_no_memory_for_its_length(tmp_path, monkeypatch):
+    """Peak Python memory of preparing one 9 MB JSON line is that of a 1 MB one: it is read, decoded,
+    hashed and tokenized a block at a time (reading the line whole held its bytes, its decoded line and
+    the parsed text: +34 MB)."""
+    import tracemalloc
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pretrain.data import prepare as prepare_module
+
+    for module, name in ((inputs, "LONG_LINE"), (inputs, "STREAM_BYTES"), (prepare_module, "PIECE_CHARS"),
+                         (prepare_module, "SPILL_TOKENS")):  # fmt: skip
+        monkeypatch.setattr(module, name, 1 << 16, raising=False)  # (absent before streamed lines)
+    words = Tokenizer(models.WordLevel({EOS: 0, "?": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}, "?"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()  # fast: the test measures memory, not BPE
+    words.save(str(tmp_path / "words.json"))
+    line = " ".join(random.Random(0).choice(WORDS) for _ in range(20_000)) + "\n"
+    peaks = {}
+    for megabytes in (1, 9):
+        path = tmp_path / f"in{megabytes}" / "doc.jsonl"
+        path.parent.mkdir()
+        text = line * int(megabytes * 1e6 / len(line))
+        path.write_text(json.dumps({"id": megabytes, "text": text, "meta": {"source": "test"}}) + "\n")
+        del text
+        tracemalloc.start()
+        try:
+            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", num_proc=1,
+                    show_progress=False)  # fmt: skip
+            peaks[megabytes] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert load_manifest(tmp_path / f"out{megabytes}").tokens("train") > megabytes * 1e6 / 6
+    assert peaks[9] - peaks[1] < 2e6, f"peak memory {peaks[1] / 1e6:.1f} MB -> {peaks[9] / 1e6:.1f} MB"
+
+
 def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[list[str], Settings, Path]:
     """An unfinished preparation in tmp_path/out, stopped after `commits` commits (some shards published),
     and the uninterrupted preparation of the same inputs in tmp_path/clean."""

@@ -21,7 +21,8 @@ at: the preparation starts over, saying so in one line (nothing finished is lost
 Memory: a long document is tokenized a piece at a time, and once its ids pass SPILL_TOKENS the
 worker writes them to a spill file (`.prepare/spill/`) that the writer copies into the shard, so
 no process holds a huge document's ids; a text file is read, hashed and tokenized a block at a
-time, so its length costs nothing (`benchmarks/prepare_memory.py`).
+time, so its length costs nothing, and so is a JSON line longer than `inputs.LONG_LINE`, its text
+decoded and tokenized as the line is read (`inputs.LongLine`, `benchmarks/prepare_memory.py`).
 
 One preparation per output folder: `prepare` holds the folder's lease (`LOCK`, `pretrain.lease`)
 while it runs; another is refused naming it, and a killed one's lease on this host is taken over.
@@ -205,14 +206,35 @@ def tokenize_unit(unit: Unit) -> UnitResult:
     w = _worker
     if unit.kind == "text":
         return _tokenize_text_file(unit)
-    chunk = inputs.read(w["paths"][unit.file], unit, w["fields"])
+    chunk = inputs.read(w["paths"][unit.file], unit, w["fields"], _encode_line)
     val = [is_val(t, w["val_fraction"]) for t in chunk.texts]
     ids = _encode(w["tokenizer"], chunk.texts)
     chunk.texts.clear()
-    parts = {
-        split: _parts([x for x, v in zip(ids, val, strict=True) if v == (split == "val")]) for split in SPLITS
-    }
+    docs: list[tuple[Doc, bool]] = list(zip(ids, val, strict=True))
+    for at, doc in reversed(chunk.streamed):  # long lines' documents, in their places
+        docs.insert(at, doc)
+    parts = {split: _parts([x for x, v in docs if v == (split == "val")]) for split in SPLITS}
     return UnitResult(parts, chunk.problems, chunk.lines, chunk.excluded)
+
+
+def _encode_line(line: inputs.LongLine) -> tuple[Doc, bool] | None:
+    """A long JSON line's document and split, tokenized a piece at a time as its text is read
+    (`inputs.LongLine`); None (and no spill file left) if the line gives no document."""
+    w = _worker
+    doc: Doc | None = None
+    for value in line.values():
+        _discard(doc)  # an earlier value of a field given twice
+        doc = _encode_pieces(w["tokenizer"], _pieces(value.blocks()))
+    line.finish()
+    if line.document is None or doc is None:
+        _discard(doc)
+        return None
+    return doc, _below(line.document.digest, w["val_fraction"])
+
+
+def _discard(doc: Doc | None) -> None:
+    if isinstance(doc, Spill):
+        os.unlink(doc.path)
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str]) -> list[Doc]:
@@ -301,8 +323,7 @@ def _tokenize_text_file(unit: Unit) -> UnitResult:
     if text.problem is None and not text.size:
         text.problem = Problem(None, "", "empty file", "empty file")
     if text.problem is not None:
-        if isinstance(doc, Spill):
-            os.unlink(doc.path)
+        _discard(doc)
         return UnitResult({split: [] for split in SPLITS}, [text.problem], 0, 0)
     split = "val" if _below(text.digest, w["val_fraction"]) else "train"
     return UnitResult({s: _parts([doc] if s == split else []) for s in SPLITS}, [], 0, 0)
