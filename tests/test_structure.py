@@ -96,7 +96,7 @@ def test_weights_are_opened_in_one_module():
         if path.name != "checkpoint.py" and any(reader in path.read_text() for reader in readers)
     ]
     # weight copies reload their own sharded state on resume (inside Lightning's checkpoint load)
-    assert offenders == ["train/weight_copies.py"], offenders
+    assert offenders == ["train/callbacks/weight_copies.py"], offenders
 
 
 def test_private_lightning_apis_still_exist():

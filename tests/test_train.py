@@ -40,7 +40,7 @@ from pretrain.errors import UserError
 from pretrain.model import Llama
 from pretrain.model.checkpoint import load_model_checkpoint
 from pretrain.run_dir import RunDir, list_checkpoints
-from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.callbacks.periodic_checkpoint import PeriodicCheckpoint
 
 
 def test_resume_with_another_attention_backend_continues_and_an_architecture_change_is_refused(
@@ -373,7 +373,7 @@ def small_filesystem(path: Path, size: str, monkeypatch):
         finally:
             subprocess.run(["umount", "-l", str(path)], check=True)
         return
-    from pretrain.train import periodic_checkpoint
+    from pretrain.train.callbacks import periodic_checkpoint
 
     real_save, saves = torch.save, []
 
@@ -434,7 +434,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_che
 ):
     import errno
 
-    from pretrain.train import periodic_checkpoint
+    from pretrain.train.callbacks import periodic_checkpoint
 
     real_save, saves = torch.save, []
 

@@ -281,7 +281,7 @@ def _ema_entry(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
     entry = payload.get("callbacks", {}).get(EMA_STATE_KEY)
     if entry is None or EMA_COPY not in entry["copies"]:
         raise UserError(
-            f"{path} holds no EMA weights: train with the pretrain.train.ema.EMA callback to have them"
+            f"{path} holds no EMA weights: train with the pretrain.train.callbacks.ema.EMA callback to have them"
         )
     return entry
 

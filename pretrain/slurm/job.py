@@ -3,7 +3,7 @@
 The script comes from `train.sbatch.template` beside this module (shipped in the wheel):
 `--nodes` x `--ntasks-per-node` tasks (one per GPU, or `trainer.devices` CPU processes for a CPU
 recipe), `--signal=USR1@margin` so that the trainer checkpoints and requeues the job before its
-time limit (`pretrain.train.requeue`), `--requeue`, `--open-mode=append`, logs in RUN_DIR/slurm/,
+time limit (`pretrain.train.callbacks.requeue`), `--requeue`, `--open-mode=append`, logs in RUN_DIR/slurm/,
 and `srun pretrain fit` with the same recipe, whose `resume: auto` continues from the newest
 checkpoint after every requeue. It is written to RUN_DIR/slurm/train.sbatch: a plain file to
 read, edit and `sbatch` by hand.

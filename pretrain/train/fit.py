@@ -10,7 +10,7 @@ Besides the usual `trainer`, `model` and `data` sections, a recipe has:
 - `validate_every_steps`: validation cadence in optimizer steps;
 - `resume`: `auto` (default: newest complete checkpoint in the run dir, else start fresh),
   `none`, or a checkpoint path;
-- `checkpoint`: cadence and retention (`pretrain.train.periodic_checkpoint.PeriodicCheckpoint`);
+- `checkpoint`: cadence and retention (`pretrain.train.callbacks.periodic_checkpoint.PeriodicCheckpoint`);
 - `slurm`: `pretrain submit`'s settings (`pretrain.recipe.SlurmSettings`).
 
 Defaults a recipe leaves out and the batch geometry (gradient accumulation = global_batch_tokens /
@@ -43,13 +43,14 @@ from pretrain.model.checkpoint import check_sharded_checkpoint, checkpoint_ident
 from pretrain.model.config import get_preset
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.run_dir import RunDir, describe_incidents
-from pretrain.train import private_apis, requeue, rollback
+from pretrain.train import private_apis, rollback
+from pretrain.train.callbacks import requeue
+from pretrain.train.callbacks.final_validation import FinalValidation
+from pretrain.train.callbacks.monitor import TrainingMonitor
+from pretrain.train.callbacks.periodic_checkpoint import DirectCheckpointIO, PeriodicCheckpoint
+from pretrain.train.callbacks.progress_bar import StepProgressBar
 from pretrain.train.datamodule import PretrainDataModule
-from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
-from pretrain.train.monitor import TrainingMonitor
-from pretrain.train.periodic_checkpoint import DirectCheckpointIO, PeriodicCheckpoint
-from pretrain.train.progress_bar import StepProgressBar
 
 
 def count_devices(devices: Any, accelerator: Any) -> int:

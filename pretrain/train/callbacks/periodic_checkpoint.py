@@ -29,7 +29,7 @@ from pretrain.errors import UserError
 from pretrain.files import fsync_dir
 from pretrain.model.checkpoint import checkpoint_identity
 from pretrain.run_dir import RunDir, remove
-from pretrain.train.step_callback import StepCallback
+from pretrain.train.callbacks.step_callback import StepCallback
 
 FULL_BELOW_BYTES = 64 * 2**20  # a write that failed with less free space than this ran out of it
 
