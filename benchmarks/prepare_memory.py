@@ -25,7 +25,7 @@ Measured (2 shared CPU cores, 24 GB RAM; 4096-token BPE; `--num-proc 2`):
 
 The 1 GB text document peaks 0.059 GB above the small input (target: at most +1 GB), its shard
 identical token for token. A JSON document's line is still read whole by the JSON-lines reader
-(`pretrain.data.inputs`: bytes, line, decoded text, parsed string): about 6x its size at its peak;
+(`pretrain.data.prepare.inputs`: bytes, line, decoded text, parsed string): about 6x its size at its peak;
 once read, only the decoded string is held while it is tokenized.
 """
 

@@ -54,7 +54,7 @@ def train_tokenizer(
 ) -> TokenizerInfo:
     """Train a byte-level BPE on the documents of the inputs and write it to `output`. Hub inputs
     (`hf://...`) are fetched one file at a time into `cache_dir` (default: beside `output`)."""
-    from pretrain.data import hub, inputs
+    from pretrain.data.prepare import hub, inputs
     from pretrain.files import write_atomic
 
     if Path(output).is_dir():

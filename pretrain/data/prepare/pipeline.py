@@ -54,10 +54,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pretrain import lease
-from pretrain.data import hub, inputs
-from pretrain.data.hub import RemoteFile
-from pretrain.data.inputs import Problem, Unit
-from pretrain.data.settings import Settings
+from pretrain.data.prepare import hub, inputs
+from pretrain.data.prepare.hub import RemoteFile
+from pretrain.data.prepare.inputs import Problem, Unit
+from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.units import END, Source, UnitSource, recorded_revisions
 from pretrain.data.shards import (
     FORMAT,
     MANIFEST,
@@ -74,7 +75,6 @@ from pretrain.data.shards import (
     shard_name,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
-from pretrain.data.units import END, Source, UnitSource, recorded_revisions
 from pretrain.errors import UserError, writing
 from pretrain.files import read_json, write_atomic, write_json_atomic
 
