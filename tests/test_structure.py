@@ -42,7 +42,11 @@ def module_imports() -> dict[str, set[str]]:
         ("pretrain.model", ("pretrain.commands", "pretrain.cli")),
         ("pretrain.data", ("pretrain.commands", "pretrain.cli")),
         ("pretrain.train", ("pretrain.commands", "pretrain.cli")),
-        ("pretrain.run_dir", ("pretrain.commands", "pretrain.cli", "pretrain.train", "pretrain.slurm")),
+        # the run directory judges checkpoints with a check passed in: it opens no weights itself
+        (
+            "pretrain.run_dir",
+            ("pretrain.commands", "pretrain.cli", "pretrain.train", "pretrain.slurm", "pretrain.model"),
+        ),
         ("pretrain.slurm", ("pretrain.commands", "pretrain.cli", "pretrain.train")),
         # the recipe and file writing sit at the bottom: everyone reads them, they read no one
         (

@@ -47,7 +47,11 @@ from pretrain.train import private_apis, rollback
 from pretrain.train.callbacks import requeue
 from pretrain.train.callbacks.final_validation import FinalValidation
 from pretrain.train.callbacks.monitor import TrainingMonitor
-from pretrain.train.callbacks.periodic_checkpoint import DirectCheckpointIO, PeriodicCheckpoint
+from pretrain.train.callbacks.periodic_checkpoint import (
+    TRAINING_CHECKPOINTS,
+    DirectCheckpointIO,
+    PeriodicCheckpoint,
+)
 from pretrain.train.callbacks.progress_bar import StepProgressBar
 from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.module import PretrainModule
@@ -232,7 +236,7 @@ def fit(args: Sequence[str] | None = None) -> int:
     except ArgumentError as err:  # jsonargparse: a typo, a wrong type, a missing file
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise UserError(f"{message} (see `pretrain fit --help`)") from None
-    run = RunDir(cli.config.run_dir)
+    run = RunDir(cli.config.run_dir, TRAINING_CHECKPOINTS)
     owner = launched_as_rank_zero()  # the other ranks are the same run: only rank 0 holds the lease
     if owner:
         run.acquire()
