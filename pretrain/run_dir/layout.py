@@ -56,7 +56,7 @@ from typing import Any
 
 from pretrain import lease
 from pretrain.errors import UserError
-from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic
+from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic, write_json_atomic
 from pretrain.run_dir.incidents import read_incidents, skip_range
 from pretrain.run_dir.logs import SKIPPED_STEPS, TOKENS_PER_SEC, TRAIN_LOSS, RunLog, merge_logs
 
@@ -422,9 +422,7 @@ class RunDir:
             print(f"{self.requeue_file}: {problem}; kept as {aside}, a new record started", file=sys.stderr)
         record |= fields | {"updated": time.time()}
         self.path.mkdir(parents=True, exist_ok=True)
-        partial = self.path / f".{self.requeue_file.name}.partial"
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(partial, self.requeue_file)
+        write_json_atomic(self.requeue_file, record)
 
     # ---- SLURM jobs -----------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from urllib.parse import unquote
 from pretrain.data.prepare import inputs
 from pretrain.data.shards import sha256_file
 from pretrain.errors import UserError, writing
+from pretrain.files import write_atomic_with
 
 SCHEME = "hf://"
 DEFAULT_CACHE_BYTES = 20 * 10**9  # --cache-max 20GB
@@ -544,9 +545,7 @@ class Cache:
 
 def _copy(source: Path, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, destination)
+    write_atomic_with(destination, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _download(file: RemoteFile, folder: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from pretrain.errors import UserError
-from pretrain.files import fsync_dir
+from pretrain.files import fsync
 from pretrain.model.checkpoint import DIVERGED, FOREIGN, checkpoint_identity, training_checkpoint_problem
 from pretrain.run_dir import CheckpointCheck, RunDir, remove
 from pretrain.train.callbacks.step_callback import StepCallback
@@ -114,6 +114,9 @@ class PeriodicCheckpoint(StepCallback):
         final = self.run.diverged_checkpoint(step) if diverged else self.run.checkpoint(step)
         if trainer.strategy.broadcast(self._already_written(final, module), src=0):
             return final
+        # Not `pretrain.files.write_atomic_with`: every rank writes its part (a folder of shards under
+        # FSDP2) between barriers, and rank 0 publishes; the hidden `.partial-` name is the one
+        # `RunDir.prune_checkpoints` clears after a crash.
         partial = final.with_name(f".partial-{final.name}")
         if trainer.is_global_zero:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -139,10 +142,9 @@ class PeriodicCheckpoint(StepCallback):
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
-                with open(partial, "rb+") as f:
-                    os.fsync(f.fileno())
+                fsync(partial)
             os.replace(partial, final)
-            fsync_dir(self.run.checkpoints)
+            fsync(self.run.checkpoints)
             self.run.prune_checkpoints(self.keep_last, self._retention_pins(trainer))
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()
