@@ -1,7 +1,7 @@
 """Every private Lightning API pretrain uses, in one place, with the reason each one stays.
 
 Lightning is bounded above to the minor version these are tested with (pyproject.toml);
-`tests/test_private_apis.py` checks that each still exists and fails naming it after an upgrade.
+`tests/test_structure.py::test_private_lightning_apis_still_exist` checks that each still exists and fails naming it after an upgrade.
 
 - `_SignalConnector` and `Trainer._signal_connector`: Lightning installs its own SIGTERM/SIGUSR1
   handlers (checkpoint-and-requeue inside the handler, `SIGTERMException` mid-accumulation) and
