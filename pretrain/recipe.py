@@ -5,10 +5,11 @@ section and the batch geometry. `pretrain fit` (through LightningCLI), the data 
 A recipe is a YAML file or a shipped recipe's name (`pretrain/recipes/`, also `configs/` in a
 clone): `tiny`, `continual/infinite-anneal`; a path to a file wins when both exist.
 
-Overrides are `pretrain fit`'s command-line form: `--section.key value` or
+Overrides are `pretrain fit`'s command-line form, applied in order: `--section.key value` or
 `--section.key=value`, the value read as YAML (`7` is a number, `"7"` text, `null` none), the
-last one of a key winning. A `--flag` followed by another `--option` carries no value and is not
-read here (`pretrain fit` itself checks every argument).
+last one of a key winning; `--config FILE` merges another recipe over what came before (as
+`pretrain fit --config A --config B` does). A `--flag` followed by another `--option` carries no
+value and is not read here (`pretrain fit` itself checks every argument).
 
 No torch, Lightning or `pretrain` subpackage import: `pretrain submit` starts fast.
 """
@@ -19,7 +20,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,52 +64,64 @@ def recipe_path(config: str) -> str:
     )
 
 
-def override_values(overrides: Sequence[str]) -> dict[str, Any]:
-    """`--key value` and `--key=value` pairs by key (last one wins), each value read as YAML."""
+def override_pairs(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """`--key value` and `--key=value` pairs in order, each value read as YAML (a `--config` value
+    is a path, or a shipped recipe's name, kept as text)."""
     import yaml
 
-    values: dict[str, Any] = {}
+    pairs: list[tuple[str, Any]] = []
     i = 0
     while i < len(overrides):
-        arg = overrides[i]
+        arg, value = overrides[i], None
         if arg.startswith("--") and "=" in arg:
-            key, _, value = arg[2:].partition("=")
-            values[key] = yaml.safe_load(value)
+            arg, _, value = arg.partition("=")
         elif arg.startswith("--") and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
-            values[arg[2:]] = yaml.safe_load(overrides[i + 1])
+            value = overrides[i + 1]
             i += 1
+        if value is not None:
+            key = arg[2:]
+            pairs.append((key, value if key == "config" else yaml.safe_load(value)))
         i += 1
-    return values
+    return pairs
+
+
+def read_recipe(config: str) -> dict[str, Any]:
+    """The YAML mapping of recipe `config` (a path or a shipped name)."""
+    import yaml
+
+    path = recipe_path(config)
+    try:
+        mapping = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UserError(f"cannot read recipe {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(mapping, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping with trainer/model/data sections")
+    return mapping
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A recipe file's YAML mapping and the overrides given after it."""
+    """A recipe as `pretrain fit` will see it: its file, then each override in order (a later
+    `--config FILE` merged over what came before, a `--section.key value` set)."""
 
     path: str
     mapping: dict[str, Any]
-    overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, config: str, overrides: Sequence[str] = ()) -> Recipe:
-        """Read `config` (a path or a shipped name) and its `--key value` overrides."""
-        import yaml
-
-        path = recipe_path(config)
-        try:
-            mapping = yaml.safe_load(Path(path).read_text())
-        except OSError as err:
-            raise UserError(f"cannot read recipe {path}: {err}") from err
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(mapping, dict):
-            raise UserError(f"{path}: a recipe is a YAML mapping with trainer/model/data sections")
-        return cls(path, mapping, override_values(overrides))
+        """Read `config` (a path or a shipped name) and apply its overrides."""
+        mapping = read_recipe(config)
+        for key, value in override_pairs(overrides):
+            if key == "config":
+                _merge(mapping, read_recipe(str(value)))
+            else:
+                _set(mapping, key.split("."), value)
+        return cls(recipe_path(config), mapping)
 
     def get(self, key: str) -> Any:
-        """The value of dotted `key`: the override, else the recipe's, else `DEFAULTS[key]`."""
-        if key in self.overrides:
-            return self.overrides[key]
+        """The value of dotted `key`, else `DEFAULTS[key]` (None when neither has it)."""
         node: Any = self.mapping
         for part in key.split("."):
             if not isinstance(node, dict) or node.get(part) is None:
@@ -117,7 +130,7 @@ class Recipe:
         return node
 
     def section(self, name: str) -> Any:
-        """The recipe's top-level section `name` as written (an empty mapping when absent)."""
+        """The recipe's top-level section `name` (an empty mapping when absent)."""
         return self.mapping.get(name) or {}
 
     def geometry(self, devices: int, nodes: int) -> BatchGeometry:
@@ -129,6 +142,24 @@ class Recipe:
             seq_len=as_int(self.get("data.seq_len"), "data.seq_len"),
             global_batch_tokens=as_int(self.get("data.global_batch_tokens"), "data.global_batch_tokens"),
         )
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    """Merge mapping `over` into `base`, mappings key by key, anything else replaced."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _set(mapping: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set `mapping[parts[0]][parts[1]]... = value`, making the mappings on the way."""
+    for part in parts[:-1]:
+        if not isinstance(mapping.get(part), dict):
+            mapping[part] = {}
+        mapping = mapping[part]
+    mapping[parts[-1]] = value
 
 
 def as_int(value: Any, what: str) -> int:

@@ -12,7 +12,7 @@ import yaml
 from pretrain import recipe
 from pretrain.cli import main
 from pretrain.errors import UserError
-from pretrain.recipe import BatchGeometry, Recipe, override_values
+from pretrain.recipe import BatchGeometry, Recipe, override_pairs
 
 
 def write_recipe(tmp_path: Path, **changes) -> Path:
@@ -65,16 +65,30 @@ def test_geometry_is_not_built_from_invalid_numbers():
 
 
 def test_overrides_are_read_as_fit_reads_them(tmp_path):
-    assert override_values(["--a.b", "7", "--c=x y", "--print_config", "--a.b=null", "--d", '"7"']) == {
-        "a.b": None,
-        "c": "x y",
-        "d": "7",
-    }
+    pairs = override_pairs(
+        ["--a.b", "7", "--c=x y", "--print_config", "--a.b=null", "--d", '"7"', "--config", "7"]
+    )
+    assert pairs == [("a.b", 7), ("c", "x y"), ("a.b", None), ("d", "7"), ("config", "7")]
     loaded = Recipe.load(str(write_recipe(tmp_path)), ["--data.seq_len", "32", "--trainer.devices=2"])
     assert loaded.get("data.seq_len") == 32 and loaded.get("trainer.devices") == 2
     assert loaded.get("data.micro_batch_size") == 8  # the recipe's
     assert loaded.get("run_dir") == "runs/default" and loaded.get("data.num_workers") == 2  # defaults
     assert loaded.geometry(2, 1).accumulation == 2  # 1024 / (8 x 32 x 2)
+
+
+def test_a_later_config_merges_over_the_recipe_in_order(tmp_path):
+    base = write_recipe(tmp_path)
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("data:\n  global_batch_tokens: 2048\n  seed: 3\n")
+    loaded = Recipe.load(
+        str(base), ["--data.seed", "9", "--config", str(overlay), "--data.global_batch_tokens=4096"]
+    )
+    assert loaded.get("data.seed") == 3  # the overlay came after --data.seed 9
+    assert loaded.get("data.global_batch_tokens") == 4096 and loaded.get("data.seq_len") == 64
+    layered = Recipe.load(
+        "tinyllama-1.1b", ["--config", "deepseek-multistep"]
+    )  # shipped names, as fit reads them
+    assert layered.get("run_dir") == "runs/tinyllama-1.1b-multistep" and layered.get("max_tokens")
 
 
 def error_line(capsys) -> str:
@@ -104,6 +118,16 @@ def test_fit_and_submit_refuse_a_geometry_with_the_same_line(tmp_path, capsys, o
     assert main(["submit", "--config", config, *nodes, "--dry-run", "--", *overrides]) == 2
     from_submit = error_line(capsys)
     assert from_fit == from_submit and message in from_fit, (from_fit, from_submit)
+
+
+def test_an_overlay_recipe_is_checked_by_submit_as_by_fit(tmp_path, capsys):
+    config = str(write_recipe(tmp_path))
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("data:\n  global_batch_tokens: 1280\n")
+    assert main(["fit", "--config", config, "--config", str(overlay)]) == 2
+    from_fit = error_line(capsys)
+    assert main(["submit", "--config", config, "--dry-run", "--", "--config", str(overlay)]) == 2
+    assert error_line(capsys) == from_fit and "must be a multiple of" in from_fit
 
 
 def test_a_default_changed_in_one_place_is_seen_by_fit_and_submit(tmp_path, capsys, monkeypatch):
