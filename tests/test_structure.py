@@ -79,6 +79,18 @@ def test_imports_run_one_way(importer, forbidden):
     assert not arrows, arrows
 
 
+def test_the_data_reading_path_needs_nothing_from_preparation():
+    """Training reads shards through pretrain.data; raw text -> shards (pretrain.data.prepare) sits beside it."""
+    arrows = [
+        f"{module} imports {target}"
+        for module, targets in module_imports().items()
+        if module.startswith("pretrain.data") and not module.startswith("pretrain.data.prepare")
+        for target in targets
+        if target.startswith("pretrain.data.prepare")
+    ]
+    assert not arrows, arrows
+
+
 @pytest.mark.parametrize("module", ["recipe", "files"])
 def test_bottom_modules_import_no_torch(module):
     """`pretrain submit` and `pretrain status` start fast: what they read imports neither torch nor

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from pretrain.data.prepare.hub import parse_size
-    from pretrain.data.tokenizer import train_tokenizer
+    from pretrain.data.prepare.train_tokenizer import train_tokenizer
 
     info = train_tokenizer(
         args.input, args.vocab_size, args.output, args.text_field, args.cache_dir, parse_size(args.cache_max)
