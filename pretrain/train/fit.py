@@ -160,8 +160,8 @@ class FitCLI(LightningCLI):
             seq_len=data.seq_len,
             global_batch_tokens=data.global_batch_tokens,
         )
-        context = get_preset(c.model.model).replace(**(c.model.model_overrides or {})).max_seq_len
-        if data.seq_len > context:
+        model = get_preset(c.model.model).replace(**(c.model.model_overrides or {}))
+        if data.seq_len > (context := model.max_seq_len):
             raise UserError(
                 f"data.seq_len {data.seq_len} exceeds the model's context of {context} tokens (max_seq_len): lower "
                 f"data.seq_len, or raise model.model_overrides.max_seq_len"
@@ -177,7 +177,6 @@ class FitCLI(LightningCLI):
         trainer.default_root_dir = c.run_dir
         self.geometry = geometry
         print(geometry.describe(trainer.max_steps), file=sys.stderr)
-        model = get_preset(c.model.model).replace(**(c.model.model_overrides or {}))
         print(
             f"model: {c.model.model} preset, {count_parameters(model).total:,} parameters, "
             f"{flops_per_token(model, data.seq_len) / 1e9:.3g} GFLOP per token (training, seq_len {data.seq_len})",
