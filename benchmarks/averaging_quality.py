@@ -5,7 +5,7 @@ Reads the run's recipe (the newest `RUN_DIR/logs/version_*/config.yaml` that `pr
 writes) for its validation data, then evaluates each set of weights on the same validation
 windows as training's validation (up to `data.val_tokens` per source), token-weighted, in fp32.
 The LaWA average takes the latest K checkpoints at multiples of S steps (`pretrain average --last K
---every S`); the EMA row needs a run trained with the `pretrain.train.ema.EMA` callback. To keep
+--every S`); the EMA row needs a run trained with the `pretrain.train.callbacks.ema.EMA` callback. To keep
 enough checkpoints, train with e.g. `--checkpoint.every_n_steps 10 --checkpoint.pin_every_n_steps 10`.
 
 Run: python benchmarks/averaging_quality.py RUN_DIR [--last 5] [--every S] [--device cpu]
@@ -88,7 +88,7 @@ def main() -> None:
         decay = ema_callback.get("init_args", {}).get("decay", "default")
         rows.append((f"EMA at step {last_step} (decay {decay})", average_checkpoints([last], ema=True)))
     else:
-        print("no EMA row: the run was not trained with the pretrain.train.ema.EMA callback")
+        print("no EMA row: the run was not trained with the pretrain.train.callbacks.ema.EMA callback")
     results = [(label, validation_loss(checkpoint, recipe, device)) for label, checkpoint in rows]
     sources = list(results[0][1])
     width = max(len(label) for label, _ in results)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from pretrain.data.prepare import prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare.pipeline import prepare
+from pretrain.data.prepare.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

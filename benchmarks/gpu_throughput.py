@@ -34,8 +34,8 @@ import torch
 import yaml
 
 from pretrain.model.flops import flops_per_token
+from pretrain.train.callbacks.monitor import peak_flops
 from pretrain.train.fit import FitCLI
-from pretrain.train.monitor import peak_flops
 
 
 def config(name: str, backend: str = "sdpa", micro_batch: int = 8, **overrides: Any) -> dict[str, Any]:
@@ -86,7 +86,7 @@ GPU_CONFIGS: list[dict[str, Any]] = [
             **CHUNKED,
             **{
                 "trainer.callbacks+": {
-                    "class_path": "pretrain.train.ema.EMA",
+                    "class_path": "pretrain.train.callbacks.ema.EMA",
                     "init_args": {"on_cpu": where == "CPU"},
                 }
             },

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import zstandard
 
-from pretrain.data.prepare import prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare.pipeline import prepare
+from pretrain.data.prepare.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.jsonl.zst\n---\n"

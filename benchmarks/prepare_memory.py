@@ -27,7 +27,7 @@ Measured (2 shared CPU cores, 24 GB RAM; 4096-token BPE; `--num-proc 2`; each pa
 
 The 1 GB text document peaks 0.059 GB above the small input, the 1 GB single-line JSON document
 +0.066 GB (largest process) / +0.074 GB (whole tree); target: at most +1 GB. Both shards are identical
-token for token. The JSON line is parsed as it is read (`pretrain.data.inputs.LongLine`): its text
+token for token. The JSON line is parsed as it is read (`pretrain.data.prepare.inputs.LongLine`): its text
 is decoded, hashed and tokenized a block at a time (before: a 0.258 GB line peaked at 1.564 GB, the
 line held as bytes, decoded line and parsed string). The JSON run shared the 2 cores with other
 work (load about 5), so its time is not comparable with the text run's.

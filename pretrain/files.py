@@ -1,6 +1,8 @@
 """Files written so that a reader sees the old content or the whole new one, never a part.
 
-Every write lands in a temporary file beside its destination (same filesystem, so the rename is
+This is the one way `pretrain` writes a file it or a user reads back: `write_atomic` (bytes),
+`write_json_atomic`, `write_atomic_with` (any writer given the temporary path). Every write lands
+in a temporary file (`NAME.tmp`) beside its destination (same filesystem, so the rename is
 atomic, never in `$TMPDIR`), is flushed and fsynced, then renamed over the destination, and the
 folder is fsynced so that the rename survives a crash. Imports nothing heavy: `pretrain status`
 and `pretrain plot` use it.
@@ -10,30 +12,36 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
+    write_atomic_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_atomic_with(path: Path, write: Callable[[Path], object]) -> None:
+    """Let `write(tmp)` fill a temporary file beside `path` (torch.save, a safetensors writer, a
+    copy), then fsync it and rename it over `path`; the temporary file is removed on any failure."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def fsync_dir(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (so that a rename in it survives a crash), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -13,7 +13,7 @@ echo "== 1/5 preparing the pystdlib corpus (tokenizer + token shards) =="
 python data/pystdlib/prepare.py
 echo "== 2/5 training the tiny preset on CPU (+ the pystdlib_next_line benchmark every 30 steps) =="
 pretrain fit --config configs/tiny.yaml --run_dir "$RUN_DIR" \
-    --trainer.callbacks+=pretrain.train.downstream.DownstreamEval \
+    --trainer.callbacks+=pretrain.train.callbacks.downstream.DownstreamEval \
     --trainer.callbacks.tasks='[pystdlib_next_line]' --trainer.callbacks.every_n_steps=30 \
     --trainer.callbacks.limit=200 "$@"
 echo "== 3/5 plotting loss and benchmark curves =="

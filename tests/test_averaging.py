@@ -28,12 +28,15 @@ from pretrain.model.checkpoint import (
     load_model_checkpoint,
     save_model_checkpoint,
 )
-from pretrain.train.ema import EMA
+from pretrain.train.callbacks.ema import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLBACKS = [
-    {"class_path": "pretrain.train.ema.EMA", "init_args": {"decay": 0.8}},
-    {"class_path": "pretrain.train.lawa.OnlineLaWA", "init_args": {"every_n_steps": 2, "last_k": 3}},
+    {"class_path": "pretrain.train.callbacks.ema.EMA", "init_args": {"decay": 0.8}},
+    {
+        "class_path": "pretrain.train.callbacks.lawa.OnlineLaWA",
+        "init_args": {"every_n_steps": 2, "last_k": 3},
+    },
 ]
 KEEP_ALL = {"every_n_steps": 2, "keep_last": 2, "pin_every_n_steps": 2}
 

@@ -21,9 +21,9 @@ import pytest
 from helpers import PRETRAIN, require, units_done
 
 from pretrain.cli import main
-from pretrain.data import hub
-from pretrain.data.prepare import prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare import hub
+from pretrain.data.prepare.pipeline import prepare
+from pretrain.data.prepare.settings import Settings
 from pretrain.data.shards import load_manifest
 from pretrain.errors import UserError
 
@@ -241,7 +241,7 @@ def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, 
 def test_killed_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path, tokenizer):
     big = make_repo(tmp_path / "big", files=12, docs=300)
     code = (
-        "from pretrain.data.prepare import prepare; from pretrain.data.settings import Settings; "
+        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import Settings; "
         f"prepare(['hf://{big}?config=prose'], {str(tokenizer)!r}, {{out!r}}, "
         "Settings(shard_tokens=3000, val_fraction=0.1), num_proc=2, commit_seconds=0, cache_max=150000, show_progress=False)"
     )
@@ -603,7 +603,7 @@ def _flip_a_byte(path: Path) -> bytes:
 def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
     repo, tokenizer, tmp_path, monkeypatch
 ):
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     mirror = tmp_path / "mirror"
     shutil.copytree(repo, mirror)
@@ -768,7 +768,7 @@ def test_train_tokenizer_into_an_existing_folder_is_refused_before_training(repo
 def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_moved(
     repo, tokenizer, tmp_path, monkeypatch, capsys
 ):
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     old, new = "1" * 40, "2" * 40
     cache = tmp_path / "hf-cache" / "datasets--someone--corpus"

@@ -17,10 +17,10 @@ import pytest
 from helpers import require, units_done
 
 from pretrain.cli import main
-from pretrain.data import inputs
 from pretrain.data.loader import build_train_dataset
-from pretrain.data.prepare import is_val, prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare import inputs
+from pretrain.data.prepare.pipeline import is_val, prepare
+from pretrain.data.prepare.settings import Settings
 from pretrain.data.shards import load_manifest
 from pretrain.data.tokenizer import EOS, fingerprint, load_tokenizer, train_bpe
 from pretrain.errors import UserError
@@ -124,7 +124,7 @@ def test_identical_bytes_whatever_num_proc(tmp_path, tokenizer, monkeypatch):
 def _run_prepare(out: Path, inputs_glob: str, tokenizer: Path) -> subprocess.Popen:
     """A real `prepare` process committing after every unit (so a kill can land anywhere)."""
     code = (
-        "from pretrain.data.prepare import prepare; from pretrain.data.settings import Settings; "
+        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import Settings; "
         f"prepare([{inputs_glob!r}], {str(tokenizer)!r}, {str(out)!r}, "
         "Settings(shard_tokens=3000, val_fraction=0.1), num_proc=2, commit_seconds=0)"
     )
@@ -185,7 +185,7 @@ def inputs_and_clean_run(tmp_path: Path, tokenizer, files: int) -> tuple[list[st
 
 
 def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
     real_publish = prepare_module.publish
@@ -208,7 +208,7 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
 
 
 def test_killed_before_its_first_commit_reruns_from_the_start(tmp_path, tokenizer, monkeypatch):
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=3)
 
@@ -443,7 +443,7 @@ def test_the_same_input_reached_twice_is_read_once(tmp_path, tokenizer, capsys, 
 def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, tmp_path, monkeypatch):
     """Cutting a document where a line break meets a non-space character is a pre-tokenization
     boundary: tokenizing piece by piece (bounded memory) gives the ids of tokenizing it whole."""
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
     whole = prepare([str(corpus)], tokenizer, tmp_path / "whole", show_progress=False, num_proc=1)
@@ -472,7 +472,7 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
     """Documents whose ids exceed SPILL_TOKENS reach the shards through spill files; text files are read
     a block at a time (a block edge may fall inside a character): same bytes as with everything in memory,
     also where a spilled document starts a new shard, and no spill file is left."""
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     docs = make_docs(30)
     long_docs = [long_text(9_000, seed) for seed in range(3)]
@@ -506,7 +506,7 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
 def test_a_text_file_read_in_blocks_names_bad_bytes_as_reading_it_whole(
     tmp_path, tokenizer, monkeypatch, where
 ):
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     monkeypatch.setattr(prepare_module, "READ_BYTES", 64)
     good = long_text(1000).encode()  # holds 2-, 3- and 4-byte characters
@@ -533,7 +533,7 @@ def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     monkeypatch.setattr(prepare_module, "PIECE_CHARS", 1 << 16)
     monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 1 << 16, raising=False)  # (absent before spills)
@@ -722,7 +722,7 @@ def test_a_long_json_line_costs_no_memory_for_its_length(tmp_path, monkeypatch):
 def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[list[str], Settings, Path]:
     """An unfinished preparation in tmp_path/out, stopped after `commits` commits (some shards published),
     and the uninterrupted preparation of the same inputs in tmp_path/clean."""
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
     real_commit = prepare_module.Run.commit

@@ -28,6 +28,7 @@ from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
 from pretrain.files import write_json_atomic
 from pretrain.run_dir import RunDir, list_checkpoints
+from pretrain.train.callbacks.periodic_checkpoint import TRAINING_CHECKPOINTS
 from pretrain.train.spike_guard import SpikeGuard
 
 # ---- the guard's rule ------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_a_damaged_incidents_file_stops_training_in_one_line_and_status_reads_pa
 
 
 def test_every_checkpoint_damaged_is_one_line_nothing_renamed_and_resume_none_starts_over(tmp_path, capsys):
-    run_dir = RunDir(tmp_path)
+    run_dir = RunDir(tmp_path, TRAINING_CHECKPOINTS)
     run_dir.checkpoints.mkdir()
     for step, damage in ((4, b""), (8, b"PK\x03\x04 truncated")):
         run_dir.checkpoint(step).write_bytes(damage)

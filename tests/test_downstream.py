@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 EVERY = 4
 CALLBACK = {
-    "class_path": "pretrain.train.downstream.DownstreamEval",
+    "class_path": "pretrain.train.callbacks.downstream.DownstreamEval",
     "init_args": {"tasks": ["pystdlib_next_line"], "every_n_steps": EVERY, "limit": 24, "batch_size": 8},
 }
 

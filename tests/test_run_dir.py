@@ -237,3 +237,20 @@ def test_a_damaged_launch_config_leaves_status_without_its_numbers(tmp_path, con
     summary = run.summary()
     assert summary.max_steps is None and summary.global_batch_tokens is None
     assert "no training step logged yet" in status(run.path)
+
+
+def test_the_run_directory_judges_checkpoints_with_the_check_it_is_given(tmp_path):
+    """run_dir opens no weights: whether a checkpoint is usable, foreign or damaged is the caller's check."""
+    from pretrain.run_dir import CheckpointCheck
+
+    problems = {"step-00000002.ckpt": "theirs", "step-00000006.ckpt": "broken"}
+    check = CheckpointCheck(lambda path: problems.get(path.name), foreign="theirs", diverged="diverged")
+    run = RunDir(tmp_path, check)
+    run.checkpoints.mkdir()
+    for step in (2, 4, 6):
+        run.checkpoint(step).write_bytes(b"x")
+    assert run.resolve_resume("auto") == run.checkpoint(4)  # 6 is passed over
+    run.prune_checkpoints(keep_last=1, pinned=lambda step: False)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-00000002.ckpt", "step-00000006.ckpt"]
+    with pytest.raises(TypeError, match="without a CheckpointCheck"):
+        RunDir(tmp_path).prune_checkpoints(keep_last=1, pinned=lambda step: False)

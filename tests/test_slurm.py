@@ -28,10 +28,10 @@ from helpers import REQUIRE_ALL, recipe, train_losses
 
 from pretrain.cli import main
 from pretrain.errors import UserError
+from pretrain.recipe import check_srun_geometry
 from pretrain.run_dir import list_checkpoints
 from pretrain.slurm.job import render, resolve_job, time_limit_seconds
 from pretrain.slurm.status import status
-from pretrain.train.slurm_settings import check_srun_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(Path(sys.executable).with_name("pretrain"))
@@ -168,7 +168,9 @@ def test_geometry_mismatch_is_a_clear_error(tmp_path, tiny_dataset, cli, overrid
 
 def test_geometry_agrees_through_fit_overrides_and_unknown_settings_fail(tmp_path, tiny_dataset):
     config, _ = slow_recipe(tmp_path, tiny_dataset, "ok")
-    job = resolve_job(str(config), {"nodes": 3}, ["--trainer.num_nodes=3"], workdir=tmp_path)
+    # 3 nodes of one process each: a global batch that splits over 3 (what `pretrain fit` will check)
+    overrides = ["--trainer.num_nodes=3", "--data.global_batch_tokens", "1536"]
+    job = resolve_job(str(config), {"nodes": 3}, overrides, workdir=tmp_path)
     assert (job.nodes, job.ntasks_per_node, job.gpus_per_node) == (3, 1, 0)
     typo, _ = slow_recipe(tmp_path, tiny_dataset, "typo", slurm={"partiton": "gpu"})
     with pytest.raises(UserError, match=r"unknown slurm setting\(s\) \['partiton'\]"):

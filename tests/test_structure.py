@@ -42,8 +42,21 @@ def module_imports() -> dict[str, set[str]]:
         ("pretrain.model", ("pretrain.commands", "pretrain.cli")),
         ("pretrain.data", ("pretrain.commands", "pretrain.cli")),
         ("pretrain.train", ("pretrain.commands", "pretrain.cli")),
-        ("pretrain.run_dir", ("pretrain.commands", "pretrain.cli", "pretrain.train", "pretrain.slurm")),
-        ("pretrain.slurm", ("pretrain.commands", "pretrain.cli")),
+        # the run directory judges checkpoints with a check passed in: it opens no weights itself
+        (
+            "pretrain.run_dir",
+            ("pretrain.commands", "pretrain.cli", "pretrain.train", "pretrain.slurm", "pretrain.model"),
+        ),
+        ("pretrain.slurm", ("pretrain.commands", "pretrain.cli", "pretrain.train")),
+        # the recipe and file writing sit at the bottom: everyone reads them, they read no one
+        (
+            "pretrain.recipe",
+            ("pretrain.train", "pretrain.model", "pretrain.data", "pretrain.slurm", "pretrain.commands"),
+        ),
+        (
+            "pretrain.files",
+            ("pretrain.train", "pretrain.model", "pretrain.data", "pretrain.slurm", "pretrain.commands"),
+        ),
         ("pretrain.plot", ("pretrain.commands", "pretrain.cli", "pretrain.train")),
         # training needs nothing from submission, plotting, averaging or generation
         (
@@ -66,6 +79,30 @@ def test_imports_run_one_way(importer, forbidden):
     assert not arrows, arrows
 
 
+def test_the_data_reading_path_needs_nothing_from_preparation():
+    """Training reads shards through pretrain.data; raw text -> shards (pretrain.data.prepare) sits beside it."""
+    arrows = [
+        f"{module} imports {target}"
+        for module, targets in module_imports().items()
+        if module.startswith("pretrain.data") and not module.startswith("pretrain.data.prepare")
+        for target in targets
+        if target.startswith("pretrain.data.prepare")
+    ]
+    assert not arrows, arrows
+
+
+@pytest.mark.parametrize("module", ["recipe", "files"])
+def test_bottom_modules_import_no_torch(module):
+    """`pretrain submit` and `pretrain status` start fast: what they read imports neither torch nor
+    Lightning, at the top or inside a function."""
+    heavy = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        heavy |= {n for n in names if n.split(".")[0] in ("torch", "lightning", "numpy")}
+    assert not heavy, heavy
+
+
 def test_weights_are_opened_in_one_module():
     """Only pretrain.model.checkpoint reads weight files (torch.load, safetensors, DCP)."""
     readers = {"torch.load(", "load_file(", "dcp.load(", "FileSystemReader("}
@@ -75,7 +112,7 @@ def test_weights_are_opened_in_one_module():
         if path.name != "checkpoint.py" and any(reader in path.read_text() for reader in readers)
     ]
     # weight copies reload their own sharded state on resume (inside Lightning's checkpoint load)
-    assert offenders == ["train/weight_copies.py"], offenders
+    assert offenders == ["train/callbacks/weight_copies.py"], offenders
 
 
 def test_private_lightning_apis_still_exist():
@@ -128,7 +165,7 @@ def test_no_private_lightning_or_torch_import_outside_private_apis():
 
 
 def test_shipped_recipes_are_found_by_name(tmp_path, monkeypatch):
-    from pretrain.train.recipes import recipe_path, shipped_recipes
+    from pretrain.recipe import recipe_path, shipped_recipes
 
     monkeypatch.chdir(tmp_path)  # outside the clone: no configs/ here
     assert {"tiny", "tinyllama-1.1b", "continual/infinite-anneal"} <= set(shipped_recipes())

@@ -40,7 +40,7 @@ from pretrain.errors import UserError
 from pretrain.model import Llama
 from pretrain.model.checkpoint import load_model_checkpoint
 from pretrain.run_dir import RunDir, list_checkpoints
-from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.callbacks.periodic_checkpoint import TRAINING_CHECKPOINTS, PeriodicCheckpoint
 
 
 def test_resume_with_another_attention_backend_continues_and_an_architecture_change_is_refused(
@@ -335,10 +335,10 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     assert steps == [2, 10, 12]
     # A crash mid-write leaves only a partial, which --resume auto never picks.
     (run_dir / "checkpoints" / ".partial-step-00000014.ckpt").write_bytes(b"half")
-    assert RunDir(run_dir).resolve_resume("auto").name == "step-00000012.ckpt"
+    assert RunDir(run_dir, TRAINING_CHECKPOINTS).resolve_resume("auto").name == "step-00000012.ckpt"
     with pytest.raises(UserError, match=r"--resume none: .* already holds checkpoints .*step 12"):
-        RunDir(run_dir).resolve_resume("none")  # a new run would mix with this one
-    assert RunDir(tmp_path / "empty").resolve_resume("none") is None
+        RunDir(run_dir, TRAINING_CHECKPOINTS).resolve_resume("none")  # a new run would mix with this one
+    assert RunDir(tmp_path / "empty", TRAINING_CHECKPOINTS).resolve_resume("none") is None
     checkpoint = torch.load(run_dir / "checkpoints" / "step-00000012.ckpt", weights_only=False)
     info = checkpoint["pretrain"]
     assert info["model_config"]["dim"] == 64 and info["tokens_seen"] == 12 * 1024
@@ -373,7 +373,7 @@ def small_filesystem(path: Path, size: str, monkeypatch):
         finally:
             subprocess.run(["umount", "-l", str(path)], check=True)
         return
-    from pretrain.train import periodic_checkpoint
+    from pretrain.train.callbacks import periodic_checkpoint
 
     real_save, saves = torch.save, []
 
@@ -434,7 +434,7 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_che
 ):
     import errno
 
-    from pretrain.train import periodic_checkpoint
+    from pretrain.train.callbacks import periodic_checkpoint
 
     real_save, saves = torch.save, []
 

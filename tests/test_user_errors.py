@@ -113,7 +113,7 @@ def test_a_full_disk_during_prepare_is_one_line_and_the_rerun_resumes(
 ):
     import errno
 
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import pipeline as prepare_module
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -202,7 +202,7 @@ def test_a_truncated_zst_file_is_reported_as_truncated(tmp_path, tiny_dataset):
     import json as jsonlib
 
     zstandard = require("zstandard")
-    from pretrain.data.prepare import prepare
+    from pretrain.data.prepare.pipeline import prepare
     from pretrain.errors import UserError
 
     data = "".join(jsonlib.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)).encode()

@@ -20,8 +20,8 @@ import sysconfig
 import tokenize
 from pathlib import Path
 
-from pretrain.data.prepare import prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare.pipeline import prepare
+from pretrain.data.prepare.settings import Settings
 from pretrain.data.shards import MANIFEST, describe, load_manifest
 from pretrain.data.tokenizer import train_bpe
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pretrain.data.hub import parse_size
-from pretrain.data.prepare import prepare
-from pretrain.data.settings import Settings
+from pretrain.data.prepare.hub import parse_size
+from pretrain.data.prepare.pipeline import prepare
+from pretrain.data.prepare.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 LLAMA2_TOKENIZER = "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"  # the Llama-2 tokenizer, ungated

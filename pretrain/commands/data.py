@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pretrain.data.settings import Settings
+from pretrain.data.prepare.settings import Settings
 from pretrain.errors import UserError
 
 HELP = "train a tokenizer, prepare token shards, inspect a dataset"
@@ -107,7 +107,7 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-max", default="20GB", help="the most the Hub file cache may hold at once (default: 20GB)"
-    )  # = pretrain.data.hub.DEFAULT_CACHE_BYTES
+    )  # = pretrain.data.prepare.hub.DEFAULT_CACHE_BYTES
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
-    from pretrain.data.hub import parse_size
-    from pretrain.data.tokenizer import train_tokenizer
+    from pretrain.data.prepare.hub import parse_size
+    from pretrain.data.prepare.train_tokenizer import train_tokenizer
 
     info = train_tokenizer(
         args.input, args.vocab_size, args.output, args.text_field, args.cache_dir, parse_size(args.cache_max)
@@ -129,8 +129,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pretrain.data.hub import parse_size
-    from pretrain.data.prepare import prepare
+    from pretrain.data.prepare.hub import parse_size
+    from pretrain.data.prepare.pipeline import prepare
 
     settings = Settings(args.text_field, args.val_fraction, args.shard_tokens, args.bos, tuple(args.exclude))
     prepare(

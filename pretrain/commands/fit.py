@@ -34,7 +34,7 @@ def main(argv: Sequence[str]) -> int:
 
 def _with_recipe_paths(argv: Sequence[str]) -> list[str]:
     """`argv` with every `--config NAME` of a shipped recipe replaced by its file."""
-    from pretrain.train.recipes import recipe_path
+    from pretrain.recipe import recipe_path
 
     out = list(argv)
     for i, arg in enumerate(out):

@@ -10,7 +10,7 @@ import dataclasses
 
 from docstring_parser import parse
 
-from pretrain.train.slurm_settings import SlurmSettings
+from pretrain.recipe import SlurmSettings
 
 HELP = "render an sbatch script for a recipe and submit it (auto-requeue before the time limit)"
 FIELD_HELP = {
@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pretrain.recipe import recipe_path
     from pretrain.slurm.job import render, resolve_job, submit
-    from pretrain.train.recipes import recipe_path
 
     overrides = list(args.overrides)
     if overrides[:1] == ["--"]:

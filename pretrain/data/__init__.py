@@ -1,7 +1,13 @@
-"""Data: tokenizer, raw text -> token shards, and the exact training order over them.
+"""Data: the tokenizer, the token shard format and the exact training order over the shards.
 
-Preparation (`tokenizer`, `inputs`, `settings`, `prepare`, `cli`) may import `datasets`
-(lazily); the training-time reading path (`shards` format, `tokens` stream, `permutation`,
-`mixture`, `order`, `loader`) needs only numpy and torch. The trainer's entry points are
-`pretrain.data.loader.build_train_dataset`, `build_val_datasets` and `data_fingerprint`.
+The reading path, what training needs (numpy and torch only, never `datasets`):
+- `shards`: the on-disk format (flat token files, sidecars, one manifest per dataset);
+- `tokens`: one split of a dataset as a memory-mapped token stream, read in windows;
+- `permutation`, `mixture`, `ramp`, `skips`, `order`: global sample index -> (source, window);
+- `loader`: training micro-batches and validation batches (`build_train_dataset`,
+  `build_val_datasets`, `data_fingerprint`);
+- `verify`: a dataset checked against its manifest (tokenizer, checksums, token ids);
+- `tokenizer`: train, load and fingerprint tokenizers.
+
+The offline side, raw text -> token shards, is `pretrain.data.prepare` (it may import `datasets`).
 """

@@ -66,6 +66,8 @@ class BatchLayout:
     """Which global samples rank `rank` reads in its q-th micro-batch."""
 
     def __init__(self, global_batch_size: int, micro_batch_size: int, rank: int, world_size: int) -> None:
+        # The reader's own invariant, for callers outside `pretrain fit`: a run's geometry is checked
+        # (with the user's field names) by `pretrain.recipe.BatchGeometry` before a layout is built.
         if min(global_batch_size, micro_batch_size, world_size) < 1 or global_batch_size % (
             world_size * micro_batch_size
         ):

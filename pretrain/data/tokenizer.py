@@ -1,10 +1,11 @@
-"""Tokenizers: train a byte-level BPE, load any `tokenizer.json`, resolve EOS/BOS, fingerprint.
+"""Tokenizers: train a byte-level BPE on texts, load any `tokenizer.json`, resolve EOS/BOS, fingerprint.
 
 Any file in the Hugging Face `tokenizers` format works (ours, GPT-2's, Llama-2's
 `tokenizer.json`). EOS and BOS are found among the usual special-token spellings
 (`<|endoftext|>`, `</s>`, ...) unless named explicitly. The fingerprint is a hash of the
 tokenizer's canonical JSON, so two files that tokenize identically compare equal even if
-formatted differently.
+formatted differently. Training one from raw inputs (`pretrain data train-tokenizer`) is
+`pretrain.data.prepare.train_tokenizer`.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pretrain.errors import UserError, writing
+from pretrain.errors import UserError
 
 EOS, BOS, PAD = "<|endoftext|>", "<|bos|>", "<|pad|>"
 EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<eos>")
@@ -42,51 +42,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     )
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def train_tokenizer(
-    patterns: list[str],
-    vocab_size: int,
-    output: str | os.PathLike,
-    text_field: str = "text",
-    cache_dir: str | os.PathLike | None = None,
-    cache_max: int | None = None,
-) -> TokenizerInfo:
-    """Train a byte-level BPE on the documents of the inputs and write it to `output`. Hub inputs
-    (`hf://...`) are fetched one file at a time into `cache_dir` (default: beside `output`)."""
-    from pretrain.data import hub, inputs
-    from pretrain.files import write_atomic
-
-    if Path(output).is_dir():
-        raise UserError(
-            f"--output {output} is a folder; give the file to write, e.g. {Path(output) / 'tokenizer.json'}"
-        )
-    left_out: list[str] = []
-    count = 0
-
-    def counted(texts: Iterator[str]) -> Iterator[str]:
-        nonlocal count
-        for text in texts:
-            count += 1
-            yield text
-
-    cache = Path(cache_dir) if cache_dir else Path(output).parent
-    folder = cache / f".{Path(output).name}.hub-cache"  # a killed run's leftovers go with the next run
-    max_bytes = cache_max or hub.DEFAULT_CACHE_BYTES
-    texts = hub.documents(hub.expand(patterns), inputs.Fields(text_field), left_out, folder, max_bytes)
-    tok = train_bpe(counted(texts), vocab_size)
-    skipped = f"{len(left_out)} record(s) left out, e.g. {left_out[0]}" if left_out else "no record left out"
-    if count == 0:
-        raise UserError(
-            f"--input {' '.join(patterns)}: no document to train on ({skipped}); check --text-field"
-        )
-    if left_out:
-        print(f"train-tokenizer: trained on {count:,} documents; {skipped}", file=sys.stderr)
-    output = Path(output)
-    with writing(output, "--output"):
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(output, tok.to_str().encode())
-    return load_tokenizer(output)
 
 
 @dataclass(frozen=True)

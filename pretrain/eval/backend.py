@@ -17,7 +17,7 @@ Requests are batched longest first (`batch_size` sequences, right-padded: a caus
 padding never reaches the real tokens). Weights: any form `pretrain.model.checkpoint` reads
 (`ema=true` for a training checkpoint's EMA copy), in bfloat16 on a GPU that has it, else float32.
 
-Under several processes (`pretrain.train.downstream`, FSDP2), `group` splits the scoring
+Under several processes (`pretrain.train.callbacks.downstream`, FSDP2), `group` splits the scoring
 requests across ranks, each rank's share in the same number of forward passes (sharded weights
 are gathered layer by layer in every rank's forward, so every rank must run each one), and the
 scores are all-gathered: every rank returns all of them. Generation requests are not split:

@@ -9,7 +9,7 @@ Checkpoints are read lazily, so memory holds one running sum plus the tensor bei
 copy per checkpoint: checkpoint files (`.ckpt` from `pretrain fit`, model files) are
 memory-mapped and only their model tensors are touched (never the optimizer state); FSDP2
 directories of shards are read one tensor at a time (`pretrain.model.checkpoint.open_checkpoint`).
-With `ema=True` the EMA weights a checkpoint holds (`pretrain.train.ema.EMA`) are read instead of
+With `ema=True` the EMA weights a checkpoint holds (`pretrain.train.callbacks.ema.EMA`) are read instead of
 the raw ones; one checkpoint then just extracts them.
 """
 

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from pretrain.errors import UserError, writing
+from pretrain.files import write_atomic_with
 from pretrain.model.config import LlamaConfig, get_preset
 from pretrain.progress import progress
 
@@ -229,15 +230,9 @@ def save_model_checkpoint(path: str | os.PathLike, checkpoint: ModelCheckpoint) 
         "tokenizer": checkpoint.tokenizer_json,
         "meta": checkpoint.meta,
     }
-    partial = path.with_name(path.name + ".partial")
     with writing(path, "output"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.save(payload, partial)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, path)
+        write_atomic_with(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -281,7 +276,7 @@ def _ema_entry(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
     entry = payload.get("callbacks", {}).get(EMA_STATE_KEY)
     if entry is None or EMA_COPY not in entry["copies"]:
         raise UserError(
-            f"{path} holds no EMA weights: train with the pretrain.train.ema.EMA callback to have them"
+            f"{path} holds no EMA weights: train with the pretrain.train.callbacks.ema.EMA callback to have them"
         )
     return entry
 

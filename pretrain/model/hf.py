@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 
 from pretrain.data.tokenizer import find_pad
 from pretrain.errors import UserError, writing
-from pretrain.files import write_atomic
+from pretrain.files import write_atomic, write_atomic_with
 from pretrain.model.config import LlamaConfig
 from pretrain.progress import progress
 
@@ -306,9 +306,9 @@ def _write_hf(
     tensors = {
         k: v.contiguous() for k, v in progress(to_hf_state_dict(state, c).items(), "converting", "tensor")
     }
-    partial = out_dir / "model.safetensors.partial"
-    save_file(tensors, partial, metadata={"format": "pt"})
-    os.replace(partial, out_dir / "model.safetensors")
+    write_atomic_with(
+        out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
     eos = eos_id[0] if isinstance(eos_id, list) else eos_id
     prefix = bos_id if eos is None else document_prefix_id(bos_id, eos)
     pad = None

@@ -3,20 +3,22 @@
 The script comes from `train.sbatch.template` beside this module (shipped in the wheel):
 `--nodes` x `--ntasks-per-node` tasks (one per GPU, or `trainer.devices` CPU processes for a CPU
 recipe), `--signal=USR1@margin` so that the trainer checkpoints and requeues the job before its
-time limit (`pretrain.train.requeue`), `--requeue`, `--open-mode=append`, logs in RUN_DIR/slurm/,
+time limit (`pretrain.train.callbacks.requeue`), `--requeue`, `--open-mode=append`, logs in RUN_DIR/slurm/,
 and `srun pretrain fit` with the same recipe, whose `resume: auto` continues from the newest
 checkpoint after every requeue. It is written to RUN_DIR/slurm/train.sbatch: a plain file to
 read, edit and `sbatch` by hand.
 
 Settings missing from the command line come from the recipe's `slurm:` section
-(`pretrain.train.slurm_settings.SlurmSettings`); the recipe's `trainer.num_nodes` and
-`trainer.devices` must match the geometry. No torch or Lightning import: submitting starts fast.
+(`pretrain.recipe.SlurmSettings`); the recipe's `trainer.num_nodes` and `trainer.devices` must
+match the geometry, and its batch geometry is checked as `pretrain fit` checks it
+(`pretrain.recipe.BatchGeometry`), so a job that `fit` would refuse is never queued. The recipe,
+its overrides and its defaults are read through `pretrain.recipe`. No torch or Lightning import:
+submitting starts fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import shutil
 import subprocess
@@ -28,8 +30,8 @@ from string import Template
 from typing import Any, cast
 
 from pretrain.errors import UserError
+from pretrain.recipe import BatchGeometry, Recipe, SlurmSettings, as_int
 from pretrain.run_dir import RunDir
-from pretrain.train.slurm_settings import SlurmSettings
 
 TEMPLATE = Path(__file__).resolve().parent / "train.sbatch.template"
 
@@ -59,28 +61,6 @@ class Job:
         return RunDir(self.run_dir).sbatch_script
 
 
-def _override_values(overrides: Sequence[str]) -> dict[str, str]:
-    """`--key value` and `--key=value` pairs of `pretrain fit` overrides, by key (last one wins)."""
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(overrides):
-        arg = overrides[i]
-        if arg.startswith("--") and "=" in arg:
-            key, _, value = arg[2:].partition("=")
-            values[key] = value
-        elif arg.startswith("--") and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
-            values[arg[2:]] = overrides[i + 1]
-            i += 1
-        i += 1
-    return values
-
-
-def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
-        raise UserError(f"{what} must be a whole number for `pretrain submit`, got {value!r}")
-    return int(value)
-
-
 def time_limit_seconds(limit: str) -> int | None:
     """Seconds in a SLURM time limit ("minutes", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]"); None for
     "UNLIMITED"/"infinite"."""
@@ -98,20 +78,6 @@ def time_limit_seconds(limit: str) -> int | None:
     return sum(n * unit for n, unit in zip(numbers, units))
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    try:
-        recipe = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise UserError(f"cannot read recipe {path}: {err}") from err
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping with trainer/model/data sections")
-    return recipe
-
-
 def resolve_job(
     config: str,
     cli: Mapping[str, Any],
@@ -119,31 +85,45 @@ def resolve_job(
     workdir: Path | None = None,
 ) -> Job:
     """Merge command-line settings (`cli`, None = not given) over the recipe's `slurm:` section and
-    the defaults, and check the geometry against the recipe's trainer section."""
-    import yaml
-
+    the defaults, and check the geometry against the recipe's trainer and data sections."""
     workdir = workdir or Path.cwd()
-    recipe = load_recipe(config)
-    section = recipe.get("slurm") or {}
-    fields = {f.name for f in dataclasses.fields(SlurmSettings)}
-    if not isinstance(section, dict) or set(section) - fields:
-        unknown = sorted(set(section) - fields) if isinstance(section, dict) else section
-        raise UserError(f"{config}: unknown slurm setting(s) {unknown}; known: {', '.join(sorted(fields))}")
-    settings = SlurmSettings(**(section | {k: v for k, v in cli.items() if v is not None and k in fields}))
-
-    given = {k: yaml.safe_load(v) for k, v in _override_values(overrides).items()}
-    trainer = recipe.get("trainer") or {}
-    accelerator = str(given.get("trainer.accelerator", trainer.get("accelerator", "auto")))
-    devices = given.get("trainer.devices", trainer.get("devices", "auto"))
-    trainer_nodes = _as_int(given.get("trainer.num_nodes", trainer.get("num_nodes", 1)), "trainer.num_nodes")
-    run_dir = Path(str(given.get("run_dir", recipe.get("run_dir", "runs/default"))))
-    if str(given.get("resume", recipe.get("resume", "auto"))) == "none":
+    recipe = Recipe.load(config, overrides)
+    settings = _slurm_settings(recipe, cli)
+    run_dir = Path(str(recipe.get("run_dir")))
+    if str(recipe.get("resume")) == "none":
         raise UserError(
             "resume: none cannot be submitted: a requeued job must continue from its own checkpoints "
             "(resume: auto); start a fresh run with a new run_dir instead"
         )
-    num_workers = (recipe.get("data") or {}).get("num_workers", 2)
+    nodes, ntasks, gpus = _tasks(recipe, settings)
+    _check_length(recipe, recipe.geometry(ntasks, nodes))  # what `pretrain fit` checks on these processes
+    _check_time_limit(settings)
+    job_name = settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}"
+    _check_script_values(config, settings, run_dir=run_dir, workdir=workdir, job_name=job_name)
+    fit_args = ["--config", config]
+    if cli.get("max_requeues") is not None:
+        fit_args += ["--slurm.max_requeues", str(cli["max_requeues"])]
+    num_workers = as_int(recipe.get("data.num_workers"), "data.num_workers")
+    return Job(
+        config=config,
+        run_dir=run_dir,
+        workdir=workdir,
+        settings=settings,
+        nodes=nodes,
+        ntasks_per_node=ntasks,
+        gpus_per_node=gpus,
+        cpus_per_task=settings.cpus_per_task or num_workers + 1,
+        job_name=job_name,
+        env_setup=settings.env_setup if settings.env_setup is not None else default_env_setup(workdir),
+        fit_args=(*fit_args, *overrides),
+    )
 
+
+def _tasks(recipe: Recipe, settings: SlurmSettings) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node) of the job, agreeing with the recipe's trainer section."""
+    accelerator = str(recipe.get("trainer.accelerator"))
+    devices = recipe.get("trainer.devices")
+    trainer_nodes = as_int(recipe.get("trainer.num_nodes"), "trainer.num_nodes")
     nodes = settings.nodes if settings.nodes is not None else trainer_nodes
     if nodes != trainer_nodes:
         raise UserError(
@@ -161,7 +141,7 @@ def resolve_job(
             "or set trainer.accelerator: cpu"
         )
     else:
-        gpus = _as_int(devices, "trainer.devices")
+        gpus = as_int(devices, "trainer.devices")
     if accelerator in ("gpu", "cuda") and not gpus:
         raise UserError(
             f"the recipe trains on GPUs (trainer.accelerator: {accelerator}) but the job asks for no GPU "
@@ -171,18 +151,28 @@ def resolve_job(
         raise UserError(
             f"the recipe trains on the CPU (trainer.accelerator: cpu) but the job asks for {gpus} GPUs"
         )
-    if gpus:
-        if devices != "auto" and _as_int(devices, "trainer.devices") != gpus:
-            raise UserError(
-                f"the job asks for {gpus} GPU(s) per node but the recipe's trainer.devices is {devices}: "
-                f"one task per GPU needs trainer.devices: {gpus} (e.g. add `-- --trainer.devices {gpus}`)"
-            )
-        ntasks = gpus
-    else:
-        ntasks = 1 if devices == "auto" else _as_int(devices, "trainer.devices")
+    if gpus and devices != "auto" and as_int(devices, "trainer.devices") != gpus:
+        raise UserError(
+            f"the job asks for {gpus} GPU(s) per node but the recipe's trainer.devices is {devices}: "
+            f"one task per GPU needs trainer.devices: {gpus} (e.g. add `-- --trainer.devices {gpus}`)"
+        )
+    ntasks = gpus or (1 if devices == "auto" else as_int(devices, "trainer.devices"))
     if min(nodes, ntasks) < 1:
         raise UserError(f"a job needs at least one node and one task per node, got {nodes} x {ntasks}")
+    return nodes, ntasks, gpus
 
+
+def _check_length(recipe: Recipe, geometry: BatchGeometry) -> None:
+    """The run's length must be set once, as `pretrain fit` requires (max_tokens or trainer.max_steps)."""
+    max_tokens, max_steps = recipe.get("max_tokens"), recipe.get("trainer.max_steps")
+    geometry.max_steps(
+        None if max_tokens is None else as_int(max_tokens, "max_tokens"),
+        None if max_steps in (None, -1) else as_int(max_steps, "trainer.max_steps"),
+    )
+
+
+def _check_time_limit(settings: SlurmSettings) -> None:
+    """The signal margin must be shorter than the time limit."""
     # SlurmSettings.__post_init__ rejects an int time, so a set time is text here.
     limit = time_limit_seconds(cast(str, settings.time)) if settings.time else None
     if limit is not None and settings.signal_margin >= limit:
@@ -190,8 +180,12 @@ def resolve_job(
             f"the signal margin ({settings.signal_margin} s) must be shorter than the time limit "
             f"({settings.time} = {limit} s): the job would be told to requeue as it starts"
         )
-    job_name = settings.job_name or f"pretrain-{(workdir / run_dir).resolve().name}"
-    # Values that land on #SBATCH lines (or in the script's comments) must stay on their line.
+
+
+def _check_script_values(
+    config: str, settings: SlurmSettings, run_dir: Path, workdir: Path, job_name: str
+) -> None:
+    """Values that land on #SBATCH lines (or in the script's comments) must stay on their line."""
     sbatch_values = {
         "run directory": run_dir,
         "working directory": workdir,
@@ -215,22 +209,18 @@ def resolve_job(
         raise UserError(
             f"slurm.env_setup {settings.env_setup!r} contains a control character other than a newline"
         )
-    fit_args = ["--config", config]
-    if cli.get("max_requeues") is not None:
-        fit_args += ["--slurm.max_requeues", str(cli["max_requeues"])]
-    return Job(
-        config=config,
-        run_dir=run_dir,
-        workdir=workdir,
-        settings=settings,
-        nodes=nodes,
-        ntasks_per_node=ntasks,
-        gpus_per_node=gpus,
-        cpus_per_task=settings.cpus_per_task or int(num_workers) + 1,
-        job_name=job_name,
-        env_setup=settings.env_setup if settings.env_setup is not None else default_env_setup(workdir),
-        fit_args=(*fit_args, *overrides),
-    )
+
+
+def _slurm_settings(recipe: Recipe, cli: Mapping[str, Any]) -> SlurmSettings:
+    """The recipe's `slurm:` section with the command line's settings (None: not given) over it."""
+    section = recipe.section("slurm")
+    fields = {f.name for f in dataclasses.fields(SlurmSettings)}
+    if not isinstance(section, dict) or set(section) - fields:
+        unknown = sorted(set(section) - fields) if isinstance(section, dict) else section
+        raise UserError(
+            f"{recipe.path}: unknown slurm setting(s) {unknown}; known: {', '.join(sorted(fields))}"
+        )
+    return SlurmSettings(**(section | {k: v for k, v in cli.items() if v is not None and k in fields}))
 
 
 def default_env_setup(workdir: Path) -> str:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.data.skips import SkipList
 from pretrain.errors import UserError
+from pretrain.recipe import DEFAULTS, BatchGeometry
 
 if TYPE_CHECKING:
     from pretrain.data.loader import TrainDataset
@@ -70,11 +71,11 @@ class PretrainDataModule(L.LightningDataModule):
     def __init__(
         self,
         sources: dict[str, Source],
-        seq_len: int = 2048,
-        global_batch_tokens: int = 2**21,
-        micro_batch_size: int = 8,
-        seed: int = 42,
-        num_workers: int = 2,
+        seq_len: int = DEFAULTS["data.seq_len"],
+        global_batch_tokens: int = DEFAULTS["data.global_batch_tokens"],
+        micro_batch_size: int = DEFAULTS["data.micro_batch_size"],
+        seed: int = DEFAULTS["data.seed"],
+        num_workers: int = DEFAULTS["data.num_workers"],
         val_tokens: int | None = None,
         allow_data_change: bool = False,
         ramp: Ramp | None = None,
@@ -84,10 +85,7 @@ class PretrainDataModule(L.LightningDataModule):
         super().__init__()
         if not sources:
             raise UserError("data.sources is empty: name at least one prepared dataset")
-        if global_batch_tokens % seq_len:
-            raise UserError(
-                f"data.global_batch_tokens ({global_batch_tokens}) must be a multiple of seq_len ({seq_len})"
-            )
+        BatchGeometry(1, 1, micro_batch_size, seq_len, global_batch_tokens)  # the checks any world needs
         self.sources = {name: s if isinstance(s, Source) else Source(**s) for name, s in sources.items()}
         self.seq_len = seq_len
         self.global_batch_tokens = global_batch_tokens
@@ -146,14 +144,16 @@ class PretrainDataModule(L.LightningDataModule):
         print(verify(manifests, self.verify_shards, show_progress=False, record=record), file=sys.stderr)
 
     def _check_geometry(self) -> tuple[int, int]:
+        """(rank, world size) of this process, once the Trainer's processes split the batch evenly."""
         assert self.trainer is not None  # attached by the Trainer before it asks for a loader
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        if self.global_batch_size % (world * self.micro_batch_size):
-            raise UserError(
-                f"global batch of {self.global_batch_size} sequences does not split into micro-batches of "
-                f"{self.micro_batch_size} over {world} device(s)"
-            )
-        return rank, world
+        BatchGeometry(
+            self.trainer.num_devices,
+            self.trainer.num_nodes,
+            self.micro_batch_size,
+            self.seq_len,
+            self.global_batch_tokens,
+        )
+        return self.trainer.global_rank, self.trainer.world_size
 
     def train_dataloader(self) -> DataLoader:
         from pretrain.data.loader import build_train_dataset

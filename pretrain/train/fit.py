@@ -10,16 +10,17 @@ Besides the usual `trainer`, `model` and `data` sections, a recipe has:
 - `validate_every_steps`: validation cadence in optimizer steps;
 - `resume`: `auto` (default: newest complete checkpoint in the run dir, else start fresh),
   `none`, or a checkpoint path;
-- `checkpoint`: cadence and retention (`pretrain.train.periodic_checkpoint.PeriodicCheckpoint`);
-- `slurm`: `pretrain submit`'s settings (`pretrain.train.slurm_settings.SlurmSettings`).
+- `checkpoint`: cadence and retention (`pretrain.train.callbacks.periodic_checkpoint.PeriodicCheckpoint`);
+- `slurm`: `pretrain submit`'s settings (`pretrain.recipe.SlurmSettings`).
 
-Gradient accumulation is derived: global_batch_tokens / (micro_batch_size * seq_len * devices * num_nodes).
+Defaults a recipe leaves out and the batch geometry (gradient accumulation = global_batch_tokens /
+(micro_batch_size * seq_len * devices * num_nodes), its checks and messages) come from
+`pretrain.recipe`, which `pretrain submit` reads too.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import warnings
@@ -36,19 +37,24 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from pretrain import recipe
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import check_sharded_checkpoint, checkpoint_identity
 from pretrain.model.config import get_preset
 from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.run_dir import RunDir, describe_incidents
-from pretrain.train import private_apis, requeue, rollback
+from pretrain.train import private_apis, rollback
+from pretrain.train.callbacks import requeue
+from pretrain.train.callbacks.final_validation import FinalValidation
+from pretrain.train.callbacks.monitor import TrainingMonitor
+from pretrain.train.callbacks.periodic_checkpoint import (
+    TRAINING_CHECKPOINTS,
+    DirectCheckpointIO,
+    PeriodicCheckpoint,
+)
+from pretrain.train.callbacks.progress_bar import StepProgressBar
 from pretrain.train.datamodule import PretrainDataModule
-from pretrain.train.final_validation import FinalValidation
 from pretrain.train.module import PretrainModule
-from pretrain.train.monitor import TrainingMonitor
-from pretrain.train.periodic_checkpoint import DirectCheckpointIO, PeriodicCheckpoint
-from pretrain.train.progress_bar import StepProgressBar
-from pretrain.train.slurm_settings import SlurmSettings, check_srun_geometry
 
 
 def count_devices(devices: Any, accelerator: Any) -> int:
@@ -119,9 +125,14 @@ class FitCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--run_dir", type=str, default="runs/default", help="run directory")
-        parser.add_argument("--resume", type=str, default="auto", help="auto | none | PATH to a checkpoint")
-        parser.add_argument("--max_tokens", type=int | None, default=None, help="train for this many tokens")
+        defaults = recipe.DEFAULTS
+        parser.add_argument("--run_dir", type=str, default=defaults["run_dir"], help="run directory")
+        parser.add_argument(
+            "--resume", type=str, default=defaults["resume"], help="auto | none | PATH to a checkpoint"
+        )
+        parser.add_argument(
+            "--max_tokens", type=int | None, default=defaults["max_tokens"], help="train for this many tokens"
+        )
         parser.add_argument(
             "--validate_every_steps", type=int | None, default=None, help="validate every N optimizer steps"
         )
@@ -134,43 +145,29 @@ class FitCLI(LightningCLI):
         )
         parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"run_dir"})
         # `pretrain submit` settings; `pretrain fit` itself uses only slurm.max_requeues.
-        parser.add_class_arguments(SlurmSettings, "slurm")
+        parser.add_class_arguments(recipe.SlurmSettings, "slurm")
+        parser.set_defaults({key: value for key, value in defaults.items() if "." in key})
 
     def before_instantiate_classes(self) -> None:
         c = self.config
         trainer, data = c.trainer, c.data
-        for name in ("micro_batch_size", "seq_len", "global_batch_tokens", "num_workers"):
-            if getattr(data, name) < (0 if name == "num_workers" else 1):
-                raise UserError(
-                    f"data.{name} must be {'>= 0' if name == 'num_workers' else 'positive'}, got {getattr(data, name)}"
-                )
-        context = get_preset(c.model.model).replace(**(c.model.model_overrides or {})).max_seq_len
-        if data.seq_len > context:
+        if data.num_workers < 0:
+            raise UserError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        geometry = recipe.BatchGeometry(
+            devices=count_devices(trainer.devices, trainer.accelerator),
+            nodes=trainer.num_nodes or 1,
+            micro_batch_size=data.micro_batch_size,
+            seq_len=data.seq_len,
+            global_batch_tokens=data.global_batch_tokens,
+        )
+        model = get_preset(c.model.model).replace(**(c.model.model_overrides or {}))
+        if data.seq_len > (context := model.max_seq_len):
             raise UserError(
                 f"data.seq_len {data.seq_len} exceeds the model's context of {context} tokens (max_seq_len): lower "
                 f"data.seq_len, or raise model.model_overrides.max_seq_len"
             )
-        devices = count_devices(trainer.devices, trainer.accelerator)
-        world = devices * (trainer.num_nodes or 1)
-        per_step = data.micro_batch_size * data.seq_len * world
-        if data.global_batch_tokens % per_step:
-            raise UserError(
-                f"data.global_batch_tokens ({data.global_batch_tokens:,}) must be a multiple of "
-                f"micro_batch_size x seq_len x devices x num_nodes = {data.micro_batch_size} x {data.seq_len} x "
-                f"{devices} x {trainer.num_nodes} = {per_step:,}"
-            )
-        trainer.accumulate_grad_batches = data.global_batch_tokens // per_step
-        if c.max_tokens is not None:
-            if trainer.max_steps not in (None, -1):
-                raise UserError(
-                    f"give either max_tokens or trainer.max_steps, not both (max_tokens {c.max_tokens:,} = "
-                    f"{math.ceil(c.max_tokens / data.global_batch_tokens):,} steps, trainer.max_steps "
-                    f"{trainer.max_steps:,}): to change the length of a run whose recipe sets max_tokens, give "
-                    "--max_tokens N (or --max_tokens null with --trainer.max_steps N)"
-                )
-            trainer.max_steps = math.ceil(c.max_tokens / data.global_batch_tokens)
-        if trainer.max_steps in (None, -1):
-            raise UserError("set max_tokens (or trainer.max_steps): the LR schedule needs a training length")
+        trainer.accumulate_grad_batches = geometry.accumulation
+        trainer.max_steps = geometry.max_steps(c.max_tokens, trainer.max_steps)
         trainer.max_epochs = -1  # the data stream is endless (epochs are walked inside it)
         if trainer.precision is None:
             trainer.precision = default_precision(trainer.accelerator)
@@ -178,15 +175,8 @@ class FitCLI(LightningCLI):
             trainer.val_check_interval = c.validate_every_steps * trainer.accumulate_grad_batches
             trainer.check_val_every_n_epoch = None
         trainer.default_root_dir = c.run_dir
-        self.world_size = world
-        print(
-            f"global batch: {data.global_batch_tokens:,} tokens = {data.micro_batch_size} sequences x "
-            f"{data.seq_len} tokens x {devices} device(s) x {trainer.num_nodes} node(s) x "
-            f"{trainer.accumulate_grad_batches} accumulation step(s); {trainer.max_steps:,} optimizer steps "
-            f"= {trainer.max_steps * data.global_batch_tokens:,} tokens",
-            file=sys.stderr,
-        )
-        model = get_preset(c.model.model).replace(**(c.model.model_overrides or {}))
+        self.geometry = geometry
+        print(geometry.describe(trainer.max_steps), file=sys.stderr)
         print(
             f"model: {c.model.model} preset, {count_parameters(model).total:,} parameters, "
             f"{flops_per_token(model, data.seq_len) / 1e9:.3g} GFLOP per token (training, seq_len {data.seq_len})",
@@ -222,9 +212,7 @@ class FitCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(DirectCheckpointIO())  # written beside its destination, never in $TMPDIR
         if SLURMEnvironment.detect():  # launched by srun: ranks come from SLURM, requeue from us
-            geometry = self.config.trainer
-            devices = count_devices(geometry.devices, geometry.accelerator)
-            check_srun_geometry(devices, geometry.num_nodes or 1)
+            recipe.check_srun_geometry(self.geometry.devices, self.geometry.nodes)
             plugins.append(SLURMEnvironment(auto_requeue=False))
         kwargs["plugins"] = plugins
         if not hasattr(
@@ -247,7 +235,7 @@ def fit(args: Sequence[str] | None = None) -> int:
     except ArgumentError as err:  # jsonargparse: a typo, a wrong type, a missing file
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise UserError(f"{message} (see `pretrain fit --help`)") from None
-    run = RunDir(cli.config.run_dir)
+    run = RunDir(cli.config.run_dir, TRAINING_CHECKPOINTS)
     owner = launched_as_rank_zero()  # the other ranks are the same run: only rank 0 holds the lease
     if owner:
         run.acquire()

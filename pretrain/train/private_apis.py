@@ -1,17 +1,17 @@
 """Every private Lightning API pretrain uses, in one place, with the reason each one stays.
 
 Lightning is bounded above to the minor version these are tested with (pyproject.toml);
-`tests/test_private_apis.py` checks that each still exists and fails naming it after an upgrade.
+`tests/test_structure.py::test_private_lightning_apis_still_exist` checks that each still exists and fails naming it after an upgrade.
 
 - `_SignalConnector` and `Trainer._signal_connector`: Lightning installs its own SIGTERM/SIGUSR1
   handlers (checkpoint-and-requeue inside the handler, `SIGTERMException` mid-accumulation) and
   offers no public switch for them; we replace the connector with one whose handlers only set
-  our flag (`pretrain.train.requeue`).
+  our flag (`pretrain.train.callbacks.requeue`).
 - `ModelParallelStrategy._data_parallel_size` / `_tensor_parallel_size`: the sizes are resolved
   from "auto" only when the environment is known, which is when `fsdp2` makes every rank
   data-parallel (`pretrain.train.parallelize.FSDP2Strategy`).
 - `ModelParallelStrategy._save_distributed_checkpoint`: the constructor argument has no public
-  getter; EMA/LaWA copies under FSDP2 need sharded checkpoints (`pretrain.train.weight_copies`).
+  getter; EMA/LaWA copies under FSDP2 need sharded checkpoints (`pretrain.train.callbacks.weight_copies`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The stop/requeue flag that SIGUSR1 and SIGTERM set (no torch import: installed first thing).
 
 `pretrain fit` routes both signals here before it imports torch or parses the recipe, so a
-signal that arrives at any point of start-up is kept, not fatal; `pretrain.train.requeue` acts
+signal that arrives at any point of start-up is kept, not fatal; `pretrain.train.callbacks.requeue` acts
 on the flag at the first step boundary. A handler only records the signal (see that module).
 """
 

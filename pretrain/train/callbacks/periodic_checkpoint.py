@@ -26,11 +26,13 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from pretrain.errors import UserError
-from pretrain.files import fsync_dir
-from pretrain.model.checkpoint import checkpoint_identity
-from pretrain.run_dir import RunDir, remove
-from pretrain.train.step_callback import StepCallback
+from pretrain.files import fsync
+from pretrain.model.checkpoint import DIVERGED, FOREIGN, checkpoint_identity, training_checkpoint_problem
+from pretrain.run_dir import CheckpointCheck, RunDir, remove
+from pretrain.train.callbacks.step_callback import StepCallback
 
+# What a run directory needs to judge its checkpoints (`pretrain.run_dir` itself opens no weights).
+TRAINING_CHECKPOINTS = CheckpointCheck(training_checkpoint_problem, foreign=FOREIGN, diverged=DIVERGED)
 FULL_BELOW_BYTES = 64 * 2**20  # a write that failed with less free space than this ran out of it
 
 
@@ -55,7 +57,7 @@ class PeriodicCheckpoint(StepCallback):
         super().__init__()
         if keep_last < 1:
             raise UserError("checkpoint.keep_last must be at least 1")
-        self.run = RunDir(run_dir) if run_dir is not None else None
+        self.run = RunDir(run_dir, TRAINING_CHECKPOINTS) if run_dir is not None else None
         self.every_n_steps = every_n_steps
         self.every_n_minutes = every_n_minutes
         self.keep_last = keep_last
@@ -67,7 +69,7 @@ class PeriodicCheckpoint(StepCallback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self.run is None:
-            self.run = RunDir(trainer.default_root_dir)
+            self.run = RunDir(trainer.default_root_dir, TRAINING_CHECKPOINTS)
         self._last_save_time = time.monotonic()
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -102,7 +104,7 @@ class PeriodicCheckpoint(StepCallback):
         A file under the final name that this run did not write (copied in, or written by another
         command's `-o`) is set aside as `foreign-step-*.ckpt`, never taken for this run's own."""
         if self.run is None:
-            self.run = RunDir(trainer.default_root_dir)
+            self.run = RunDir(trainer.default_root_dir, TRAINING_CHECKPOINTS)
         module = trainer.lightning_module
         divergence = getattr(module, "divergence", None)
         if divergence is not None and divergence.action == "rollback":
@@ -112,6 +114,9 @@ class PeriodicCheckpoint(StepCallback):
         final = self.run.diverged_checkpoint(step) if diverged else self.run.checkpoint(step)
         if trainer.strategy.broadcast(self._already_written(final, module), src=0):
             return final
+        # Not `pretrain.files.write_atomic_with`: every rank writes its part (a folder of shards under
+        # FSDP2) between barriers, and rank 0 publishes; the hidden `.partial-` name is the one
+        # `RunDir.prune_checkpoints` clears after a crash.
         partial = final.with_name(f".partial-{final.name}")
         if trainer.is_global_zero:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -137,10 +142,9 @@ class PeriodicCheckpoint(StepCallback):
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             if partial.is_file():  # a sharded checkpoint (a folder) is fsynced by its writer
-                with open(partial, "rb+") as f:
-                    os.fsync(f.fileno())
+                fsync(partial)
             os.replace(partial, final)
-            fsync_dir(self.run.checkpoints)
+            fsync(self.run.checkpoints)
             self.run.prune_checkpoints(self.keep_last, self._retention_pins(trainer))
         trainer.strategy.barrier("checkpoint-published")
         self._last_save_time = time.monotonic()

@@ -39,9 +39,9 @@ import torch
 
 from pretrain.run_dir import RunDir
 from pretrain.train import signals
-from pretrain.train.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.callbacks.periodic_checkpoint import PeriodicCheckpoint
+from pretrain.train.callbacks.step_callback import StepCallback
 from pretrain.train.private_apis import SignalConnector
-from pretrain.train.step_callback import StepCallback
 
 STOPPED_EXIT_CODE = 4
 

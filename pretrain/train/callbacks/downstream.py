@@ -2,7 +2,7 @@
 
     trainer:
       callbacks:
-        - class_path: pretrain.train.downstream.DownstreamEval
+        - class_path: pretrain.train.callbacks.downstream.DownstreamEval
           init_args: {tasks: [pystdlib_next_line], every_n_steps: 30, limit: 200}
 
 Logs `downstream/<task>/<metric>` (acc, acc_norm, ...), each metric's standard error
@@ -36,9 +36,9 @@ import torch.distributed as dist
 
 from pretrain.errors import UserError
 from pretrain.run_dir import RunDir, downstream_column
+from pretrain.train.callbacks.step_callback import StepCallback
+from pretrain.train.callbacks.weight_copies import drop_gathered
 from pretrain.train.datamodule import trainer_datamodule
-from pretrain.train.step_callback import StepCallback
-from pretrain.train.weight_copies import drop_gathered
 
 
 class DownstreamEval(StepCallback):

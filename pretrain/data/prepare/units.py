@@ -1,6 +1,6 @@
 """The work units of a preparation's inputs, local files and Hub files alike, in one order.
 
-A local input is cut into units up front (`inputs.plan`). A Hub file (`pretrain.data.hub`) is
+A local input is cut into units up front (`inputs.plan`). A Hub file (`pretrain.data.prepare.hub`) is
 cut the same way once the cache has fetched it, so its units are those of the same file given
 locally, and the unit sequence, hence the output, does not depend on where the bytes came from.
 How many units a Hub file has is kept in the preparation's state once known, so a resumed run
@@ -23,9 +23,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pretrain.data import inputs
-from pretrain.data.hub import Cache, RemoteFile
-from pretrain.data.inputs import Problem, Unit
+from pretrain.data.prepare import inputs
+from pretrain.data.prepare.hub import Cache, RemoteFile
+from pretrain.data.prepare.inputs import Problem, Unit
 from pretrain.data.shards import sha256_file
 from pretrain.errors import UserError
 

@@ -9,7 +9,7 @@ validates their uniform average too, logging `val_lawa/<source>/loss` beside `va
 
     trainer:
       callbacks:
-        - class_path: pretrain.train.lawa.OnlineLaWA
+        - class_path: pretrain.train.callbacks.lawa.OnlineLaWA
           init_args: {every_n_steps: 1000, last_k: 5}
 
 The copies are saved in every checkpoint (`last_k` x the model's size) so a resumed run
@@ -25,7 +25,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import LAWA_STATE_KEY
-from pretrain.train.weight_copies import Copy, WeightCopies
+from pretrain.train.callbacks.weight_copies import Copy, WeightCopies
 
 
 class OnlineLaWA(WeightCopies):

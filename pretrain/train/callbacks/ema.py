@@ -12,10 +12,10 @@ Add it to a recipe (validation then also logs `val_ema/<source>/loss`):
 
     trainer:
       callbacks:
-        - class_path: pretrain.train.ema.EMA
+        - class_path: pretrain.train.callbacks.ema.EMA
           init_args: {decay: 0.999}
 
-The EMA is saved in every checkpoint (`pretrain.train.weight_copies`) and resumes exactly; export it with
+The EMA is saved in every checkpoint (`pretrain.train.callbacks.weight_copies`) and resumes exactly; export it with
 `pretrain average --ema CHECKPOINT -o ema.pt`, then `pretrain export-hf ema.pt OUT_DIR`.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import EMA_COPY, EMA_STATE_KEY
-from pretrain.train.weight_copies import Copy, WeightCopies
+from pretrain.train.callbacks.weight_copies import Copy, WeightCopies
 
 COPY = EMA_COPY  # the name of the one copy this callback keeps
 

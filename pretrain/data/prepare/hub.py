@@ -36,7 +36,7 @@ Hugging Face cache is read in place, never removed. Network failures are retried
 what waiting cannot mend (a file gone from the mirror or repository, a full or read-only disk,
 a repository gone or gated) stops at once in one line. Either way everything committed is
 kept and a rerun of the same command resumes: at the commit the interrupted run read, with
-the mirror files it read checked by content (`pretrain.data.units`).
+the mirror files it read checked by content (`pretrain.data.prepare.units`).
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from pretrain.data import inputs
+from pretrain.data.prepare import inputs
 from pretrain.data.shards import sha256_file
 from pretrain.errors import UserError, writing
+from pretrain.files import write_atomic_with
 
 SCHEME = "hf://"
 DEFAULT_CACHE_BYTES = 20 * 10**9  # --cache-max 20GB
@@ -544,9 +545,7 @@ class Cache:
 
 def _copy(source: Path, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, destination)
+    write_atomic_with(destination, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _download(file: RemoteFile, folder: Path) -> None:

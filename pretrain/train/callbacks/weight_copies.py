@@ -38,9 +38,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from pretrain.errors import UserError
 from pretrain.model.checkpoint import weight_copy_key
 from pretrain.train import private_apis
+from pretrain.train.callbacks.step_callback import StepCallback
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import evaluate
-from pretrain.train.step_callback import StepCallback
 
 Copy = dict[str, torch.Tensor]  # parameter name -> (local shard of) a weight
 

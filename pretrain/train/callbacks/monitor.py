@@ -21,8 +21,8 @@ import torch
 
 from pretrain.model.flops import flops_per_token
 from pretrain.run_dir import START_STEP
+from pretrain.train.callbacks.step_callback import StepCallback
 from pretrain.train.datamodule import trainer_datamodule
-from pretrain.train.step_callback import StepCallback
 
 if TYPE_CHECKING:
     from pretrain.train.module import PretrainModule

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from pretrain.train.step_callback import StepCallback
+from pretrain.train.callbacks.step_callback import StepCallback
 
 
 class FinalValidation(StepCallback):

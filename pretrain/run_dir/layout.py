@@ -1,4 +1,5 @@
-"""The run directory: the one module that knows what RUN_DIR holds and what its files are called.
+"""The run directory's layout: what RUN_DIR holds, what its files are called, and the methods that
+read and write them (checkpoints and their retention, the lease, the requeue record, SLURM jobs).
 
     RUN_DIR/
       checkpoints/step-00001000.ckpt        a file, or a folder of shards under FSDP2
@@ -19,17 +20,7 @@
       verified-shards.json                  how often the launches checked each shard (`pretrain.data.verify`)
       slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
 
-How the logs are read (`RunDir.read_logs`):
-- columns are `step` plus metric names, in any order; an empty cell means "not logged";
-- the run may still be writing: a last line without a newline is skipped, cells that are not
-  numbers are ignored, and a version with no rows yet is skipped;
-- a later version wins on overlapping steps: version k is cut where version k+1 resumed (its
-  `train/start_step`, else its first logged step), and the resume is marked there;
-- the tokens seen at a point come from `train/tokens_seen`, linear in step: exact at a step that
-  logged it, interpolated between such steps and extrapolated beyond them from the two nearest
-  (from step 0 with 0 tokens if only one step logged it); NaN if no step logged it.
-- downstream benchmark scores are the sparse columns `downstream/<task>/<metric>` (`RunLog.downstream`),
-  merged across versions like every other column.
+How the logs are read: `pretrain.run_dir.logs`; the incidents: `pretrain.run_dir.incidents`.
 
 The lease (`RunDir.acquire`, `pretrain.lease`): one `pretrain fit` owns a run directory at a time,
 so that two launches never both write checkpoints there. It names its owner's host, process and
@@ -43,15 +34,15 @@ requeue.json.damaged (with one line) when the next signal writes a new record, a
 fields carry over; a damaged or foreign line of slurm/jobs.jsonl is passed over; a config.yaml
 that is not a mapping is ignored. `pretrain status` names what it could not read.
 
-Nothing here imports torch or Lightning: `pretrain status` and `pretrain plot` start fast.
+Whether a file is a usable training checkpoint is told by a `CheckpointCheck` the caller passes in
+(`pretrain fit` passes `pretrain.train.callbacks.periodic_checkpoint.TRAINING_CHECKPOINTS`, which
+opens weights): nothing here imports torch, Lightning or `pretrain.model`, so `pretrain status`
+and `pretrain plot` start fast.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import re
 import shutil
@@ -61,28 +52,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import NoneType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pretrain import lease
 from pretrain.errors import UserError
-from pretrain.eval.metrics import is_score
-from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic
+from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic, write_json_atomic
+from pretrain.run_dir.incidents import read_incidents, skip_range
+from pretrain.run_dir.logs import SKIPPED_STEPS, TOKENS_PER_SEC, TRAIN_LOSS, RunLog, merge_logs
 
-if TYPE_CHECKING:
-    import numpy as np
-
-TOKENS = "train/tokens_seen"
-TRAIN_LOSS = "train/loss"
-TOKENS_PER_SEC = "train/tokens_per_sec"
-LR = "train/lr"
-SKIPPED_STEPS = "train/skipped_steps"
-START_STEP = "train/start_step"  # logged by a launch that resumed: the step it resumed at
 _CHECKPOINT = re.compile(r"step-(\d+)\.ckpt")
 _VERSION = re.compile(r"version_(\d+)")
-_VAL_LOSS = re.compile(r"val/(.+)/loss")
-_DOWNSTREAM = re.compile(r"downstream/(.+)/([^/]+)")
-
-Row = tuple[int, dict[str, float]]
 _JOB: Fields = {"job_id": (str, int), "time": (int, float)}
 _REQUEUE: Fields = {
     "job_id": (str, int),
@@ -91,11 +70,6 @@ _REQUEUE: Fields = {
     "updated": (int, float),
 }
 _REQUEUE_EVENT: Fields = {"signal": (str,), "step": (int,), "action": (str,)}
-
-
-def downstream_column(task: str, metric: str) -> str:
-    """The log column of a downstream benchmark score, e.g. `downstream/hellaswag/acc_norm`."""
-    return f"downstream/{task}/{metric}"
 
 
 def checkpoint_name(step: int) -> str:
@@ -120,42 +94,6 @@ def remove(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Series:
-    """One metric of a run in logging order."""
-
-    steps: np.ndarray
-    tokens: np.ndarray
-    values: np.ndarray
-
-
-@dataclass(frozen=True)
-class RunLog:
-    """All launches of one run merged: metric name -> series, and (step, tokens) of each resume."""
-
-    name: str
-    series: dict[str, Series]
-    resumes: list[tuple[int, float]]
-    incidents: tuple[dict[str, Any], ...] = ()  # incidents.jsonl's readable records
-
-    def val_sources(self) -> list[str]:
-        """Names of the validation sources with a `val/<source>/loss` series, sorted."""
-        return sorted(match[1] for name in self.series if (match := _VAL_LOSS.fullmatch(name)))
-
-    def downstream(self) -> dict[str, dict[str, Series]]:
-        """Downstream benchmark scores: task -> metric -> series, both sorted by name."""
-        found: dict[str, dict[str, Series]] = {}
-        for name in sorted(self.series):
-            if (match := _DOWNSTREAM.fullmatch(name)) and is_score(match[2]):
-                found.setdefault(match[1], {})[match[2]] = self.series[name]
-        return dict(sorted(found.items()))
-
-    def downstream_extra(self, task: str, name: str) -> Series | None:
-        """A downstream column that is not a score: `<metric>_stderr` or `chance`
-        (`pretrain.eval.metrics`), None if no evaluation logged it."""
-        return self.series.get(downstream_column(task, name))
-
-
-@dataclass(frozen=True)
 class RunSummary:
     """Where a run stands, from its files (`pretrain status` adds the SLURM job's state)."""
 
@@ -171,11 +109,31 @@ class RunSummary:
     incidents: tuple[dict[str, Any], ...] = ()
 
 
-class RunDir:
-    """One run's directory (module docstring)."""
+@dataclass(frozen=True)
+class CheckpointCheck:
+    """How to tell a usable training checkpoint: `problem(path)` is None for one, else why not;
+    `foreign` is the problem of a file `pretrain fit` did not write (never renamed or deleted) and
+    `diverged` that of the state kept at a divergence stop."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    problem: Callable[[Path], str | None]
+    foreign: str
+    diverged: str
+
+
+class RunDir:
+    """One run's directory (module docstring). `checks` is needed only by the methods that resume,
+    set aside or prune checkpoints."""
+
+    def __init__(self, path: str | os.PathLike, checks: CheckpointCheck | None = None) -> None:
         self.path = Path(path)
+        self._checks = checks
+
+    @property
+    def checks(self) -> CheckpointCheck:
+        """The checkpoint check given to the constructor."""
+        if self._checks is None:
+            raise TypeError("this RunDir was built without a CheckpointCheck: pass one to judge checkpoints")
+        return self._checks
 
     @property
     def verified_shards(self) -> Path:
@@ -210,11 +168,10 @@ class RunDir:
         `set_aside` (the run's owner only), one of ours is renamed `damaged-step-*.ckpt` (or
         `diverged-step-*.ckpt`) so that its step can be written again. When none of the run's own
         checkpoints is usable, `auto` refuses (one line, nothing renamed) rather than start over."""
-        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
-
+        check = self.checks
         if resume == "none":
             found = self.list_checkpoints()
-            if found and all(training_checkpoint_problem(path) not in (None, FOREIGN) for _, path in found):
+            if found and all(check.problem(path) not in (None, check.foreign) for _, path in found):
                 if set_aside:  # every one is unusable: starting over is what --resume none asks for
                     self._set_aside([path for _, path in found])
                 return None
@@ -228,13 +185,13 @@ class RunDir:
         if resume == "auto":
             passed_over: list[tuple[Path, str]] = []
             for _, path in reversed(self.list_checkpoints()):
-                problem = training_checkpoint_problem(path)
+                problem = check.problem(path)
                 if problem is None:
                     if set_aside:
                         self._set_aside([p for p, _ in passed_over])
                     return path
                 passed_over.append((path, problem))
-            if any(problem != FOREIGN for _, problem in passed_over):
+            if any(problem != check.foreign for _, problem in passed_over):
                 named = "; ".join(f"{p} ({why})" for p, why in passed_over)
                 raise UserError(
                     f"--resume auto: no usable checkpoint in {self.checkpoints}, though the run has some: {named}. "
@@ -251,17 +208,16 @@ class RunDir:
 
     def _set_aside(self, paths: list[Path]) -> None:
         """Rename unusable checkpoints of ours to damaged-step-*.ckpt (someone else's stay put)."""
-        from pretrain.model.checkpoint import DIVERGED, FOREIGN, training_checkpoint_problem
-
+        check = self.checks
         for path in paths:
-            problem = training_checkpoint_problem(path)
-            if problem in (None, FOREIGN):
+            problem = check.problem(path)
+            if problem in (None, check.foreign):
                 print(
                     f"{path}: {problem or 'usable'}; passed over (move it out of {self.checkpoints})",
                     file=sys.stderr,
                 )
                 continue
-            aside = path.with_name(f"{'diverged' if problem == DIVERGED else 'damaged'}-{path.name}")
+            aside = path.with_name(f"{'diverged' if problem == check.diverged else 'damaged'}-{path.name}")
             remove(aside)
             os.replace(path, aside)
             print(f"{path}: {problem}; passed over, kept as {aside}", file=sys.stderr)
@@ -293,14 +249,13 @@ class RunDir:
         """When `resume` is one of this run's checkpoints, rename those of later steps to
         `abandoned-step-*.ckpt`: a run resumed from an earlier checkpoint takes another path and must
         not find them as its own (nor keep their names from being written again)."""
-        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
-
+        check = self.checks
         match = _CHECKPOINT.fullmatch(resume.name)
         if match is None or resume.resolve().parent != self.checkpoints.resolve():
             return []
         step, moved = int(match[1]), []
         for later, path in self.list_checkpoints():
-            if later > step and training_checkpoint_problem(path) != FOREIGN:
+            if later > step and check.problem(path) != check.foreign:
                 aside = path.with_name(f"abandoned-{path.name}")
                 remove(aside)
                 os.replace(path, aside)
@@ -309,12 +264,11 @@ class RunDir:
 
     def prune_checkpoints(self, keep_last: int, pinned: Callable[[int], bool]) -> None:
         """Delete leftover partials and every checkpoint but the newest `keep_last` and the pinned steps."""
-        from pretrain.model.checkpoint import FOREIGN, training_checkpoint_problem  # torch: only when needed
-
+        check = self.checks
         for leftover in self.checkpoints.glob(".partial-*"):
             remove(leftover)
         for step, path in self.list_checkpoints()[:-keep_last]:
-            if not pinned(step) and training_checkpoint_problem(path) != FOREIGN:  # never someone else's
+            if not pinned(step) and check.problem(path) != check.foreign:  # never someone else's
                 remove(path)
 
     # ---- downstream evaluation --------------------------------------------------------------------
@@ -334,36 +288,8 @@ class RunDir:
         return self.path / "incidents.jsonl"
 
     def incidents(self, strict: bool = True) -> list[dict[str, Any]]:
-        """The run's divergence records, oldest first. Their skip ranges are part of the data order,
-        so a damaged file stops training (`strict`) naming it; `status` and `plot` leave out the
-        damaged lines instead."""
-        try:
-            text = self.incidents_file.read_bytes().decode()
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as err:
-            if strict:
-                raise UserError(
-                    f"{self.incidents_file}: unreadable ({err}); restore it from a backup"
-                ) from None
-            return []
-        found = []
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or entry.get("action") not in ("rollback", "stop"):
-                    raise ValueError("not an incident record")
-                _skip_range(entry)
-            except (ValueError, TypeError) as err:
-                if strict:
-                    raise UserError(
-                        f"{self.incidents_file}, line {number}: not an incident record ({err}); its skipped "
-                        "sample ranges are part of the run's data order: restore the line (or remove it to "
-                        "train on those samples again)"
-                    ) from None
-                continue
-            found.append(entry)
-        return found
+        """The run's divergence records, oldest first (`pretrain.run_dir.incidents.read_incidents`)."""
+        return read_incidents(self.incidents_file, strict)
 
     def record_incident(self, entry: dict[str, Any]) -> None:
         """Append one incident (the whole file is rewritten aside and renamed). Rank 0 only."""
@@ -375,7 +301,7 @@ class RunDir:
 
     def skipped_samples(self) -> list[tuple[int, int]]:
         """Every global sample range the run's rollbacks stepped over, as [start, stop)."""
-        return [r for entry in self.incidents() if (r := _skip_range(entry)) is not None]
+        return [r for entry in self.incidents() if (r := skip_range(entry)) is not None]
 
     def rollbacks_in_a_row(self) -> int:
         """Rollbacks recorded since the run's last divergence stop (a relaunch after a stop starts over)."""
@@ -424,42 +350,13 @@ class RunDir:
         return {}
 
     def read_logs(self) -> RunLog:
-        """All launches' metrics merged (module docstring)."""
-        import numpy as np
-
+        """All launches' metrics merged (`pretrain.run_dir.logs`)."""
         if not self.path.is_dir():
             raise UserError(f"{self.path}: not a directory")
         paths = [v / "metrics.csv" for v in self.log_versions().values() if (v / "metrics.csv").is_file()]
         if not paths:
             raise UserError(f"{self.path}: no logs/version_<k>/metrics.csv (is this a run directory?)")
-        rows: list[Row] = []
-        resume_steps: list[int] = []
-        for path in paths:
-            version_rows = _read_metrics(path)
-            if not version_rows:
-                continue
-            starts = [metrics[START_STEP] for _, metrics in version_rows if START_STEP in metrics]
-            first = int(starts[0]) if starts else min(step for step, _ in version_rows)
-            if rows:
-                resume_steps.append(first)
-                rows = [row for row in rows if row[0] < first]
-            rows += version_rows
-        if not rows:
-            raise UserError(f"no usable metrics rows in {', '.join(map(str, paths))}")
-
-        known_tokens = {step: metrics[TOKENS] for step, metrics in rows if TOKENS in metrics}
-        series = {}
-        for name in dict.fromkeys(name for _, metrics in rows for name in metrics):
-            steps = np.array([step for step, metrics in rows if name in metrics])
-            values = np.array([metrics[name] for _, metrics in rows if name in metrics])
-            series[name] = Series(steps, _tokens_at(steps, known_tokens), values)
-        resume_tokens = _tokens_at(np.array(resume_steps), known_tokens)
-        return RunLog(
-            self.path.resolve().name,
-            series,
-            list(zip(resume_steps, resume_tokens.tolist(), strict=True)),
-            tuple(self.incidents(strict=False)),
-        )
+        return merge_logs(self.path.resolve().name, paths, tuple(self.incidents(strict=False)))
 
     # ---- lease ----------------------------------------------------------------------------------
 
@@ -525,9 +422,7 @@ class RunDir:
             print(f"{self.requeue_file}: {problem}; kept as {aside}, a new record started", file=sys.stderr)
         record |= fields | {"updated": time.time()}
         self.path.mkdir(parents=True, exist_ok=True)
-        partial = self.path / f".{self.requeue_file.name}.partial"
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(partial, self.requeue_file)
+        write_json_atomic(self.requeue_file, record)
 
     # ---- SLURM jobs -----------------------------------------------------------------------------
 
@@ -605,35 +500,6 @@ class RunDir:
         )
 
 
-def describe_incidents(skipped_steps: int, incidents: tuple[dict[str, Any], ...]) -> str:
-    """The spike guard's record in one line: skipped steps, rollbacks and stops, the last incident."""
-    rolled = [entry for entry in incidents if entry["action"] == "rollback"]
-    bad_steps = sum(entry["steps"][1] - entry["steps"][0] + 1 for entry in rolled)
-    text = (
-        f"{skipped_steps} step(s) skipped on the path kept, {len(rolled)} rollback(s) (of {bad_steps} bad "
-        f"step(s)), {len(incidents) - len(rolled)} stop(s)"
-    )
-    if incidents:
-        last = incidents[-1]
-        first, final = last["steps"]
-        text += f"; last: steps {first}-{final}, {last['action']}"
-        if last["action"] == "rollback":
-            start, stop = last["skip"]
-            text += f" to step {last['skip_steps'][0]}, samples [{start:,}, {stop:,}) skipped"
-    return text
-
-
-def _skip_range(entry: dict[str, Any]) -> tuple[int, int] | None:
-    """An incident's skipped [start, stop) global sample range, None if it skipped nothing."""
-    skip = entry.get("skip")
-    if skip is None:
-        return None
-    start, stop = skip
-    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
-        raise ValueError(f"skip {skip} is not a [start, stop) sample range")
-    return start, stop
-
-
 def _positive_int(config: dict[str, Any], section: str, name: str) -> int | None:
     """config[section][name] if it is a positive int, else None (a hand-edited or damaged config)."""
     values = config.get(section)
@@ -647,49 +513,3 @@ def _in_use_message(run: RunDir, owner: dict[str, Any]) -> str:
         "Wait for it to finish or stop it, or give this run another run_dir; if that process is gone for good "
         f"(its node died), delete {run.lease_file}"
     )
-
-
-def _read_metrics(path: Path) -> list[Row]:
-    """The complete rows of one metrics.csv as (step, {metric: value}), empty cells left out."""
-    try:
-        text = path.read_text()
-        if not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]  # the last line is still being written
-        rows = []
-        for record in csv.DictReader(io.StringIO(text)):
-            step = _number(record.pop("step", None))
-            if step is None or not math.isfinite(step):
-                continue
-            metrics = {
-                name: value for name, cell in record.items() if name and (value := _number(cell)) is not None
-            }
-            if metrics:
-                rows.append((int(step), metrics))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise UserError(f"cannot read {path}: {err}") from err
-    return rows
-
-
-def _number(cell: str | None) -> float | None:
-    try:
-        return float(cell)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _tokens_at(steps: np.ndarray, known: dict[int, float]) -> np.ndarray:
-    """Tokens seen at `steps`, linear in step through the steps in `known` (module docstring)."""
-    import numpy as np
-
-    if not known:
-        return np.full(len(steps), np.nan)
-    xs = np.array(sorted(known), dtype=float)
-    ys = np.array([known[step] for step in sorted(known)], dtype=float)
-    if len(xs) == 1 and xs[0] > 0:
-        xs, ys = np.r_[0.0, xs], np.r_[0.0, ys]
-    tokens = np.interp(steps, xs, ys)
-    if len(xs) > 1:
-        before, after = steps < xs[0], steps > xs[-1]
-        tokens[before] = ys[0] + (steps[before] - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
-        tokens[after] = ys[-1] + (steps[after] - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return tokens

@@ -55,10 +55,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pretrain import lease
-from pretrain.data import hub, inputs
-from pretrain.data.hub import RemoteFile
-from pretrain.data.inputs import Problem, Unit
-from pretrain.data.settings import Settings
+from pretrain.data.prepare import hub, inputs
+from pretrain.data.prepare.hub import RemoteFile
+from pretrain.data.prepare.inputs import Problem, Unit
+from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.units import END, Source, UnitSource, recorded_revisions
 from pretrain.data.shards import (
     FORMAT,
     MANIFEST,
@@ -75,7 +76,6 @@ from pretrain.data.shards import (
     shard_name,
 )
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer
-from pretrain.data.units import END, Source, UnitSource, recorded_revisions
 from pretrain.errors import UserError, writing
 from pretrain.files import read_json, write_atomic, write_json_atomic
 
@@ -827,7 +827,7 @@ def prepare(
     """Tokenize the inputs matched by `patterns` into a dataset at `output` (see the module docstring).
 
     `patterns` are local files, folders and globs, or Hub datasets (`hf://OWNER/NAME...`,
-    `pretrain.data.hub`), whose files are fetched into `cache_dir` (default: in the output's
+    `pretrain.data.prepare.hub`), whose files are fetched into `cache_dir` (default: in the output's
     progress folder), at most `cache_max` bytes at a time. `tokenizer` is a tokenizer.json, a
     folder holding one, or a Hub repository name. Progress is committed at most every
     `commit_seconds` (0: after every unit); a rerun after a kill continues from the last commit.

@@ -8,8 +8,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
 
-from pretrain.train.monitor import TrainingMonitor
-from pretrain.train.step_callback import StepCallback
+from pretrain.train.callbacks.monitor import TrainingMonitor
+from pretrain.train.callbacks.step_callback import StepCallback
 
 
 class StepProgressBar(StepCallback, ProgressBar):
