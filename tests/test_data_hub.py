@@ -603,25 +603,25 @@ def _flip_a_byte(path: Path) -> bytes:
 def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
     repo, tokenizer, tmp_path, monkeypatch
 ):
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker
 
     mirror = tmp_path / "mirror"
     shutil.copytree(repo, mirror)
     pattern = [f"hf://{mirror}?config=prose"]
     prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
-    real_tokenize = prepare_module.tokenize_unit
+    real_tokenize = worker.tokenize_unit
 
     def interrupted(unit):  # stops inside part-01, after its first row group
         if (unit.file, unit.start) == (1, 1):
             raise KeyboardInterrupt
         return real_tokenize(unit)
 
-    monkeypatch.setattr(prepare_module, "tokenize_unit", interrupted)
+    monkeypatch.setattr(worker, "tokenize_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(
             pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
         )
-    monkeypatch.setattr(prepare_module, "tokenize_unit", real_tokenize)
+    monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
     assert units_done(tmp_path / "out") == 4
     for name in ("part-00.parquet", "part-01.parquet"):  # read whole; read in part (fetched again)
         path = mirror / "data" / "prose" / name
@@ -768,7 +768,7 @@ def test_train_tokenizer_into_an_existing_folder_is_refused_before_training(repo
 def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_moved(
     repo, tokenizer, tmp_path, monkeypatch, capsys
 ):
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker
 
     old, new = "1" * 40, "2" * 40
     cache = tmp_path / "hf-cache" / "datasets--someone--corpus"
@@ -780,19 +780,19 @@ def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_move
     _offline_with(monkeypatch, tmp_path / "hf-cache")
     pattern = ["hf://someone/corpus?config=prose"]
     prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
-    real_tokenize = prepare_module.tokenize_unit
+    real_tokenize = worker.tokenize_unit
 
     def interrupted(unit):
         if unit.file == 2:
             raise KeyboardInterrupt
         return real_tokenize(unit)
 
-    monkeypatch.setattr(prepare_module, "tokenize_unit", interrupted)
+    monkeypatch.setattr(worker, "tokenize_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(
             pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
         )
-    monkeypatch.setattr(prepare_module, "tokenize_unit", real_tokenize)
+    monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
     (cache / "refs" / "main").write_text(new)
     capsys.readouterr()
     prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)

@@ -19,8 +19,9 @@ from helpers import require, units_done
 from pretrain.cli import main
 from pretrain.data.loader import build_train_dataset
 from pretrain.data.prepare import inputs
-from pretrain.data.prepare.pipeline import is_val, prepare
+from pretrain.data.prepare.pipeline import prepare
 from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.worker import is_val
 from pretrain.data.shards import load_manifest
 from pretrain.data.tokenizer import EOS, fingerprint, load_tokenizer, train_bpe
 from pretrain.errors import UserError
@@ -185,10 +186,10 @@ def inputs_and_clean_run(tmp_path: Path, tokenizer, files: int) -> tuple[list[st
 
 
 def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypatch):
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import writer
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
-    real_publish = prepare_module.publish
+    real_publish = writer.publish
     calls = []
 
     def crash_on_third(*args):
@@ -197,25 +198,25 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
             raise KeyboardInterrupt  # after the state commit, before the shard is published
         return real_publish(*args)
 
-    monkeypatch.setattr(prepare_module, "publish", crash_on_third)
+    monkeypatch.setattr(writer, "publish", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         prepare(
             pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False, commit_seconds=0
         )
-    monkeypatch.setattr(prepare_module, "publish", real_publish)
+    monkeypatch.setattr(writer, "publish", real_publish)
     prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 
 
 def test_killed_before_its_first_commit_reruns_from_the_start(tmp_path, tokenizer, monkeypatch):
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare.writer import DatasetWriter
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=3)
 
     def killed(self, final: bool = False) -> None:
         raise KeyboardInterrupt  # shard files are open, nothing is committed yet
 
-    monkeypatch.setattr(prepare_module.Run, "commit", killed)
+    monkeypatch.setattr(DatasetWriter, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
     assert list((tmp_path / "out" / "train").glob("shard_*"))  # it had started writing
@@ -443,18 +444,18 @@ def test_the_same_input_reached_twice_is_read_once(tmp_path, tokenizer, capsys, 
 def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, tmp_path, monkeypatch):
     """Cutting a document where a line break meets a non-space character is a pre-tokenization
     boundary: tokenizing piece by piece (bounded memory) gives the ids of tokenizing it whole."""
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker
 
     corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
     whole = prepare([str(corpus)], tokenizer, tmp_path / "whole", show_progress=False, num_proc=1)
-    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 300)  # most stdlib files are longer
+    monkeypatch.setattr(worker, "PIECE_CHARS", 300)  # most stdlib files are longer
     pieces = prepare([str(corpus)], tokenizer, tmp_path / "pieces", show_progress=False, num_proc=1)
     assert pieces.fingerprint == whole.fingerprint  # every token of every shard identical
     text = "def f():\n    return 1\n\n\nclass A:\n  pass\n" * 40
-    pieces = list(prepare_module._pieces(prepare_module._slices(text)))
+    pieces = list(worker._pieces(worker._slices(text)))
     assert "".join(pieces) == text and all(len(p) <= 300 for p in pieces)
     blocks = (text[i : i + 7] for i in range(0, len(text), 7))  # however the text comes, the same cuts
-    assert list(prepare_module._pieces(blocks)) == pieces
+    assert list(worker._pieces(blocks)) == pieces
 
 
 def long_text(chars: int, seed: int = 0) -> str:
@@ -472,7 +473,7 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
     """Documents whose ids exceed SPILL_TOKENS reach the shards through spill files; text files are read
     a block at a time (a block edge may fall inside a character): same bytes as with everything in memory,
     also where a spilled document starts a new shard, and no spill file is left."""
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker, writer
 
     docs = make_docs(30)
     long_docs = [long_text(9_000, seed) for seed in range(3)]
@@ -484,13 +485,13 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
     (tmp_path / "in" / "d.txt").write_text("short")
     pattern, settings = [str(tmp_path / "in")], Settings(shard_tokens=2500, val_fraction=0.3, bos=True)
     memory = prepare(pattern, tokenizer, tmp_path / "memory", settings, num_proc=1, show_progress=False)
-    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
-    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 700)
-    monkeypatch.setattr(prepare_module, "READ_BYTES", 333)
+    monkeypatch.setattr(worker, "PIECE_CHARS", 500)
+    monkeypatch.setattr(worker, "SPILL_TOKENS", 700)
+    monkeypatch.setattr(worker, "READ_BYTES", 333)
     spilled = []
-    real_add = prepare_module.SplitWriter._add_spilled
+    real_add = writer.SplitWriter._add_spilled
     monkeypatch.setattr(
-        prepare_module.SplitWriter,
+        writer.SplitWriter,
         "_add_spilled",
         lambda self, spill: spilled.append(spill) or real_add(self, spill),
     )
@@ -506,9 +507,9 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
 def test_a_text_file_read_in_blocks_names_bad_bytes_as_reading_it_whole(
     tmp_path, tokenizer, monkeypatch, where
 ):
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker
 
-    monkeypatch.setattr(prepare_module, "READ_BYTES", 64)
+    monkeypatch.setattr(worker, "READ_BYTES", 64)
     good = long_text(1000).encode()  # holds 2-, 3- and 4-byte characters
     at = {"first block": 10, "later block": 700, "split character": good.index("日".encode()) + 1,
           "last byte": len(good)}[where]  # fmt: skip
@@ -533,10 +534,10 @@ def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import worker
 
-    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 1 << 16)
-    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 1 << 16, raising=False)  # (absent before spills)
+    monkeypatch.setattr(worker, "PIECE_CHARS", 1 << 16)
+    monkeypatch.setattr(worker, "SPILL_TOKENS", 1 << 16)
     words = Tokenizer(models.WordLevel({EOS: 0, "?": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}, "?"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()  # fast: the test measures memory, not BPE
     words.save(str(tmp_path / "words.json"))
@@ -655,7 +656,7 @@ def test_long_json_lines_damaged_at_random_are_named_as_json_loads_names_them(tm
 def test_long_json_lines_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
     """Long lines, tokenized as they are read and spilled, give the same dataset byte for byte as
     json.loads does, for any --num-proc, plain or compressed, and leave no spill file."""
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import worker
 
     docs = make_docs(20)
     long_docs = [long_text(6_000, seed) for seed in range(4)]
@@ -672,11 +673,11 @@ def test_long_json_lines_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
     assert whole.data["skipped"]["by_reason"] == {"malformed JSON": 2, "undecodable bytes": 2}
     monkeypatch.setattr(inputs, "LONG_LINE", 1000)
     monkeypatch.setattr(inputs, "STREAM_BYTES", 333)
-    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
-    monkeypatch.setattr(prepare_module, "SPILL_TOKENS", 700)
+    monkeypatch.setattr(worker, "PIECE_CHARS", 500)
+    monkeypatch.setattr(worker, "SPILL_TOKENS", 700)
     streamed = []
-    real = prepare_module._encode_line
-    monkeypatch.setattr(prepare_module, "_encode_line", lambda line: streamed.append(line) or real(line))
+    real = worker._encode_line
+    monkeypatch.setattr(worker, "_encode_line", lambda line: streamed.append(line) or real(line))
     one = prepare(pattern, tokenizer, tmp_path / "one", settings, num_proc=1, show_progress=False)
     assert len(streamed) == 2 * 5  # the long lines of both files were parsed as they were read
     two = prepare(pattern, tokenizer, tmp_path / "two", settings, num_proc=2, show_progress=False)
@@ -692,11 +693,11 @@ def test_a_long_json_line_costs_no_memory_for_its_length(tmp_path, monkeypatch):
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pretrain.data import prepare as prepare_module
+    from pretrain.data.prepare import worker
 
-    for module, name in ((inputs, "LONG_LINE"), (inputs, "STREAM_BYTES"), (prepare_module, "PIECE_CHARS"),
-                         (prepare_module, "SPILL_TOKENS")):  # fmt: skip
-        monkeypatch.setattr(module, name, 1 << 16, raising=False)  # (absent before streamed lines)
+    for module, name in ((inputs, "LONG_LINE"), (inputs, "STREAM_BYTES"), (worker, "PIECE_CHARS"),
+                         (worker, "SPILL_TOKENS")):  # fmt: skip
+        monkeypatch.setattr(module, name, 1 << 16)
     words = Tokenizer(models.WordLevel({EOS: 0, "?": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}, "?"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()  # fast: the test measures memory, not BPE
     words.save(str(tmp_path / "words.json"))
@@ -722,10 +723,10 @@ def test_a_long_json_line_costs_no_memory_for_its_length(tmp_path, monkeypatch):
 def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[list[str], Settings, Path]:
     """An unfinished preparation in tmp_path/out, stopped after `commits` commits (some shards published),
     and the uninterrupted preparation of the same inputs in tmp_path/clean."""
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare.writer import DatasetWriter
 
     pattern, settings = inputs_and_clean_run(tmp_path, tokenizer, files=4)
-    real_commit = prepare_module.Run.commit
+    real_commit = DatasetWriter.commit
     done = []
 
     def stop_after(self, final: bool = False) -> None:
@@ -734,7 +735,7 @@ def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[l
         done.append(real_commit(self, final))
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare_module.Run, "commit", stop_after)
+        patch.setattr(DatasetWriter, "commit", stop_after)
         with pytest.raises(KeyboardInterrupt):
             prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False,
                     commit_seconds=0)  # fmt: skip

@@ -113,17 +113,17 @@ def test_a_full_disk_during_prepare_is_one_line_and_the_rerun_resumes(
 ):
     import errno
 
-    from pretrain.data.prepare import pipeline as prepare_module
+    from pretrain.data.prepare import pipeline, state, writer
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real = prepare_module.write_json_atomic
-    monkeypatch.setattr(prepare_module, "write_json_atomic", disk_full)
-    args = prepare_args(tiny_dataset, tmp_path / "o")
-    assert main([*args, "--num-proc", "1"]) == 2
-    assert "no space left on the device" in capsys.readouterr().err
-    monkeypatch.setattr(prepare_module, "write_json_atomic", real)
+    with monkeypatch.context() as patch:
+        for module in (pipeline, state, writer):  # every module that writes the preparation's files
+            patch.setattr(module, "write_json_atomic", disk_full)
+        args = prepare_args(tiny_dataset, tmp_path / "o")
+        assert main([*args, "--num-proc", "1"]) == 2
+        assert "no space left on the device" in capsys.readouterr().err
     assert main([*args, "--num-proc", "1"]) == 0
 
 

@@ -2,7 +2,7 @@
 
 "Given the preceding lines of a standard-library file, which of four candidate lines really comes
 next?" Every item comes from a *validation* document of the prepared pystdlib dataset (the split
-of `pretrain.data.prepare.pipeline.is_val` with the manifest's `settings.val_fraction`), so a model trained
+of `pretrain.data.prepare.worker.is_val` with the manifest's `settings.val_fraction`), so a model trained
 on the train split never saw the file. Nothing is downloaded.
 
 Construction (deterministic: the same corpus, manifest, --items and --seed give a byte-identical
@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.data.prepare.pipeline import is_val
+from pretrain.data.prepare.worker import is_val
 from pretrain.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
