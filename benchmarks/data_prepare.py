@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +60,7 @@ def main() -> None:
             tokenizer,
             args.work / "out",
             Settings(val_fraction=0.03),
-            num_proc=cores,
-            overwrite=True,
-            show_progress=False,
+            options=PrepareOptions(num_proc=cores, overwrite=True, show_progress=False),
         )
         full.append(time.perf_counter() - t)
     tokens = sum(len(e.ids) for e in encodings)

@@ -31,7 +31,7 @@ from pathlib import Path
 import zstandard
 
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/*.jsonl.zst\n---\n"
@@ -78,7 +78,11 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             manifest = prepare(
-                [pattern], tokenizer, out, Settings(), num_proc=args.num_proc, show_progress=False
+                [pattern],
+                tokenizer,
+                out,
+                Settings(),
+                options=PrepareOptions(num_proc=args.num_proc, show_progress=False),
             )
             elapsed = time.perf_counter() - start
             tokens = manifest.tokens("train") + manifest.tokens("val")

@@ -23,7 +23,7 @@ from helpers import PRETRAIN, require, units_done
 from pretrain.cli import main
 from pretrain.data.prepare import hub
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 from pretrain.data.shards import load_manifest
 from pretrain.errors import UserError
 
@@ -123,7 +123,13 @@ def test_hub_input_equals_local_files_for_any_num_proc(repo, tokenizer, tmp_path
             ("local", str(repo / local), 2),
         ):
             out = tmp_path / f"{config}-{name}"
-            prepare([pattern], tokenizer, out, SETTINGS, num_proc=num_proc, show_progress=False)
+            prepare(
+                [pattern],
+                tokenizer,
+                out,
+                SETTINGS,
+                options=PrepareOptions(num_proc=num_proc, show_progress=False),
+            )
             outs[name] = out
         assert len(shards(outs["local"])) > 4
         assert shards(outs["hub1"]) == shards(outs["hub2"]) == shards(outs["local"])
@@ -153,7 +159,7 @@ def test_split_and_files_filter(repo, tokenizer, tmp_path):
         tokenizer,
         tmp_path / "v",
         SETTINGS,
-        show_progress=False,
+        options=PrepareOptions(show_progress=False),
     )
     assert [i["path"].rsplit("/", 1)[1] for i in load_manifest(tmp_path / "v").data["inputs"]] == [
         "h.jsonl.zst"
@@ -163,7 +169,7 @@ def test_split_and_files_filter(repo, tokenizer, tmp_path):
         tokenizer,
         tmp_path / "f",
         SETTINGS,
-        show_progress=False,
+        options=PrepareOptions(show_progress=False),
     )
     names = [i["path"].rsplit("/", 1)[1] for i in load_manifest(tmp_path / "f").data["inputs"]]
     assert names == ["part-01.parquet", "part-03.parquet"]
@@ -189,21 +195,33 @@ def test_cache_stays_under_its_cap(tmp_path, tokenizer):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        prepare([f"hf://{big}?config=code"], tokenizer, tmp_path / "out", SETTINGS, num_proc=2, show_progress=False,
-                cache_dir=tmp_path / "cache", cache_max=cap)  # fmt: skip
+        prepare([f"hf://{big}?config=code"], tokenizer, tmp_path / "out", SETTINGS, options=PrepareOptions(num_proc=2, show_progress=False,
+                cache_dir=tmp_path / "cache", cache_max=cap))  # fmt: skip
     finally:
         stop.set()
         watcher.join()
     assert sizes[0] <= peak <= cap, (peak, cap)
     assert list((tmp_path / "cache").iterdir()) == []  # our folder removed, the cache dir itself kept
     with pytest.raises(UserError, match="more than the cache cap .* raise --cache-max"):
-        prepare([f"hf://{big}?config=code"], tokenizer, tmp_path / "out2", SETTINGS, cache_max=sizes[-1] - 1)
+        prepare(
+            [f"hf://{big}?config=code"],
+            tokenizer,
+            tmp_path / "out2",
+            SETTINGS,
+            options=PrepareOptions(cache_max=sizes[-1] - 1),
+        )
 
 
 def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)
     pattern = [f"hf://{repo}?config=prose"]
-    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     real_copy, failures = hub._copy, {"n": 0}
 
     def flaky(source: Path, destination: Path) -> None:  # part-02 fails twice, then arrives
@@ -214,7 +232,11 @@ def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, 
 
     monkeypatch.setattr(hub, "_copy", flaky)
     prepare(
-        pattern, tokenizer, tmp_path / "flaky", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+        pattern,
+        tokenizer,
+        tmp_path / "flaky",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
     )
     assert failures["n"] == 2 and shards(tmp_path / "flaky") == shards(tmp_path / "clean")
 
@@ -228,12 +250,22 @@ def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, 
         UserError, match=r"part-02.parquet: fetching failed 5 times .* run the same command again"
     ):
         prepare(
-            pattern, tokenizer, tmp_path / "down", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+            pattern,
+            tokenizer,
+            tmp_path / "down",
+            SETTINGS,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
         )
     state = json.loads((tmp_path / "down" / ".prepare" / "state.json").read_text())
     assert state["units_done"] == 6 and state["file_units"] == {"0": 3, "1": 3}  # two files' row groups kept
     monkeypatch.setattr(hub, "_copy", real_copy)
-    prepare(pattern, tokenizer, tmp_path / "down", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "down",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert shards(tmp_path / "down") == shards(tmp_path / "clean")
 
 
@@ -241,9 +273,9 @@ def test_fetch_retries_then_stops_with_the_committed_work_kept(repo, tokenizer, 
 def test_killed_at_random_points_then_rerun_equals_an_uninterrupted_run(tmp_path, tokenizer):
     big = make_repo(tmp_path / "big", files=12, docs=300)
     code = (
-        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import Settings; "
+        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import PrepareOptions, Settings; "
         f"prepare(['hf://{big}?config=prose'], {str(tokenizer)!r}, {{out!r}}, "
-        "Settings(shard_tokens=3000, val_fraction=0.1), num_proc=2, commit_seconds=0, cache_max=150000, show_progress=False)"
+        "Settings(shard_tokens=3000, val_fraction=0.1), PrepareOptions(num_proc=2, commit_seconds=0, cache_max=150000, show_progress=False))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -285,8 +317,20 @@ def test_offline_node_reads_a_cached_snapshot_and_records_its_revision(
     (cache / "datasets--someone--corpus" / "refs").mkdir()
     (cache / "datasets--someone--corpus" / "refs" / "main").write_text(sha)
     _offline_with(monkeypatch, cache)
-    prepare(["hf://someone/corpus?config=prose"], tokenizer, tmp_path / "out", SETTINGS, show_progress=False)
-    prepare([str(repo / "data" / "prose")], tokenizer, tmp_path / "local", SETTINGS, show_progress=False)
+    prepare(
+        ["hf://someone/corpus?config=prose"],
+        tokenizer,
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
+    prepare(
+        [str(repo / "data" / "prose")],
+        tokenizer,
+        tmp_path / "local",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
     assert shards(tmp_path / "out") == shards(tmp_path / "local")
     record = load_manifest(tmp_path / "out").data["inputs"][0]
     assert (record["repo"], record["revision"]) == ("someone/corpus", sha)
@@ -338,7 +382,13 @@ def test_tokenizer_by_folder_or_hub_name(repo, tokenizer, tmp_path, monkeypatch)
     folder = tmp_path / "model"
     folder.mkdir()
     shutil.copy(tokenizer, folder / "tokenizer.json")
-    prepare([str(repo / "data" / "prose")], str(folder), tmp_path / "out", SETTINGS, show_progress=False)
+    prepare(
+        [str(repo / "data" / "prose")],
+        str(folder),
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
     assert load_manifest(tmp_path / "out").data["tokenizer"]["fingerprint"]
     sha = "89abcdef0123456789abcdef0123456789abcdef"
     snapshot = tmp_path / "hf-cache" / "models--someone--tok" / "snapshots" / sha
@@ -348,7 +398,13 @@ def test_tokenizer_by_folder_or_hub_name(repo, tokenizer, tmp_path, monkeypatch)
     (tmp_path / "hf-cache" / "models--someone--tok" / "refs" / "main").write_text(sha)
     _offline_with(monkeypatch, tmp_path / "hf-cache")
     assert hub.tokenizer_file("someone/tok") == (snapshot / "tokenizer.json", f"someone/tok@{sha}")
-    prepare([str(repo / "data" / "prose")], "someone/tok", tmp_path / "named", SETTINGS, show_progress=False)
+    prepare(
+        [str(repo / "data" / "prose")],
+        "someone/tok",
+        tmp_path / "named",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
     entry = load_manifest(tmp_path / "named").data["tokenizer"]
     assert entry["source"] == f"someone/tok@{sha}"
     assert entry["fingerprint"] == load_manifest(tmp_path / "out").data["tokenizer"]["fingerprint"]
@@ -441,10 +497,22 @@ def test_paths_with_grammar_characters_are_read_through_escapes(repo, tokenizer,
     """`@ # ? %` in a local path are written %40 %23 %3F %25; a space as it is or %20; `+` is literal."""
     odd = tmp_path / "we@ird #1?x%41 y+z"
     shutil.copytree(repo, odd)
-    prepare([str(repo / "data" / "prose")], tokenizer, tmp_path / "local", SETTINGS, show_progress=False)
+    prepare(
+        [str(repo / "data" / "prose")],
+        tokenizer,
+        tmp_path / "local",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
     for n, path in enumerate((hub.escape(str(odd)), hub.escape(str(odd)).replace(" ", "%20"))):
         out = tmp_path / f"odd{n}"
-        prepare([f"hf://{path}?config=prose"], tokenizer, out, SETTINGS, show_progress=False)
+        prepare(
+            [f"hf://{path}?config=prose"],
+            tokenizer,
+            out,
+            SETTINGS,
+            options=PrepareOptions(show_progress=False),
+        )
         assert shards(out) == shards(tmp_path / "local")
         record = load_manifest(out).data["inputs"][0]
         assert record["repo"] == str(odd)
@@ -466,7 +534,7 @@ def test_a_revision_on_a_plain_folder_is_refused_not_read_from_a_sibling(repo, t
         tokenizer,
         tmp_path / "o",
         SETTINGS,
-        show_progress=False,
+        options=PrepareOptions(show_progress=False),
     )
     assert load_manifest(tmp_path / "o").data["inputs"][0]["repo"] == f"{tmp_path}/corpus@v2"
     with pytest.raises(
@@ -488,7 +556,13 @@ def test_a_revision_on_a_git_checkout_must_be_what_is_checked_out(repo, tokenize
     _git(checkout, "commit", "-qm", "one")
     _git(checkout, "tag", "v1")
     sha = _git(checkout, "rev-parse", "HEAD")
-    prepare([f"hf://{checkout}@v1?config=prose"], tokenizer, tmp_path / "v1", SETTINGS, show_progress=False)
+    prepare(
+        [f"hf://{checkout}@v1?config=prose"],
+        tokenizer,
+        tmp_path / "v1",
+        SETTINGS,
+        options=PrepareOptions(show_progress=False),
+    )
     record = load_manifest(tmp_path / "v1").data["inputs"][0]
     assert (record["revision"], record["path"]) == (sha, f"hf://{checkout}@{sha}/data/prose/part-00.parquet")
     (checkout / "README.md").write_text(README + "more\n")
@@ -558,7 +632,13 @@ def test_a_file_vanished_from_a_mirror_stops_at_once_and_a_restored_copy_resumes
     mirror = tmp_path / "mirror"
     shutil.copytree(repo, mirror)
     pattern = [f"hf://{mirror}?config=prose"]
-    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)  # a retry shows in `calls`
     real_copy, calls = hub._copy, []
     part = mirror / "data" / "prose" / "part-02.parquet"
@@ -572,7 +652,11 @@ def test_a_file_vanished_from_a_mirror_stops_at_once_and_a_restored_copy_resumes
     monkeypatch.setattr(hub, "_copy", vanishing)
     with pytest.raises(UserError) as caught:
         prepare(
-            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            SETTINGS,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
         )
     assert str(caught.value) == (
         f"hf://{mirror}@local/data/prose/part-02.parquet: {part} is gone from the folder since the run listed "
@@ -584,7 +668,13 @@ def test_a_file_vanished_from_a_mirror_stops_at_once_and_a_restored_copy_resumes
     read = mirror / "data" / "prose" / "part-00.parquet"
     os.utime(read, ns=(time.time_ns(), time.time_ns()))  # read by the first run, touched since
     capsys.readouterr()
-    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert shards(tmp_path / "out") == shards(tmp_path / "clean")
     assert (
         f"hf://{mirror}@local/data/prose/part-00.parquet: modified time changed, same bytes as the interrupted "
@@ -608,7 +698,13 @@ def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
     mirror = tmp_path / "mirror"
     shutil.copytree(repo, mirror)
     pattern = [f"hf://{mirror}?config=prose"]
-    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     real_tokenize = worker.tokenize_unit
 
     def interrupted(unit):  # stops inside part-01, after its first row group
@@ -619,7 +715,11 @@ def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
     monkeypatch.setattr(worker, "tokenize_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(
-            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            SETTINGS,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
         )
     monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
     assert units_done(tmp_path / "out") == 4
@@ -627,13 +727,25 @@ def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
         path = mirror / "data" / "prose" / name
         original = _flip_a_byte(path)
         with pytest.raises(UserError) as caught:
-            prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+            prepare(
+                pattern,
+                tokenizer,
+                tmp_path / "out",
+                SETTINGS,
+                options=PrepareOptions(num_proc=1, show_progress=False),
+            )
         assert str(caught.value) == (
             f"hf://{mirror}@local/data/prose/{name}: {path} holds other bytes than when the interrupted run "
             "read it: restore that version to resume, or pass --overwrite to start over"
         )
         path.write_bytes(original)
-    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert shards(tmp_path / "out") == shards(tmp_path / "clean")
 
 
@@ -641,7 +753,13 @@ def test_a_full_cache_disk_is_not_retried_and_the_rerun_resumes(repo, tokenizer,
     import errno
 
     pattern = [f"hf://{repo}?config=prose"]
-    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     monkeypatch.setattr(hub, "BACKOFF_SECONDS", 0.0)
     real_copy, calls = hub._copy, []
 
@@ -654,8 +772,8 @@ def test_a_full_cache_disk_is_not_retried_and_the_rerun_resumes(repo, tokenizer,
     monkeypatch.setattr(hub, "_copy", full)
     cache = tmp_path / "cache"
     with pytest.raises(UserError) as caught:
-        prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0,
-                cache_dir=cache)  # fmt: skip
+        prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0,
+                cache_dir=cache))  # fmt: skip
     assert str(caught.value).startswith(f"--cache-dir {cache}/prepare-")
     assert str(caught.value).endswith(
         f"no space left on the device (No space left on device) while fetching hf://{repo}@local/data/prose/"
@@ -664,7 +782,13 @@ def test_a_full_cache_disk_is_not_retried_and_the_rerun_resumes(repo, tokenizer,
     )
     assert calls.count("part-02.parquet") == 1
     monkeypatch.setattr(hub, "_copy", real_copy)
-    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, cache_dir=cache)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False, cache_dir=cache),
+    )
     assert shards(tmp_path / "out") == shards(tmp_path / "clean")
 
 
@@ -779,7 +903,13 @@ def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_move
     (cache / "refs" / "main").write_text(old)
     _offline_with(monkeypatch, tmp_path / "hf-cache")
     pattern = ["hf://someone/corpus?config=prose"]
-    prepare(pattern, tokenizer, tmp_path / "clean", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     real_tokenize = worker.tokenize_unit
 
     def interrupted(unit):
@@ -790,12 +920,22 @@ def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_move
     monkeypatch.setattr(worker, "tokenize_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(
-            pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False, commit_seconds=0
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            SETTINGS,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
         )
     monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
     (cache / "refs" / "main").write_text(new)
     capsys.readouterr()
-    prepare(pattern, tokenizer, tmp_path / "out", SETTINGS, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        SETTINGS,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert capsys.readouterr().err == (
         f"hf://someone/corpus?config=prose: resuming at commit {old}, which the interrupted run read "
         "(--overwrite starts over at the main branch as it is now)\n"

@@ -20,7 +20,7 @@ from pretrain.cli import main
 from pretrain.data.loader import build_train_dataset
 from pretrain.data.prepare import inputs
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 from pretrain.data.prepare.worker import is_val
 from pretrain.data.shards import load_manifest
 from pretrain.data.tokenizer import EOS, fingerprint, load_tokenizer, train_bpe
@@ -80,8 +80,7 @@ def test_round_trip_split_by_hash_and_shards(tmp_path, tokenizer):
         tokenizer,
         tmp_path / "out",
         Settings(val_fraction=0.25, shard_tokens=700),
-        num_proc=1,
-        show_progress=False,
+        options=PrepareOptions(num_proc=1, show_progress=False),
     )
     tok = load_tokenizer(tokenizer)
     assert [i["path"] for i in manifest.data["inputs"]] == [str(f) for f in files]
@@ -101,7 +100,13 @@ def test_round_trip_split_by_hash_and_shards(tmp_path, tokenizer):
 
 def test_bos_starts_every_document(tmp_path, tokenizer):
     write_jsonl(tmp_path / "a.jsonl", make_docs(20))
-    prepare([str(tmp_path / "a.jsonl")], tokenizer, tmp_path / "out", Settings(bos=True), show_progress=False)
+    prepare(
+        [str(tmp_path / "a.jsonl")],
+        tokenizer,
+        tmp_path / "out",
+        Settings(bos=True),
+        options=PrepareOptions(show_progress=False),
+    )
     tok = load_tokenizer(tokenizer)
     docs = read_split(tmp_path / "out", "train")
     assert len(docs) == 20 and all(d[0] == tok.bos_id and d[-1] == tok.eos_id for d in docs)
@@ -116,7 +121,7 @@ def test_identical_bytes_whatever_num_proc(tmp_path, tokenizer, monkeypatch):
     for num_proc in (1, 2, 3):
         out = tmp_path / f"out{num_proc}"
         prepare([str(tmp_path / "in")], tokenizer, out, Settings(shard_tokens=1500, val_fraction=0.1),
-                num_proc=num_proc, show_progress=False)  # fmt: skip
+                options=PrepareOptions(num_proc=num_proc, show_progress=False))  # fmt: skip
         outputs.append(tree(out))
     assert len([f for f in outputs[0] if f.endswith(".bin")]) > 4
     assert outputs[0] == outputs[1] == outputs[2]
@@ -125,9 +130,9 @@ def test_identical_bytes_whatever_num_proc(tmp_path, tokenizer, monkeypatch):
 def _run_prepare(out: Path, inputs_glob: str, tokenizer: Path) -> subprocess.Popen:
     """A real `prepare` process committing after every unit (so a kill can land anywhere)."""
     code = (
-        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import Settings; "
+        "from pretrain.data.prepare.pipeline import prepare; from pretrain.data.prepare.settings import PrepareOptions, Settings; "
         f"prepare([{inputs_glob!r}], {str(tokenizer)!r}, {str(out)!r}, "
-        "Settings(shard_tokens=3000, val_fraction=0.1), num_proc=2, commit_seconds=0)"
+        "Settings(shard_tokens=3000, val_fraction=0.1), PrepareOptions(num_proc=2, commit_seconds=0))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
@@ -181,7 +186,13 @@ def inputs_and_clean_run(tmp_path: Path, tokenizer, files: int) -> tuple[list[st
         write_jsonl(tmp_path / "in" / f"p{i}.jsonl", make_docs(40, seed=i))
     settings = Settings(shard_tokens=800)
     pattern = [str(tmp_path / "in" / "*.jsonl")]
-    prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "clean",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     return pattern, settings
 
 
@@ -201,10 +212,20 @@ def test_crash_between_commit_and_publish_recovers(tmp_path, tokenizer, monkeypa
     monkeypatch.setattr(writer, "publish", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         prepare(
-            pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False, commit_seconds=0
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            settings,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
         )
     monkeypatch.setattr(writer, "publish", real_publish)
-    prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 
 
@@ -218,10 +239,22 @@ def test_killed_before_its_first_commit_reruns_from_the_start(tmp_path, tokenize
 
     monkeypatch.setattr(DatasetWriter, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
-        prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+        prepare(
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            settings,
+            options=PrepareOptions(num_proc=1, show_progress=False),
+        )
     assert list((tmp_path / "out" / "train").glob("shard_*"))  # it had started writing
     monkeypatch.undo()
-    prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False)
+    prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "out",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 
 
@@ -243,14 +276,21 @@ def test_bad_records_are_skipped_and_counted_or_fatal_with_strict(tmp_path, toke
     good = write_jsonl(tmp_path / "in" / "good.jsonl", make_docs(5))
     bad = tmp_path / "in" / "bad.jsonl"
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
-    manifest = prepare([str(good), str(bad)], tokenizer, tmp_path / "out", show_progress=False)
+    manifest = prepare(
+        [str(good), str(bad)], tokenizer, tmp_path / "out", options=PrepareOptions(show_progress=False)
+    )
     skipped = manifest.data["skipped"]
     assert skipped["total"] == 1 and skipped["by_reason"] == {reason: 1}
     assert message in skipped["examples"][0]
     documents = sum(s["documents"] for s in manifest.data["splits"].values())
     assert documents == 5 + (2 if reason != "empty file" else 0)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        prepare([str(good), str(bad)], tokenizer, tmp_path / "strict", strict=True, show_progress=False)
+        prepare(
+            [str(good), str(bad)],
+            tokenizer,
+            tmp_path / "strict",
+            options=PrepareOptions(strict=True, show_progress=False),
+        )
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
 
@@ -261,25 +301,53 @@ def test_strict_failure_leaves_a_resumable_run_and_never_touches_a_dataset(tmp_p
         f.write("{oops\n")
     pattern = [str(tmp_path / "in" / "a.jsonl")]
     with pytest.raises(UserError, match=r"a.jsonl:101: "):
-        prepare(pattern, tokenizer, tmp_path / "out", strict=True, show_progress=False, commit_seconds=0)
+        prepare(
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            options=PrepareOptions(strict=True, show_progress=False, commit_seconds=0),
+        )
     assert json.loads((tmp_path / "out/.prepare/state.json").read_text())["units_done"] > 3  # work kept
-    prepare(pattern, tokenizer, tmp_path / "out", show_progress=False)  # resume without --strict
-    prepare(pattern, tokenizer, tmp_path / "clean", show_progress=False)
+    prepare(
+        pattern, tokenizer, tmp_path / "out", options=PrepareOptions(show_progress=False)
+    )  # resume without --strict
+    prepare(pattern, tokenizer, tmp_path / "clean", options=PrepareOptions(show_progress=False))
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
     before = tree(tmp_path / "out")
     with pytest.raises(UserError, match="already holds a prepared dataset"):
-        prepare(pattern, tokenizer, tmp_path / "out", Settings(val_fraction=0.5), show_progress=False)
+        prepare(
+            pattern,
+            tokenizer,
+            tmp_path / "out",
+            Settings(val_fraction=0.5),
+            options=PrepareOptions(show_progress=False),
+        )
     assert tree(tmp_path / "out") == before
 
 
 def test_missing_input_and_vocab_that_does_not_fit(tmp_path, tokenizer):
     with pytest.raises(UserError, match="nope.jsonl: no such file"):
-        prepare([str(tmp_path / "nope.jsonl")], tokenizer, tmp_path / "out", show_progress=False)
+        prepare(
+            [str(tmp_path / "nope.jsonl")],
+            tokenizer,
+            tmp_path / "out",
+            options=PrepareOptions(show_progress=False),
+        )
     with pytest.raises(UserError, match="no file matches"):
-        prepare([str(tmp_path / "*.parquet")], tokenizer, tmp_path / "out", show_progress=False)
+        prepare(
+            [str(tmp_path / "*.parquet")],
+            tokenizer,
+            tmp_path / "out",
+            options=PrepareOptions(show_progress=False),
+        )
     (tmp_path / "notes.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="notes.csv: no supported input"):
-        prepare([str(tmp_path / "notes.csv")], tokenizer, tmp_path / "out", show_progress=False)
+        prepare(
+            [str(tmp_path / "notes.csv")],
+            tokenizer,
+            tmp_path / "out",
+            options=PrepareOptions(show_progress=False),
+        )
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         prepare([str(tmp_path / "notes.csv")], tokenizer, tmp_path / "out", Settings(exclude=("meta",)))
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -291,8 +359,15 @@ def test_missing_input_and_vocab_that_does_not_fit(tmp_path, tokenizer):
     data = tmp_path / "big.jsonl"
     data.write_text(json.dumps({"text": "w69999 w1 w65536"}) + "\n")
     with pytest.raises(UserError, match=r"big.json: vocab size 70,001 does not fit uint16"):
-        prepare([str(data)], tmp_path / "big.json", tmp_path / "out", dtype="uint16", show_progress=False)
-    manifest = prepare([str(data)], tmp_path / "big.json", tmp_path / "out", show_progress=False)
+        prepare(
+            [str(data)],
+            tmp_path / "big.json",
+            tmp_path / "out",
+            options=PrepareOptions(dtype="uint16", show_progress=False),
+        )
+    manifest = prepare(
+        [str(data)], tmp_path / "big.json", tmp_path / "out", options=PrepareOptions(show_progress=False)
+    )
     assert manifest.dtype == np.dtype("<u4")
     assert read_split(tmp_path / "out", "train")[0].tolist() == [70_000, 2, 65_537, 0]
 
@@ -339,7 +414,11 @@ def test_saved_dataset_folder(tmp_path, tokenizer):
         }
     ).save_to_disk(str(tmp_path / "saved"))
     manifest = prepare(
-        [str(tmp_path / "saved")], tokenizer, tmp_path / "out", Settings(val_fraction=0), show_progress=False
+        [str(tmp_path / "saved")],
+        tokenizer,
+        tmp_path / "out",
+        Settings(val_fraction=0),
+        options=PrepareOptions(show_progress=False),
     )
     tok = load_tokenizer(tokenizer)
     got = [tok.tokenizer.decode(d[:-1].tolist()) for d in read_split(tmp_path / "out", "train")]
@@ -427,12 +506,12 @@ def test_the_same_input_reached_twice_is_read_once(tmp_path, tokenizer, capsys, 
     data = write_jsonl(tmp_path / "in" / "a.jsonl", make_docs(30, seed=3))
     (tmp_path / "link.jsonl").symlink_to(data)
     monkeypatch.chdir(tmp_path)
-    once = prepare([str(data)], tokenizer, tmp_path / "once", show_progress=False)
+    once = prepare([str(data)], tokenizer, tmp_path / "once", options=PrepareOptions(show_progress=False))
     twice = prepare(
         ["in/a.jsonl", str(data), str(tmp_path / "link.jsonl"), "in"],
         tokenizer,
         tmp_path / "twice",
-        show_progress=False,
+        options=PrepareOptions(show_progress=False),
     )
     assert "is the same input as in/a.jsonl: read once" in capsys.readouterr().err
     for split in ("train", "val"):
@@ -447,9 +526,13 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tiny_dataset, 
     from pretrain.data.prepare import worker
 
     corpus, tokenizer = tiny_dataset.parent / "corpus.jsonl", tiny_dataset / "tokenizer.json"
-    whole = prepare([str(corpus)], tokenizer, tmp_path / "whole", show_progress=False, num_proc=1)
+    whole = prepare(
+        [str(corpus)], tokenizer, tmp_path / "whole", options=PrepareOptions(show_progress=False, num_proc=1)
+    )
     monkeypatch.setattr(worker, "PIECE_CHARS", 300)  # most stdlib files are longer
-    pieces = prepare([str(corpus)], tokenizer, tmp_path / "pieces", show_progress=False, num_proc=1)
+    pieces = prepare(
+        [str(corpus)], tokenizer, tmp_path / "pieces", options=PrepareOptions(show_progress=False, num_proc=1)
+    )
     assert pieces.fingerprint == whole.fingerprint  # every token of every shard identical
     text = "def f():\n    return 1\n\n\nclass A:\n  pass\n" * 40
     pieces = list(worker._pieces(worker._slices(text)))
@@ -484,7 +567,13 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
     (tmp_path / "in" / "c.txt.gz").write_bytes(gzip.compress(long_text(5_000, seed=8).encode()))
     (tmp_path / "in" / "d.txt").write_text("short")
     pattern, settings = [str(tmp_path / "in")], Settings(shard_tokens=2500, val_fraction=0.3, bos=True)
-    memory = prepare(pattern, tokenizer, tmp_path / "memory", settings, num_proc=1, show_progress=False)
+    memory = prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "memory",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     monkeypatch.setattr(worker, "PIECE_CHARS", 500)
     monkeypatch.setattr(worker, "SPILL_TOKENS", 700)
     monkeypatch.setattr(worker, "READ_BYTES", 333)
@@ -495,7 +584,13 @@ def test_long_documents_stream_to_the_shards_with_the_same_tokens(tmp_path, toke
         "_add_spilled",
         lambda self, spill: spilled.append(spill) or real_add(self, spill),
     )
-    streamed = prepare(pattern, tokenizer, tmp_path / "streamed", settings, num_proc=1, show_progress=False)
+    streamed = prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "streamed",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert len(spilled) >= 5  # the long JSON documents and the long text files
     assert streamed.fingerprint == memory.fingerprint and tree(tmp_path / "streamed") == tree(
         tmp_path / "memory"
@@ -520,7 +615,12 @@ def test_a_text_file_read_in_blocks_names_bad_bytes_as_reading_it_whole(
     (units,), _ = inputs.plan([path], "text")
     (expected,) = inputs.read(path, units, inputs.Fields()).problems
     write_jsonl(tmp_path / "in" / "good.jsonl", make_docs(5))
-    manifest = prepare([str(tmp_path / "in")], tokenizer, tmp_path / "out", num_proc=1, show_progress=False)
+    manifest = prepare(
+        [str(tmp_path / "in")],
+        tokenizer,
+        tmp_path / "out",
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert manifest.data["skipped"]["examples"] == [inputs.describe_problem(path, expected, 0)]
     assert manifest.data["skipped"]["by_reason"] == {"undecodable bytes": 1}
     assert not list((tmp_path / "out").rglob("*.tokens"))
@@ -549,8 +649,8 @@ def test_a_long_document_costs_no_memory_for_its_length(tmp_path, monkeypatch):
         path.write_text(line * int(megabytes * 1e6 / len(line)))
         tracemalloc.start()
         try:
-            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", num_proc=1,
-                    show_progress=False)  # fmt: skip
+            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", options=PrepareOptions(num_proc=1,
+                    show_progress=False))  # fmt: skip
             peaks[megabytes] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -669,7 +769,13 @@ def test_long_json_lines_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
     (tmp_path / "in" / "b.jsonl.gz").write_bytes(gzip.compress(data))
     pattern = [str(tmp_path / "in")]
     settings = Settings(shard_tokens=2500, val_fraction=0.3, bos=True, exclude=("text2=x",))
-    whole = prepare(pattern, tokenizer, tmp_path / "whole", settings, num_proc=1, show_progress=False)
+    whole = prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "whole",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert whole.data["skipped"]["by_reason"] == {"malformed JSON": 2, "undecodable bytes": 2}
     monkeypatch.setattr(inputs, "LONG_LINE", 1000)
     monkeypatch.setattr(inputs, "STREAM_BYTES", 333)
@@ -678,9 +784,21 @@ def test_long_json_lines_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
     streamed = []
     real = worker._encode_line
     monkeypatch.setattr(worker, "_encode_line", lambda line: streamed.append(line) or real(line))
-    one = prepare(pattern, tokenizer, tmp_path / "one", settings, num_proc=1, show_progress=False)
+    one = prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "one",
+        settings,
+        options=PrepareOptions(num_proc=1, show_progress=False),
+    )
     assert len(streamed) == 2 * 5  # the long lines of both files were parsed as they were read
-    two = prepare(pattern, tokenizer, tmp_path / "two", settings, num_proc=2, show_progress=False)
+    two = prepare(
+        pattern,
+        tokenizer,
+        tmp_path / "two",
+        settings,
+        options=PrepareOptions(num_proc=2, show_progress=False),
+    )
     assert one.fingerprint == two.fingerprint == whole.fingerprint
     assert tree(tmp_path / "one") == tree(tmp_path / "two") == tree(tmp_path / "whole")
 
@@ -711,8 +829,8 @@ def test_a_long_json_line_costs_no_memory_for_its_length(tmp_path, monkeypatch):
         del text
         tracemalloc.start()
         try:
-            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", num_proc=1,
-                    show_progress=False)  # fmt: skip
+            prepare([str(path)], tmp_path / "words.json", tmp_path / f"out{megabytes}", options=PrepareOptions(num_proc=1,
+                    show_progress=False))  # fmt: skip
             peaks[megabytes] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -737,8 +855,8 @@ def interrupted(tmp_path: Path, tokenizer, monkeypatch, commits: int) -> tuple[l
     with monkeypatch.context() as patch:
         patch.setattr(DatasetWriter, "commit", stop_after)
         with pytest.raises(KeyboardInterrupt):
-            prepare(pattern, tokenizer, tmp_path / "out", settings, num_proc=1, show_progress=False,
-                    commit_seconds=0)  # fmt: skip
+            prepare(pattern, tokenizer, tmp_path / "out", settings, options=PrepareOptions(num_proc=1, show_progress=False,
+                    commit_seconds=0))  # fmt: skip
     return pattern, settings, tmp_path / "out"
 
 
@@ -753,7 +871,7 @@ def test_damaged_preparation_state_or_sidecar_starts_the_preparation_over(tmp_pa
     assert path.exists()
     damage(path, kind, drop="splits" if file == "state" else "sha256")
     capsys.readouterr()
-    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    prepare(pattern, tokenizer, out, settings, options=PrepareOptions(num_proc=1, show_progress=False))
     err = capsys.readouterr().err
     assert f"{path}: damaged" in err and "starting the preparation over" in err
     assert tree(out) == tree(tmp_path / "clean")
@@ -765,7 +883,7 @@ def test_a_shard_file_the_state_counts_on_gone_starts_the_preparation_over(tmp_p
     state = json.loads((out / ".prepare" / "state.json").read_text())
     assert state["splits"]["train"]["tokens"] > 0
     (out / "train" / f"shard_{state['splits']['train']['index']:05d}.bin.tmp").unlink()
-    prepare(pattern, tokenizer, out, settings, num_proc=1, show_progress=False)
+    prepare(pattern, tokenizer, out, settings, options=PrepareOptions(num_proc=1, show_progress=False))
     assert "starting the preparation over" in capsys.readouterr().err
     assert tree(out) == tree(tmp_path / "clean")
 
@@ -776,7 +894,13 @@ def test_a_damaged_state_beside_a_finished_dataset_is_named_not_guessed(tmp_path
     (tmp_path / "clean" / ".prepare" / "state.json").write_text("[]")
     before = tree(tmp_path / "clean")
     with pytest.raises(UserError, match="already holds a prepared dataset"):
-        prepare(pattern, tokenizer, tmp_path / "clean", settings, num_proc=1, show_progress=False)
+        prepare(
+            pattern,
+            tokenizer,
+            tmp_path / "clean",
+            settings,
+            options=PrepareOptions(num_proc=1, show_progress=False),
+        )
     assert tree(tmp_path / "clean") == before
 
 
@@ -801,13 +925,17 @@ def test_an_output_held_by_a_live_prepare_is_refused_and_a_dead_ones_taken_over(
         with pytest.raises(
             UserError, match=rf"being written by another `pretrain data prepare` \(host .*, pid {other.pid}"
         ):
-            prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)
+            prepare(
+                pattern, tokenizer, tmp_path / "out", settings, options=PrepareOptions(show_progress=False)
+            )
         assert json.loads(lock.read_text()) == owner and not (tmp_path / "out" / ".prepare").exists()
     finally:
         other.kill()
         other.wait()
     capsys.readouterr()
-    prepare(pattern, tokenizer, tmp_path / "out", settings, show_progress=False)  # its owner is gone now
+    prepare(
+        pattern, tokenizer, tmp_path / "out", settings, options=PrepareOptions(show_progress=False)
+    )  # its owner is gone now
     assert f"process {other.pid} on this host is no longer running" in capsys.readouterr().err
     assert not lock.exists() and tree(tmp_path / "out") == tree(tmp_path / "clean")
 

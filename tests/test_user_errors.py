@@ -203,6 +203,7 @@ def test_a_truncated_zst_file_is_reported_as_truncated(tmp_path, tiny_dataset):
 
     zstandard = require("zstandard")
     from pretrain.data.prepare.pipeline import prepare
+    from pretrain.data.prepare.settings import PrepareOptions
     from pretrain.errors import UserError
 
     data = "".join(jsonlib.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(400)).encode()
@@ -211,7 +212,10 @@ def test_a_truncated_zst_file_is_reported_as_truncated(tmp_path, tiny_dataset):
     path.write_bytes(packed[: len(packed) // 2])
     with pytest.raises(UserError, match="the file ends inside a compressed frame: it is truncated"):
         prepare(
-            [str(path)], tiny_dataset / "tokenizer.json", tmp_path / "out", strict=True, show_progress=False
+            [str(path)],
+            tiny_dataset / "tokenizer.json",
+            tmp_path / "out",
+            options=PrepareOptions(strict=True, show_progress=False),
         )
 
 

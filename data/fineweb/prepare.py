@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pretrain.data.prepare.hub import parse_size
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,8 +54,7 @@ def main() -> None:
         args.tokenizer,
         args.out,
         settings,
-        num_proc=args.num_proc,
-        cache_max=parse_size(args.cache_max),
+        options=PrepareOptions(num_proc=args.num_proc, cache_max=parse_size(args.cache_max)),
     )
 
 

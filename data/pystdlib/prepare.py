@@ -21,7 +21,7 @@ import tokenize
 from pathlib import Path
 
 from pretrain.data.prepare.pipeline import prepare
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 from pretrain.data.shards import MANIFEST, describe, load_manifest
 from pretrain.data.tokenizer import train_bpe
 
@@ -77,7 +77,13 @@ def main() -> None:
     train_bpe(texts, args.vocab_size).save(str(tokenizer))
     print(f"tokenizer: byte-level BPE, vocab {args.vocab_size:,} -> {tokenizer}")
     settings = Settings(val_fraction=args.val_fraction, shard_tokens=args.shard_tokens)
-    prepare([str(corpus)], tokenizer, args.out, settings, num_proc=args.num_proc, overwrite=True)
+    prepare(
+        [str(corpus)],
+        tokenizer,
+        args.out,
+        settings,
+        options=PrepareOptions(num_proc=args.num_proc, overwrite=True),
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 from pretrain.errors import UserError
 
 HELP = "train a tokenizer, prepare token shards, inspect a dataset"
@@ -107,7 +107,7 @@ def _cache_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cache-max", default="20GB", help="the most the Hub file cache may hold at once (default: 20GB)"
-    )  # = pretrain.data.prepare.hub.DEFAULT_CACHE_BYTES
+    )  # = pretrain.data.prepare.settings.DEFAULT_CACHE_BYTES
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,14 +138,16 @@ def _prepare(args: argparse.Namespace) -> int:
         args.tokenizer,
         args.output,
         settings,
-        num_proc=args.num_proc,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        eos_token=args.eos_token,
-        bos_token=args.bos_token,
-        cache_dir=args.cache_dir,
-        cache_max=parse_size(args.cache_max),
+        options=PrepareOptions(
+            num_proc=args.num_proc,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            dtype=args.dtype,
+            eos_token=args.eos_token,
+            bos_token=args.bos_token,
+            cache_dir=args.cache_dir,
+            cache_max=parse_size(args.cache_max),
+        ),
     )
     return 0
 

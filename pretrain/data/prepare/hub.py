@@ -63,7 +63,6 @@ from pretrain.errors import UserError, writing
 from pretrain.files import write_atomic_with
 
 SCHEME = "hf://"
-DEFAULT_CACHE_BYTES = 20 * 10**9  # --cache-max 20GB
 RETRIES = 5  # download attempts per file
 BACKOFF_SECONDS = 2.0  # first wait; doubled after each failed attempt
 OPTIONS = ("config", "split", "files", "revision")

@@ -29,7 +29,7 @@ from pretrain import lease
 from pretrain.data.prepare import hub, inputs
 from pretrain.data.prepare.hub import RemoteFile
 from pretrain.data.prepare.inputs import Problem
-from pretrain.data.prepare.settings import Settings
+from pretrain.data.prepare.settings import PrepareOptions, Settings
 from pretrain.data.prepare.state import (
     STATE_DIR,
     begin_state,
@@ -74,28 +74,19 @@ def prepare(
     tokenizer: str | os.PathLike,
     output: str | os.PathLike,
     settings: Settings | None = None,
-    *,
-    num_proc: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    dtype: str = "auto",
-    eos_token: str | None = None,
-    bos_token: str | None = None,
-    show_progress: bool = True,
-    commit_seconds: float = 1.0,
-    cache_dir: str | os.PathLike | None = None,
-    cache_max: int = hub.DEFAULT_CACHE_BYTES,
+    options: PrepareOptions | None = None,
 ) -> Manifest:
     """Tokenize the inputs matched by `patterns` into a dataset at `output` (see the module docstring).
 
     `patterns` are local files, folders and globs, or Hub datasets (`hf://OWNER/NAME...`,
-    `pretrain.data.prepare.hub`), whose files are fetched into `cache_dir` (default: in the output's
-    progress folder), at most `cache_max` bytes at a time. `tokenizer` is a tokenizer.json, a
-    folder holding one, or a Hub repository name. Progress is committed at most every
-    `commit_seconds` (0: after every unit); a rerun after a kill continues from the last commit.
+    `pretrain.data.prepare.hub`), whose files are fetched into `options.cache_dir` (default: in the
+    output's progress folder), at most `options.cache_max` bytes at a time. `tokenizer` is a
+    tokenizer.json, a folder holding one, or a Hub repository name. Progress is committed at most every
+    `options.commit_seconds` (0: after every unit); a rerun after a kill continues from the last commit.
     """
-    if num_proc is not None and num_proc < 1:
-        raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {num_proc}")
+    options = options or PrepareOptions()
+    if options.num_proc is not None and options.num_proc < 1:
+        raise UserError(f"--num-proc must be at least 1 (or left out: all CPUs), got {options.num_proc}")
     with (
         writing(output, "--output"),
         contextlib.ExitStack() as held,
@@ -107,42 +98,46 @@ def prepare(
         if settings.shard_tokens < 1:
             raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
         tokenizer_path, tokenizer_source = hub.tokenizer_file(str(tokenizer))
-        tok = replace(load_tokenizer(tokenizer_path, eos_token, bos_token), source=tokenizer_source)
+        tok = replace(
+            load_tokenizer(tokenizer_path, options.eos_token, options.bos_token), source=tokenizer_source
+        )
         if settings.bos and tok.bos_id is None:
             raise UserError(
                 f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
             )
         token_dtype = (
-            dtype_for_vocab(tok.vocab_size) if dtype == "auto" else np.dtype(dtype).newbyteorder("<")
+            dtype_for_vocab(tok.vocab_size)
+            if options.dtype == "auto"
+            else np.dtype(options.dtype).newbyteorder("<")
         )
         if tok.vocab_size > np.iinfo(token_dtype).max + 1:
             raise UserError(
                 f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
                 f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
             )
-        if cache_max < 1:
-            raise UserError(f"--cache-max must be positive, got {cache_max}")
+        if options.cache_max < 1:
+            raise UserError(f"--cache-max must be positive, got {options.cache_max}")
         fields = inputs.Fields(settings.text_field, settings.exclude)
-        pins = {} if overwrite else recorded_revisions(Path(output) / STATE_DIR / "state.json")
+        pins = {} if options.overwrite else recorded_revisions(Path(output) / STATE_DIR / "state.json")
         sources = hub.expand(patterns, pins)
         local = [s for s in sources if isinstance(s, Path)]
         check_apart(Path(output), [p for p in patterns if not hub.is_hub(p)], local)
         units = UnitSource(sources, settings.text_field)
         early = units.early
         early_messages = [inputs.describe_problem(units.names[i], problem, 0) for i, problem in early]
-        if strict and early_messages:
+        if options.strict and early_messages:
             raise UserError(early_messages[0])
         root = Path(output)
         root.mkdir(parents=True, exist_ok=True)
         held.enter_context(_owning(root))
         identity = identity_of(sources, tok, settings, token_dtype)
-        state = starting_state(root, identity, overwrite)
+        state = starting_state(root, identity, options.overwrite)
         if state is None:
             return load_manifest(root)
         cache = None
         if units.remote:
-            folder = Path(cache_dir or root / STATE_DIR / "cache") / f"prepare-{identity[:16]}"
-            cache = hub.Cache(units.remote, folder, cache_max)
+            folder = Path(options.cache_dir or root / STATE_DIR / "cache") / f"prepare-{identity[:16]}"
+            cache = hub.Cache(units.remote, folder, options.cache_max)
         header = {
             "format": FORMAT,
             "dtype": token_dtype.name,
@@ -155,7 +150,7 @@ def prepare(
         spill_dir = root / STATE_DIR / SPILL_DIR
         shutil.rmtree(spill_dir, ignore_errors=True)  # what a killed preparation left on its way to a shard
         spill_dir.mkdir()
-        num_proc = num_proc or (
+        num_proc = options.num_proc or (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
         skipped_bytes = units.start(state, cache)
@@ -165,7 +160,7 @@ def prepare(
             unit="B",
             unit_scale=True,
             desc="prepare",
-            disable=not show_progress,
+            disable=not options.show_progress,
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -186,7 +181,7 @@ def prepare(
             nonlocal warned
             found = units.take_found()
             messages = [inputs.describe_problem(units.names[i], p, 0) for i, p in found]
-            if strict and messages:
+            if options.strict and messages:
                 raise UserError(messages[0])
             for message in messages:
                 warned = _warn(message, warned, bar)
@@ -210,12 +205,12 @@ def prepare(
                     messages = [
                         inputs.describe_problem(units.names[unit.file], p, base) for p in result.problems
                     ]
-                    if strict and messages:
+                    if options.strict and messages:
                         raise UserError(messages[0])
                     for message in messages:
                         warned = _warn(message, warned, bar)
                     writer.add(unit, result, messages)
-                    if time.monotonic() - last_commit >= commit_seconds:
+                    if time.monotonic() - last_commit >= options.commit_seconds:
                         commit()
                     docs += result.documents()
                     tokens += result.tokens()
@@ -234,7 +229,7 @@ def prepare(
                 cache.close()
         if cache is not None:
             cache.remove()
-            if show_progress:
+            if options.show_progress:
                 print(f"hub cache: peak {cache.peak:,} bytes (cap {cache.max_bytes:,})", file=sys.stderr)
         manifest = _manifest(
             sources, tok, settings, token_dtype, writer.published, state, early_messages, early
@@ -248,7 +243,7 @@ def prepare(
         write_json_atomic(root / MANIFEST, manifest)
         shutil.rmtree(root / STATE_DIR)
         prepared = load_manifest(root)
-        if show_progress:
+        if options.show_progress:
             print(summary(prepared, time.time() - began))
         return prepared
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.data.prepare import hub, inputs
+from pretrain.data.prepare.settings import DEFAULT_CACHE_BYTES
 from pretrain.data.tokenizer import TokenizerInfo, load_tokenizer, train_bpe
 from pretrain.errors import UserError, writing
 from pretrain.files import write_atomic
@@ -39,7 +40,7 @@ def train_tokenizer(
 
     cache = Path(cache_dir) if cache_dir else Path(output).parent
     folder = cache / f".{Path(output).name}.hub-cache"  # a killed run's leftovers go with the next run
-    max_bytes = cache_max or hub.DEFAULT_CACHE_BYTES
+    max_bytes = cache_max or DEFAULT_CACHE_BYTES
     texts = hub.documents(hub.expand(patterns), inputs.Fields(text_field), left_out, folder, max_bytes)
     tok = train_bpe(counted(texts), vocab_size)
     skipped = f"{len(left_out)} record(s) left out, e.g. {left_out[0]}" if left_out else "no record left out"
