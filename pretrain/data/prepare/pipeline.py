@@ -97,24 +97,7 @@ def prepare(
             raise UserError(f"--val-fraction {settings.val_fraction} is not in [0, 1)")
         if settings.shard_tokens < 1:
             raise UserError(f"--shard-tokens {settings.shard_tokens} must be positive")
-        tokenizer_path, tokenizer_source = hub.tokenizer_file(str(tokenizer))
-        tok = replace(
-            load_tokenizer(tokenizer_path, options.eos_token, options.bos_token), source=tokenizer_source
-        )
-        if settings.bos and tok.bos_id is None:
-            raise UserError(
-                f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
-            )
-        token_dtype = (
-            dtype_for_vocab(tok.vocab_size)
-            if options.dtype == "auto"
-            else np.dtype(options.dtype).newbyteorder("<")
-        )
-        if tok.vocab_size > np.iinfo(token_dtype).max + 1:
-            raise UserError(
-                f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
-                f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
-            )
+        tok, token_dtype = _tokenizer(tokenizer, settings, options)
         if options.cache_max < 1:
             raise UserError(f"--cache-max must be positive, got {options.cache_max}")
         fields = inputs.Fields(settings.text_field, settings.exclude)
@@ -234,18 +217,49 @@ def prepare(
         manifest = _manifest(
             sources, tok, settings, token_dtype, writer.published, state, early_messages, early
         )
-        if not sum(split["documents"] for split in manifest["splits"].values()):
-            raise UserError(
-                f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
-            )
-        if tok.path.resolve() != (root / TOKENIZER).resolve():
-            write_atomic(root / TOKENIZER, tok.path.read_bytes())
-        write_json_atomic(root / MANIFEST, manifest)
-        shutil.rmtree(root / STATE_DIR)
+        _finish(root, patterns, tok, manifest)
         prepared = load_manifest(root)
         if options.show_progress:
             print(summary(prepared, time.time() - began))
         return prepared
+
+
+def _tokenizer(
+    tokenizer: str | os.PathLike, settings: Settings, options: PrepareOptions
+) -> tuple[TokenizerInfo, np.dtype]:
+    """The tokenizer (a file, a folder holding one, or a Hub repository) and the token dtype of its ids."""
+    tokenizer_path, tokenizer_source = hub.tokenizer_file(str(tokenizer))
+    tok = replace(
+        load_tokenizer(tokenizer_path, options.eos_token, options.bos_token), source=tokenizer_source
+    )
+    if settings.bos and tok.bos_id is None:
+        raise UserError(
+            f"{tok.path}: --bos asked for, but the tokenizer has no BOS token; name one with --bos-token"
+        )
+    token_dtype = (
+        dtype_for_vocab(tok.vocab_size)
+        if options.dtype == "auto"
+        else np.dtype(options.dtype).newbyteorder("<")
+    )
+    if tok.vocab_size > np.iinfo(token_dtype).max + 1:
+        raise UserError(
+            f"{tok.path}: vocab size {tok.vocab_size:,} does not fit {token_dtype.name} "
+            f"(ids up to {np.iinfo(token_dtype).max:,}); use --dtype uint32 or auto"
+        )
+    return tok, token_dtype
+
+
+def _finish(root: Path, patterns: Sequence[str], tok: TokenizerInfo, manifest: dict) -> None:
+    """Write the dataset's tokenizer and manifest (last: readers accept only what it lists), then remove
+    the progress folder; refused if no document was usable."""
+    if not sum(split["documents"] for split in manifest["splits"].values()):
+        raise UserError(
+            f"no usable document in {', '.join(patterns)} ({manifest['skipped']['total']} skipped)"
+        )
+    if tok.path.resolve() != (root / TOKENIZER).resolve():
+        write_atomic(root / TOKENIZER, tok.path.read_bytes())
+    write_json_atomic(root / MANIFEST, manifest)
+    shutil.rmtree(root / STATE_DIR)
 
 
 @contextlib.contextmanager
