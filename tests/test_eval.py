@@ -73,6 +73,7 @@ def _samples(lm, tasks: dict, limit: int) -> dict:
     return {"responses": by_task, "results": results["results"]}
 
 
+@pytest.mark.slow
 def test_backend_matches_lm_eval_hf_backend_on_the_export(model_and_export, rolling_task):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -141,6 +142,7 @@ def test_generate_until_is_greedy_pretrain_generate(model_and_export, capsys):
         assert capsys.readouterr().out == prompt + completion.split("<|endoftext|>")[0] + "\n"
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_checkpoint_writes_results_and_table(model_and_export, tmp_path, capsys):
     model_file, _ = model_and_export
     out = tmp_path / "results.json"
@@ -451,6 +453,7 @@ def _local_task_folder(root: Path) -> Path:
     return root / "tasks"
 
 
+@pytest.mark.slow
 def test_scores_keep_standard_errors_and_the_chance_level_of_the_documents_evaluated(
     model_and_export, tmp_path, next_line
 ):
