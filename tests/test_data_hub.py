@@ -690,10 +690,33 @@ def _flip_a_byte(path: Path) -> bytes:
     return data
 
 
+def prepare_until(monkeypatch, pattern, tokenizer, out, stop) -> None:
+    """Run `prepare` into `out`, interrupted (KeyboardInterrupt) at the first unit `stop` accepts,
+    every unit before it committed."""
+    from pretrain.data.prepare import worker
+
+    real_tokenize = worker.tokenize_unit
+
+    def interrupted(unit):
+        if stop(unit):
+            raise KeyboardInterrupt
+        return real_tokenize(unit)
+
+    monkeypatch.setattr(worker, "tokenize_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            pattern,
+            tokenizer,
+            out,
+            SETTINGS,
+            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
+        )
+    monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
+
+
 def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
     repo, tokenizer, tmp_path, monkeypatch
 ):
-    from pretrain.data.prepare import worker
 
     mirror = tmp_path / "mirror"
     shutil.copytree(repo, mirror)
@@ -705,23 +728,8 @@ def test_resume_refuses_a_mirror_file_whose_bytes_changed_after_it_was_read(
         SETTINGS,
         options=PrepareOptions(num_proc=1, show_progress=False),
     )
-    real_tokenize = worker.tokenize_unit
-
-    def interrupted(unit):  # stops inside part-01, after its first row group
-        if (unit.file, unit.start) == (1, 1):
-            raise KeyboardInterrupt
-        return real_tokenize(unit)
-
-    monkeypatch.setattr(worker, "tokenize_unit", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(
-            pattern,
-            tokenizer,
-            tmp_path / "out",
-            SETTINGS,
-            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
-        )
-    monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
+    # stops inside part-01, after its first row group
+    prepare_until(monkeypatch, pattern, tokenizer, tmp_path / "out", lambda u: (u.file, u.start) == (1, 1))
     assert units_done(tmp_path / "out") == 4
     for name in ("part-00.parquet", "part-01.parquet"):  # read whole; read in part (fetched again)
         path = mirror / "data" / "prose" / name
@@ -892,7 +900,6 @@ def test_train_tokenizer_into_an_existing_folder_is_refused_before_training(repo
 def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_moved(
     repo, tokenizer, tmp_path, monkeypatch, capsys
 ):
-    from pretrain.data.prepare import worker
 
     old, new = "1" * 40, "2" * 40
     cache = tmp_path / "hf-cache" / "datasets--someone--corpus"
@@ -910,23 +917,7 @@ def test_a_rerun_resumes_at_the_commit_the_interrupted_run_read_though_main_move
         SETTINGS,
         options=PrepareOptions(num_proc=1, show_progress=False),
     )
-    real_tokenize = worker.tokenize_unit
-
-    def interrupted(unit):
-        if unit.file == 2:
-            raise KeyboardInterrupt
-        return real_tokenize(unit)
-
-    monkeypatch.setattr(worker, "tokenize_unit", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(
-            pattern,
-            tokenizer,
-            tmp_path / "out",
-            SETTINGS,
-            options=PrepareOptions(num_proc=1, show_progress=False, commit_seconds=0),
-        )
-    monkeypatch.setattr(worker, "tokenize_unit", real_tokenize)
+    prepare_until(monkeypatch, pattern, tokenizer, tmp_path / "out", lambda unit: unit.file == 2)
     (cache / "refs" / "main").write_text(new)
     capsys.readouterr()
     prepare(

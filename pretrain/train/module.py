@@ -373,7 +373,7 @@ class PretrainModule(L.LightningModule):
         self.skipped_steps += 1
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         if judgment.verdict == "divergence":
-            self._diverged(step, judgment.message.split("divergence: ", 1)[-1])
+            self._diverged(step, judgment.why)
 
     def _weight_norm(self) -> float:
         """The norm of all trainable weights (what the last update changed), reduced over shards."""

@@ -54,6 +54,7 @@ class Judgment:
 
     skip: bool = False  # skip this step's update
     verdict: str | None = None  # "divergence" or "new level" when a streak was judged now
+    why: str = ""  # the reason for the verdict
     message: str = ""  # one line for the log when something happened ("" otherwise)
     grad_norm_outlier: bool = False
 
@@ -118,8 +119,8 @@ class SpikeGuard:
             verdict, why = self._judge_streak()
             if verdict == "new level":
                 message = self._accept_new_level(why)
-                return Judgment(skip=True, verdict=verdict, message=f"{note}; {message}")
-            return Judgment(skip=True, verdict=verdict, message=f"{note}; divergence: {why}")
+                return Judgment(skip=True, verdict=verdict, why=why, message=f"{note}; {message}")
+            return Judgment(skip=True, verdict=verdict, why=why, message=f"{note}; divergence: {why}")
         return Judgment(skip=True, message=note)
 
     def _weight_change(self, weight_norm: float | None) -> float | None:
