@@ -17,6 +17,8 @@ read and write them (checkpoints and their retention, the lease, the requeue rec
       logs/version_<k>/config.yaml          with the launch's resolved recipe
       requeue.json                          SLURM job id, requeue count and every stop on a signal
       owner.json                            the lease of the one `pretrain fit` that owns the run
+      goodput/launch-<k>.json               where launch k's wall time went (`pretrain.run_dir.goodput`)
+      profile/                              torch profiler traces of `--profile.steps A:B`
       verified-shards.json                  how often the launches checked each shard (`pretrain.data.verify`)
       slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
 
@@ -57,6 +59,7 @@ from typing import Any
 from pretrain import lease
 from pretrain.errors import UserError
 from pretrain.files import DamagedRecord, Fields, has_fields, is_a, read_json, write_atomic, write_json_atomic
+from pretrain.run_dir.goodput import GoodputReport, read_goodput
 from pretrain.run_dir.incidents import read_incidents, skip_range
 from pretrain.run_dir.logs import SKIPPED_STEPS, TOKENS_PER_SEC, TRAIN_LOSS, RunLog, merge_logs
 
@@ -107,6 +110,7 @@ class RunSummary:
     requeue_problem: str | None = None  # what in requeue.json could not be read
     skipped_steps: int = 0
     incidents: tuple[dict[str, Any], ...] = ()
+    goodput: GoodputReport | None = None  # where the launches' time went
 
 
 @dataclass(frozen=True)
@@ -497,6 +501,7 @@ class RunDir:
             requeue_problem=requeue_problem,
             skipped_steps=int(skipped.values[-1]) if skipped is not None else 0,
             incidents=tuple(self.incidents(strict=False)),
+            goodput=read_goodput(self.path),
         )
 
 

@@ -1,4 +1,5 @@
-"""`pretrain status`: where a run stands (`pretrain.run_dir.RunDir.summary`) and its SLURM job's state."""
+"""`pretrain status`: where a run stands (`pretrain.run_dir.RunDir.summary`), its SLURM job's state and
+where its launches' time went (`pretrain.run_dir.goodput`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 
 from pretrain.plot import format_tokens
 from pretrain.run_dir import RunDir, describe_incidents
+from pretrain.run_dir.goodput import describe as describe_goodput
 
 
 def _first_line(command: list[str]) -> str:
@@ -81,4 +83,9 @@ def status(run_dir: str | os.PathLike) -> str:
             eta = (max_steps - steps_done) * batch_tokens / rate
             text += f", ETA {_duration(eta)} of training at this rate (queue time not included)"
         lines.append(f"throughput  {text}")
+    if summary.goodput is not None and (summary.goodput.launches or summary.goodput.problems):
+        lines += [
+            f"{'goodput' if i == 0 else '':<12}{line}"
+            for i, line in enumerate(describe_goodput(summary.goodput))
+        ]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ Besides the usual `trainer`, `model` and `data` sections, a recipe has:
 - `resume`: `auto` (default: newest complete checkpoint in the run dir, else start fresh),
   `none`, or a checkpoint path;
 - `checkpoint`: cadence and retention (`pretrain.train.callbacks.periodic_checkpoint.PeriodicCheckpoint`);
+- `profile`: `steps: A:B` profiles those optimizer steps (`pretrain.train.callbacks.profiler`);
 - `slurm`: `pretrain submit`'s settings (`pretrain.recipe.SlurmSettings`).
 
 Defaults a recipe leaves out and the batch geometry (gradient accumulation = global_batch_tokens /
@@ -46,12 +47,14 @@ from pretrain.run_dir import RunDir, describe_incidents
 from pretrain.train import private_apis, rollback
 from pretrain.train.callbacks import requeue
 from pretrain.train.callbacks.final_validation import FinalValidation
+from pretrain.train.callbacks.goodput import GoodputRecorder
 from pretrain.train.callbacks.monitor import TrainingMonitor
 from pretrain.train.callbacks.periodic_checkpoint import (
     TRAINING_CHECKPOINTS,
     DirectCheckpointIO,
     PeriodicCheckpoint,
 )
+from pretrain.train.callbacks.profiler import StepProfiler
 from pretrain.train.callbacks.progress_bar import StepProgressBar
 from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.module import PretrainModule
@@ -144,6 +147,7 @@ class FitCLI(LightningCLI):
             "(e.g. a WSD/infinite decay branched off the constant phase); later launches resume this run",
         )
         parser.add_class_arguments(PeriodicCheckpoint, "checkpoint", skip={"run_dir"})
+        parser.add_class_arguments(StepProfiler, "profile", skip={"run_dir"}, instantiate=False)
         # `pretrain submit` settings; `pretrain fit` itself uses only slurm.max_requeues.
         parser.add_class_arguments(recipe.SlurmSettings, "slurm")
         parser.set_defaults({key: value for key, value in defaults.items() if "." in key})
@@ -199,7 +203,11 @@ class FitCLI(LightningCLI):
         self.checkpoint = PeriodicCheckpoint(run_dir=run.path, **self.config.checkpoint)
         self.on_signal = requeue.RequeueOnSignal(run, self.checkpoint, self.config.slurm.max_requeues)
         monitor = TrainingMonitor()
-        callbacks: list[Any] = [self.checkpoint, self.on_signal, monitor]
+        if not hasattr(self, "goodput"):  # one per launch, kept through rollbacks
+            self.goodput = GoodputRecorder(run.path, int(csv_logger.version or 0))
+        callbacks: list[Any] = [self.checkpoint, self.on_signal, monitor, self.goodput]
+        if self.config.profile.steps is not None:  # off: no profiler, no hook
+            callbacks.append(StepProfiler(self.config.profile.steps, run.path))
         if self.config.trainer.enable_progress_bar is not False:
             callbacks.append(StepProgressBar(monitor))
         if self.config.validate_every_steps:
@@ -246,6 +254,7 @@ def fit(args: Sequence[str] | None = None) -> int:
             run.drop_log_version_without_metrics(cli.trainer.loggers[0].version or 0)
         raise
     finally:
+        cli.goodput.finish(cli.trainer)
         if owner:
             run.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 from typing import Any, cast
 
 import lightning as L
@@ -66,6 +67,7 @@ class DownstreamEval(StepCallback):
         self.batch_size = batch_size
         self.include_path = include_path
         self._tasks: dict[str, Any] = {}
+        self.seconds = 0.0  # wall time spent evaluating (`pretrain.train.callbacks.goodput`)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         try:
@@ -100,7 +102,14 @@ class DownstreamEval(StepCallback):
         return any(step - 1 in series.steps for metrics in downstream.values() for series in metrics.values())
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
-        """Run the tasks now; log and return {column: value}."""
+        """Run the tasks now; log and return {column: value}; the time taken adds to `seconds`."""
+        start = time.time()
+        try:
+            return self._evaluate(trainer, pl_module, step)
+        finally:
+            self.seconds += time.time() - start
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, float]:
         from pretrain.eval.backend import PretrainLM
         from pretrain.eval.harness import score_tasks
         from pretrain.eval.metrics import is_score
