@@ -6,6 +6,7 @@ a known-bad state."""
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from pretrain.data.tokens import TokenStream
 from pretrain.errors import UserError
 from pretrain.files import write_json_atomic
 from pretrain.run_dir import RunDir, list_checkpoints
+from pretrain.run_dir.goodput import read_goodput, record_path
 from pretrain.train.callbacks.periodic_checkpoint import TRAINING_CHECKPOINTS
 from pretrain.train.spike_guard import SpikeGuard
 
@@ -292,6 +294,13 @@ def test_a_poisoned_window_is_rolled_back_and_skipped_and_the_run_finishes(
         in status.stdout
     )
     assert "samples [256, 448) skipped" in status.stdout
+    # Lost work: the steps done past the rollback checkpoint (logged by version 0 before the rollback).
+    with open(run_dir / "logs" / "version_0" / "metrics.csv") as f:
+        redone = {int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("train/loss")} - set(range(17))
+    (launch,) = read_goodput(run_dir).launches
+    (rolled,) = json.loads(record_path(run_dir, 0).read_text())["rollbacks"]
+    assert (rolled["from_step"], rolled["to_step"]) == (16 + len(redone), 16) and rolled["seconds"] > 0
+    assert launch.lost_steps == len(redone) > 0 and launch.lost_seconds == rolled["seconds"]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PRETRAIN, STEPS, logged_steps, recipe, run, run_and_kill_after_checkpoint, train_losses
+from helpers import PRETRAIN, STEPS, logged_steps, recipe, run, train_losses
 
 from pretrain.cli import main
 from pretrain.errors import UserError
@@ -162,22 +162,30 @@ def test_profile_steps_writes_a_trace_prints_the_top_operations_and_times_the_la
 # ---- a run with kills and a requeue-like stop -------------------------------------------------
 
 
-def stop_with_usr1_after(args: list[str], run_dir: Path, steps: int) -> float:
-    """Start `pretrain ARGS`, send SIGUSR1 once `steps` steps are logged; returns its wall seconds."""
+def signal_after(args: list[str], run_dir: Path, steps: int, signum: int) -> float:
+    """Start `pretrain ARGS`, send `signum` once the run has logged `steps` steps; returns the
+    launch's wall seconds (spawn to exit)."""
     started = time.time()
     process = subprocess.Popen([PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while logged_steps(run_dir) < steps:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         time.sleep(0.02)
-    os.kill(process.pid, signal.SIGUSR1)
+    os.kill(process.pid, signum)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 4, err.decode()[-2000:]  # checkpointed and stopped (no SLURM)
+    expected = -signal.SIGKILL if signum == signal.SIGKILL else 4  # USR1: checkpointed and stopped
+    assert process.returncode == expected, err.decode()[-2000:]
     return time.time() - started
 
 
 def logged_in(run_dir: Path, version: int) -> list[int]:
     with open(run_dir / "logs" / f"version_{version}" / "metrics.csv") as f:
         return sorted({int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("train/loss")})
+
+
+def elapsed_in(run_dir: Path, version: int) -> dict[int, float]:
+    """Optimizer step -> seconds from the process start, as launch `version` logged them."""
+    with open(run_dir / "logs" / f"version_{version}" / "metrics.csv") as f:
+        return {int(row["step"]) + 1: float(row[ELAPSED]) for row in csv.DictReader(f) if row.get(ELAPSED)}
 
 
 @pytest.mark.slow
@@ -190,10 +198,9 @@ def test_two_kills_and_a_requeue_report_the_steps_redone_and_phases_sum_to_the_w
         "--config",
         str(recipe(tmp_path, tiny_dataset, run_dir, checkpoint={"every_n_steps": 3})),
     ]
-    checkpoints = run_dir / "checkpoints"
-    run_and_kill_after_checkpoint(config, checkpoints / "step-00000003.ckpt")
-    run_and_kill_after_checkpoint(config, checkpoints / "step-00000006.ckpt")
-    stopped_wall = stop_with_usr1_after(config, run_dir, 8)
+    signal_after(config, run_dir, 5, signal.SIGKILL)  # past the checkpoint of step 3
+    signal_after(config, run_dir, 8, signal.SIGKILL)  # past the checkpoint of step 6
+    stopped_wall = signal_after(config, run_dir, 10, signal.SIGUSR1)  # like a requeue: saves, then stops
     started = time.time()
     run(config)
     last_wall = time.time() - started
@@ -203,19 +210,25 @@ def test_two_kills_and_a_requeue_report_the_steps_redone_and_phases_sum_to_the_w
     launches = report.launches
     assert [t.launch for t in launches] == [0, 1, 2, 3]
     resumed_at = [t.start_step for t in launches]
-    assert resumed_at[:2] == [0, 3] and resumed_at[3] == launches[2].last_step  # USR1 saved where it stopped
+    assert (
+        resumed_at[:3] == [0, 3, 6] and resumed_at[3] == launches[2].last_step
+    )  # USR1 saved where it stopped
     for i in (0, 1):  # the steps actually redone: logged by launch i past where launch i+1 resumed
         redone = [s for s in logged_in(run_dir, i) if s > resumed_at[i + 1]]
         assert launches[i].lost_steps == len(redone) > 0
-        per_step = launches[i].phases["steps"] / (launches[i].last_step - launches[i].start_step)
-        assert launches[i].lost_seconds == pytest.approx(len(redone) * per_step, rel=0.5)
+        # consistent with the wall clock the log holds: within the span from the resume step to the
+        # last step launch i logged (which also holds any validation there), and not far below it
+        elapsed = elapsed_in(run_dir, i)
+        span = elapsed[max(redone)] - elapsed[resumed_at[i + 1]]
+        assert 0.3 * span < launches[i].lost_seconds <= span + 0.05
     assert launches[2].lost_steps == 0 and launches[3].lost_steps == 0
     assert report.lost_steps == launches[0].lost_steps + launches[1].lost_steps
-    # Phases sum to each launch's wall time: exactly up to the record's last write (by construction),
-    # and within 1.5 s of the wall time measured here (spawn to exit: the interpreter's exit is not counted).
+    # Phases sum to each launch's wall time from its process start to its last write (to 0.05 s), and
+    # that is the wall time measured here (spawn to exit) less the process's exit after the last write
+    # (interpreter and torch shut-down, not counted): tolerance 3 s.
     for launch, wall in ((launches[2], stopped_wall), (launches[3], last_wall)):
         assert launch.ended and sum(launch.phases.values()) == pytest.approx(launch.wall, abs=0.05)
-        assert launch.wall == pytest.approx(wall, abs=1.5)
+        assert 0 <= wall - launch.wall < 3.0
     text = subprocess.run(
         [PRETRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True
     ).stdout
