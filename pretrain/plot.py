@@ -6,6 +6,8 @@ A downstream panel shows each score with its standard error (the `<metric>_stder
 reports, logged beside it) and, for acc and acc_norm of a multiple-choice task, its chance level
 (logged as `chance`) as a dotted line kept inside the y-axis: a model at chance reads as one, not
 as a trend in the noise.
+
+`plot_time` draws where each launch's wall time went (`pretrain.run_dir.goodput`): `pretrain plot --time`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pretrain.errors import UserError
 from pretrain.eval.metrics import CHANCE, CHANCE_METRICS, headline_metric, stderr_name
 from pretrain.run_dir import LR, TOKENS, TRAIN_LOSS, RunDir, RunLog, Series, downstream_column
+from pretrain.run_dir.goodput import LaunchTime, read_goodput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -293,3 +296,67 @@ def summarize(run: RunLog) -> str:
         rollbacks = sum(entry["action"] == "rollback" for entry in run.incidents)
         parts.append(f"{rollbacks} rollback(s), {len(run.incidents) - rollbacks} divergence stop(s)")
     return f"{run.name}: {', '.join(parts)}"
+
+
+# Segments of a launch's bar in `plot_time`: its phases, then the steps later redone (lost).
+TIME_SEGMENTS = (
+    "startup",
+    "useful steps",
+    "lost steps",
+    "checkpoint",
+    "validation",
+    "downstream",
+    "teardown",
+)
+
+
+def time_segments(launch: LaunchTime) -> dict[str, float]:
+    """A launch's wall seconds split for `plot_time`: its step time is split into useful and lost."""
+    phases = launch.phases
+    return {
+        "startup": phases["startup"],
+        "useful steps": launch.useful,
+        "lost steps": launch.lost_seconds,
+        "checkpoint": phases["checkpoint"],
+        "validation": phases["validation"],
+        "downstream": phases["downstream"],
+        "teardown": phases["teardown"],
+    }
+
+
+def plot_time(run_dirs: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> Figure:
+    """Where the time went: one stacked bar per launch (labelled `<run>:<k>`) of seconds per phase,
+    with the run's goodput in the title; every bar segment has a gid "<run>:<k>:<segment>"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bars: list[tuple[str, dict[str, float]]] = []
+    goodputs = []
+    for run_dir in run_dirs:
+        name = Path(run_dir).resolve().name
+        report = read_goodput(Path(run_dir))
+        if not report.launches:
+            raise UserError(f"{run_dir}: no goodput/launch-<k>.json records (written by `pretrain fit`)")
+        bars += [(f"{name}:{launch.launch}", time_segments(launch)) for launch in report.launches]
+        goodputs.append(f"{name} {report.goodput:.1%}")
+    fig = Figure(figsize=(max(4.0, 0.6 * len(bars) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bottoms = [0.0] * len(bars)
+    for segment in TIME_SEGMENTS:
+        heights = [seconds[segment] for _, seconds in bars]
+        drawn = ax.bar([label for label, _ in bars], heights, bottom=bottoms, label=segment)
+        for (label, _), patch in zip(bars, drawn.patches, strict=True):
+            patch.set_gid(f"{label}:{segment}")
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.set(
+        ylabel="wall seconds",
+        xlabel="run:launch",
+        title=f"where the time went (goodput {', '.join(goodputs)})",
+    )
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    return fig

@@ -233,3 +233,24 @@ def test_two_kills_and_a_requeue_report_the_steps_redone_and_phases_sum_to_the_w
         [PRETRAIN, "status", str(run_dir)], capture_output=True, text=True, check=True
     ).stdout
     assert f"lost {report.lost_steps} step(s)" in text and f"goodput {report.goodput:.1%}" in text
+
+
+# ---- where the time went, drawn ---------------------------------------------------------------
+
+
+def test_plot_time_draws_a_stacked_bar_per_launch(tmp_path):
+    from pretrain.plot import plot_time, time_segments
+
+    run_dir = tmp_path / "run"
+    write_launches(run_dir)
+    fig = plot_time([run_dir], tmp_path / "time.png")
+    assert (tmp_path / "time.png").stat().st_size > 0
+    heights = {patch.get_gid(): patch.get_height() for patch in fig.axes[0].patches}
+    assert heights["run:0:lost steps"] == pytest.approx(40.0) and heights[
+        "run:0:useful steps"
+    ] == pytest.approx(40.0)
+    first = read_goodput(run_dir).launches[0]
+    assert sum(time_segments(first).values()) == pytest.approx(first.wall)
+    assert "goodput" in fig.axes[0].get_title()
+    with pytest.raises(UserError, match="no goodput/launch-<k>.json records"):
+        plot_time([tmp_path / "empty"], tmp_path / "none.png")
