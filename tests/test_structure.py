@@ -118,6 +118,7 @@ def test_weights_are_opened_in_one_module():
 def test_private_lightning_apis_still_exist():
     """Every private API pretrain.train.private_apis relies on; fails naming the one an upgrade broke."""
     import lightning as L
+    import torch
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from pretrain.train import private_apis
@@ -133,6 +134,8 @@ def test_private_lightning_apis_still_exist():
         (strategy, "_data_parallel_size"),
         (strategy, "_tensor_parallel_size"),
         (strategy, "_save_distributed_checkpoint"),
+        (torch.cuda.memory, "_record_memory_history"),
+        (torch.cuda.memory, "_dump_snapshot"),
     ]
     missing = [
         f"{type(owner).__name__ if not isinstance(owner, type) else owner.__name__}.{name}"

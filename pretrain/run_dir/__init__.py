@@ -5,7 +5,8 @@ read and written. Nothing here imports torch or Lightning.
   resume, set aside, retention: judged by a `CheckpointCheck` the caller passes in), log
   versions, the lease (`pretrain.lease`), the requeue record, SLURM jobs, the status summary;
 - `logs`: every launch's metrics.csv merged into one series per metric (`RunLog`);
-- `incidents`: the divergence records (`incidents.jsonl`) and their one-line description.
+- `incidents`: the divergence records (`incidents.jsonl`) and their one-line description;
+- `goodput`: the launches' time records (`goodput/launch-<k>.json`), accounted and described.
 """
 
 from pretrain.run_dir.incidents import describe_incidents

@@ -12,12 +12,15 @@ Lightning is bounded above to the minor version these are tested with (pyproject
   data-parallel (`pretrain.train.parallelize.FSDP2Strategy`).
 - `ModelParallelStrategy._save_distributed_checkpoint`: the constructor argument has no public
   getter; EMA/LaWA copies under FSDP2 need sharded checkpoints (`pretrain.train.callbacks.weight_copies`).
+- `torch.cuda.memory._record_memory_history` / `_dump_snapshot`: torch's only way to take the CUDA
+  memory snapshot that https://pytorch.org/memory_viz reads (`pretrain.train.callbacks.profiler`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -37,3 +40,15 @@ def set_all_ranks_data_parallel(strategy: ModelParallelStrategy, world_size: int
 
 def saves_sharded_checkpoints(strategy: ModelParallelStrategy) -> bool:
     return bool(strategy._save_distributed_checkpoint)
+
+
+def record_cuda_memory_history(enabled: bool) -> None:
+    """Start (up to 100,000 allocation events) or stop recording CUDA allocations for a snapshot."""
+    if enabled:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+    else:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    torch.cuda.memory._dump_snapshot(path)

@@ -22,6 +22,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.files import write_atomic_with
+from pretrain.train import private_apis
 from pretrain.train.callbacks.step_callback import StepCallback
 
 TOP_OPS = 8
@@ -62,7 +63,7 @@ class StepProfiler(StepCallback):
         step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to
         if self._profile is None and self.first <= step <= self.last:
             if pl_module.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(max_entries=100_000)
+                private_apis.record_cuda_memory_history(True)
             self._profile = torch.profiler.profile(
                 activities=torch.profiler.supported_activities(), record_shapes=True
             )
@@ -88,8 +89,8 @@ class StepProfiler(StepCallback):
         written = [trace]
         if pl_module.device.type == "cuda":
             snapshot = self.out / f"memory-{suffix}.pickle"
-            write_atomic_with(snapshot, lambda tmp: torch.cuda.memory._dump_snapshot(str(tmp)))
-            torch.cuda.memory._record_memory_history(enabled=None)
+            write_atomic_with(snapshot, lambda tmp: private_apis.dump_cuda_memory_snapshot(str(tmp)))
+            private_apis.record_cuda_memory_history(False)
             written.append(snapshot)
         if trainer.is_global_zero:
             print(top_operations(profile, self.first, self.last), file=sys.stderr)
