@@ -254,3 +254,17 @@ def test_plot_time_draws_a_stacked_bar_per_launch(tmp_path):
     assert "goodput" in fig.axes[0].get_title()
     with pytest.raises(UserError, match="no goodput/launch-<k>.json records"):
         plot_time([tmp_path / "empty"], tmp_path / "none.png")
+
+
+def test_a_record_that_cannot_be_written_is_one_line_once_and_training_goes_on(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from pretrain.train.callbacks.goodput import GoodputRecorder
+
+    (tmp_path / "goodput").write_text("a file where the folder belongs")
+    recorder = GoodputRecorder(tmp_path, 0)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[])
+    recorder.write(trainer, force=True)  # type: ignore[arg-type]
+    recorder.write(trainer, force=True)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert err.count(f"goodput: cannot write {tmp_path / 'goodput' / 'launch-0.json'}") == 1

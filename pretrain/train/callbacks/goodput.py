@@ -8,6 +8,7 @@ evaluation (`DownstreamEval.seconds`), teardown (last step to the end of `pretra
 records the step seconds spent past its checkpoint; the time to set the rollback up counts as
 start-up. Rank 0 writes the record (`pretrain.files.write_json_atomic`) at every checkpoint step,
 at most every `every_seconds` otherwise, and at the end; each step also logs `goodput/elapsed_s`.
+A record that cannot be written (a full disk) is said in one line, once; training goes on.
 The record's format and how it is read back: `pretrain.run_dir.goodput`.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ class GoodputRecorder(StepCallback):
         self._validation_start: float | None = None
         self._earlier: GoodputReport | None = None
         self.active = False
+        self._write_failed = False
 
     # ---- phases ---------------------------------------------------------------------------------
 
@@ -178,8 +181,15 @@ class GoodputRecorder(StepCallback):
         if not trainer.is_global_zero or not (force or now - self._written >= self.every_seconds):
             return
         self._written = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.record(ended))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.record(ended))
+        except OSError as err:  # a full disk stops training at the next checkpoint, not here
+            if not self._write_failed:
+                print(
+                    f"goodput: cannot write {self.path} ({err.strerror}); training goes on", file=sys.stderr
+                )
+            self._write_failed = True
         if not ended and self.last_step > (self.start_step or 0):  # no log row before the first step
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics(now), step=max(self.last_step - 1, 0))
