@@ -17,6 +17,7 @@ from helpers import PRETRAIN, STEPS, logged_steps, recipe, run, train_losses
 from pretrain.cli import main
 from pretrain.errors import UserError
 from pretrain.files import write_json_atomic
+from pretrain.run_dir import RunDir
 from pretrain.run_dir.goodput import ELAPSED, KIND, PHASES, read_goodput, record_path
 from pretrain.slurm.status import status
 from pretrain.train.callbacks.goodput import process_start_time
@@ -141,7 +142,7 @@ def test_profile_steps_writes_a_trace_prints_the_top_operations_and_times_the_la
     tiny_dataset, tmp_path, capsys
 ):
     run_dir = tmp_path / "profiled"
-    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4)
+    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=3)
     started = time.time()
     assert main(["fit", "--config", str(config), "--profile.steps", "2:3"]) == 0
     ended = time.time()
@@ -151,10 +152,12 @@ def test_profile_steps_writes_a_trace_prints_the_top_operations_and_times_the_la
     assert json.loads(trace.read_text())["traceEvents"]
     # The record: every phase of this in-process launch, summing to its wall time.
     record = json.loads(record_path(run_dir, 0).read_text())
-    assert record["ended"] and record["start_step"] == 0 and record["last_step"] == 4
+    assert record["ended"] and record["start_step"] == 0 and record["last_step"] == 3
     phases = record["phases"]
     assert phases["steps"] > 0 and phases["validation"] > 0 and phases["startup"] > ended - started - 60
     assert sum(phases.values()) == pytest.approx(record["updated"] - record["process_start"], abs=0.05)
+    logged = RunDir(run_dir).read_logs().series
+    assert logged["goodput/run"].values[-1] > 0 and len(logged[ELAPSED].values) == 3  # one per step
     assert main(["fit", "--config", str(config), "--profile.steps", "5:3"]) == 2
     assert "profile.steps '5:3': need 1 <= A <= B" in capsys.readouterr().err
 

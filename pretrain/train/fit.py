@@ -54,7 +54,7 @@ from pretrain.train.callbacks.periodic_checkpoint import (
     DirectCheckpointIO,
     PeriodicCheckpoint,
 )
-from pretrain.train.callbacks.profiler import StepProfiler
+from pretrain.train.callbacks.profiler import StepProfiler, parse_steps
 from pretrain.train.callbacks.progress_bar import StepProgressBar
 from pretrain.train.datamodule import PretrainDataModule
 from pretrain.train.module import PretrainModule
@@ -157,6 +157,8 @@ class FitCLI(LightningCLI):
         trainer, data = c.trainer, c.data
         if data.num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {data.num_workers}")
+        if c.profile.steps is not None:
+            parse_steps(c.profile.steps)  # a typo stops the launch before the model is built
         geometry = recipe.BatchGeometry(
             devices=count_devices(trainer.devices, trainer.accelerator),
             nodes=trainer.num_nodes or 1,

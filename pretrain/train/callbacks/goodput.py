@@ -190,9 +190,11 @@ class GoodputRecorder(StepCallback):
                     f"goodput: cannot write {self.path} ({err.strerror}); training goes on", file=sys.stderr
                 )
             self._write_failed = True
-        if not ended and self.last_step > (self.start_step or 0):  # no log row before the first step
+        if self.last_step > (self.start_step or 0):  # no log row before the first step
             for logger in trainer.loggers:
-                logger.log_metrics(self.metrics(now), step=max(self.last_step - 1, 0))
+                logger.log_metrics(self.metrics(now), step=self.last_step - 1)
+                if ended:  # after Lightning's last flush
+                    logger.save()
 
     def metrics(self, now: float) -> dict[str, float]:
         """goodput/* metrics: this launch's phases and goodput, and the run's so far."""
