@@ -339,7 +339,7 @@ def plot_time(run_dirs: Sequence[str | os.PathLike[str]], out_path: str | os.Pat
             raise UserError(f"{run_dir}: no goodput/launch-<k>.json records (written by `pretrain fit`)")
         bars += [(f"{name}:{launch.launch}", time_segments(launch)) for launch in report.launches]
         goodputs.append(f"{name} {report.goodput:.1%}")
-    fig = Figure(figsize=(max(4.0, 0.6 * len(bars) + 2), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(5.0, 0.6 * len(bars) + 2), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     bottoms = [0.0] * len(bars)
@@ -349,11 +349,8 @@ def plot_time(run_dirs: Sequence[str | os.PathLike[str]], out_path: str | os.Pat
         for (label, _), patch in zip(bars, drawn.patches, strict=True):
             patch.set_gid(f"{label}:{segment}")
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    ax.set(
-        ylabel="wall seconds",
-        xlabel="run:launch",
-        title=f"where the time went (goodput {', '.join(goodputs)})",
-    )
+    ax.set(ylabel="wall seconds", xlabel="run:launch")
+    ax.set_title(f"where the time went\ngoodput {', '.join(goodputs)}", fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, axis="y")
     out_path = Path(out_path)
