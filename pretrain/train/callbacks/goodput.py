@@ -191,9 +191,10 @@ class GoodputRecorder(StepCallback):
                 )
             self._write_failed = True
         if self.last_step > (self.start_step or 0):  # no log row before the first step
-            for logger in trainer.loggers:
+            # after Lightning finalized its loggers (the end), only the CSV log, flushed here
+            for logger in trainer.loggers[:1] if ended else trainer.loggers:
                 logger.log_metrics(self.metrics(now), step=self.last_step - 1)
-                if ended:  # after Lightning's last flush
+                if ended:
                     logger.save()
 
     def metrics(self, now: float) -> dict[str, float]:
