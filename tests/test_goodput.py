@@ -271,3 +271,29 @@ def test_a_record_that_cannot_be_written_is_one_line_once_and_training_goes_on(t
     recorder.write(trainer, force=True)  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert err.count(f"goodput: cannot write {tmp_path / 'goodput' / 'launch-0.json'}") == 1
+
+
+def test_a_rollback_records_the_steps_past_its_checkpoint_and_keeps_the_marks_rising(tmp_path):
+    from types import SimpleNamespace
+
+    from pretrain.train.callbacks.goodput import GoodputRecorder
+
+    recorder = GoodputRecorder(tmp_path, 0)
+    trainer = SimpleNamespace(global_step=0, callbacks=[], is_global_zero=False, loggers=[])
+
+    def train(first: int, last: int) -> None:
+        trainer.global_step = first
+        recorder.on_train_start(trainer, None)  # type: ignore[arg-type]
+        for step in range(first + 1, last + 1):
+            time.sleep(0.01)
+            trainer.global_step = step
+            recorder.on_optimizer_step(trainer, None, step)  # type: ignore[arg-type]
+
+    train(0, 8)
+    before = recorder.phases["steps"]
+    train(4, 6)  # rolled back to the checkpoint of step 4
+    [rollback] = recorder.rollbacks
+    assert (rollback["from_step"], rollback["to_step"]) == (8, 4)
+    assert 0 < rollback["seconds"] < before  # the time of steps 5-8
+    steps = [mark[0] for mark in recorder.record()["marks"]]
+    assert steps == sorted(steps) and steps[-1] == 6

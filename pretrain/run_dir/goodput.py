@@ -7,8 +7,9 @@ Launch k of a run (the one that logs `logs/version_<k>`) writes its record (rank
      "start_step": S, "last_step": N, "phases": {PHASE: seconds}, "marks": [[step, step_s, elapsed_s]],
      "rollbacks": [{"from_step": a, "to_step": b, "seconds": s}]}
 
-`marks` place the cumulative step seconds of the launch at some steps (each checkpoint step, each
-write); `elapsed_s` counts from the process start. Each metrics.csv row of a step also holds
+`marks` place the cumulative step seconds of the launch at some steps (its start, each checkpoint
+step, each write; rising in step: a rollback drops those past its checkpoint); `elapsed_s` counts
+from the process start. Each metrics.csv row of a step also holds
 `goodput/elapsed_s`, so the steps a SIGKILL cut off after the last write are placed too.
 
 Work lost by launch k = the step seconds it spent past the step launch k+1 resumed from (and past

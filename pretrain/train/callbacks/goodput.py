@@ -82,6 +82,7 @@ class GoodputRecorder(StepCallback):
             seconds = self.phases["steps"] - self._seconds_at(step)
             self.rollbacks.append({"from_step": self.last_step, "to_step": step, "seconds": seconds})
             self.last_step = step
+            self.marks = [mark for mark in self.marks if mark[0] < step]  # steps only rise along the marks
         self.marks.append([step, self.phases["steps"], now - self.start])
         self._last, self._outside_steps, self.active = now, 0.0, True
         self.write(trainer, force=True)
