@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import recipe, run, run_and_kill_after_checkpoint, train_losses
+from helpers import PRETRAIN, recipe, run, train_losses
 
 from pretrain.anneal.plan import Settings, make_plan, probe_config
 from pretrain.anneal.probe import existing_probe, pin, run_probe
@@ -207,12 +208,33 @@ def snapshot(run_dir: Path) -> dict[str, str]:
     }
 
 
+def kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 240) -> None:
+    """Start `pretrain ARGS`; SIGKILL its process group once `checkpoint` (of a probe, whose log
+    starts at its branch step) is published with every step before it logged."""
+    process = subprocess.Popen([PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    step = int(checkpoint.name.split("-")[1].split(".")[0])
+    deadline = time.monotonic() + timeout
+    while not (checkpoint.exists() and max(_losses(checkpoint.parent.parent), default=-1) >= step - 1):
+        assert process.poll() is None, "the probe exited before the checkpoint to kill at"
+        assert time.monotonic() < deadline, "timed out waiting for the checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    try:
+        return train_losses(run_dir)
+    except (OSError, ValueError, KeyError):  # the first rows are being written
+        return {}
+
+
 @pytest.mark.slow
 def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset, tmp_path):
     before = snapshot(parent)
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").write_bytes(b"half written")
     probe_checkpoint = probe_dir(parent, 8) / "checkpoints" / "step-00000012.ckpt"
-    run_and_kill_after_checkpoint(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"], probe_checkpoint)
+    kill_after_checkpoint(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"], probe_checkpoint)
     result = run(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"])
     assert "step-8: 8,192 tokens so far, decay 8 steps (8,192 tokens), resumes" in result.stdout
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").unlink()
