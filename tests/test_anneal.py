@@ -34,7 +34,9 @@ COSINE = {
 }
 
 
-def fake_run(tmp_path: Path, schedule: dict, steps: tuple[int, ...] = (4, 8), name: str = "parent run") -> Path:
+def fake_run(
+    tmp_path: Path, schedule: dict, steps: tuple[int, ...] = (4, 8), name: str = "parent run"
+) -> Path:
     """A run directory with a resolved config and (unloadable) checkpoint files at `steps`."""
     run_dir = tmp_path / name
     version = run_dir / "logs" / "version_0"
@@ -70,7 +72,13 @@ def test_plan_probes_the_constant_phase_with_an_exact_decay(tmp_path):
 def test_plan_of_an_infinite_schedule_anneals_from_its_constant_lr(tmp_path):
     infinite = {
         "class_path": "pretrain.train.schedules.Infinite",
-        "init_args": {"max_lr": 3e-3, "constant_lr": 1e-3, "warmup_steps": 1, "cooldown_steps": 2, "min_lr": 0.0},
+        "init_args": {
+            "max_lr": 3e-3,
+            "constant_lr": 1e-3,
+            "warmup_steps": 1,
+            "cooldown_steps": 2,
+            "min_lr": 0.0,
+        },
     }
     plan = make_plan(fake_run(tmp_path, infinite), Settings(tokens=3072, shape="linear"))
     assert [p.step for p in plan.probes] == [4, 8]
@@ -194,7 +202,13 @@ def test_the_callback_launches_a_detached_probe_for_a_published_checkpoint(tmp_p
 def parent(tiny_dataset, tmp_path_factory) -> Path:
     """A 12-step WSD run in its constant phase, checkpoints at 4, 8 and 12."""
     tmp = tmp_path_factory.mktemp("anneal")
-    config = recipe(tmp, tiny_dataset, tmp / "parent", model__lr_schedule=WSD, checkpoint={"every_n_steps": 4, "keep_last": 3})
+    config = recipe(
+        tmp,
+        tiny_dataset,
+        tmp / "parent",
+        model__lr_schedule=WSD,
+        checkpoint={"every_n_steps": 4, "keep_last": 3},
+    )
     run(["fit", "--config", str(config)])
     return tmp / "parent"
 
@@ -211,7 +225,9 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 def kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 240) -> None:
     """Start `pretrain ARGS`; SIGKILL its process group once `checkpoint` (of a probe, whose log
     starts at its branch step) is published with every step before it logged."""
-    process = subprocess.Popen([PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     step = int(checkpoint.name.split("-")[1].split(".")[0])
     deadline = time.monotonic() + timeout
     while not (checkpoint.exists() and max(_losses(checkpoint.parent.parent), default=-1) >= step - 1):
@@ -257,3 +273,37 @@ def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset
     assert record["val_loss"] < record["stable_val_loss"]  # the decay lowers the loss
     again = run(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"])
     assert "step-8: done" in again.stdout and "0 probe(s) to run" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_probe_beside_the_training_parent_changes_nothing_of_it(parent, tmp_path):
+    """Runs after the test above (same parent): the parent trains on from 12 to 20 steps while the
+    probe of step 4 runs; retention (keep_last 3) prunes step 4, which the probe pinned first."""
+    logs_before = snapshot(parent / "logs")
+    probe = subprocess.Popen(
+        [PRETRAIN, "anneal", str(parent), "--steps", "4", "--fraction", "1.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pinned = probe_dir(parent, 4) / "parent" / "step-00000004.ckpt"
+    deadline = time.monotonic() + 120
+    while not pinned.exists():
+        assert probe.poll() is None and time.monotonic() < deadline, (
+            probe.stderr.read() if probe.stderr else ""
+        )
+        time.sleep(0.05)
+    config = parent / "logs" / "version_0" / "config.yaml"
+    run(["fit", "--config", str(config), "--trainer.max_steps", "20"])
+    out, err = probe.communicate(timeout=240)
+    assert probe.returncode == 0, err[-3000:]
+    assert not (parent / "checkpoints" / "step-00000004.ckpt").exists()  # pruned by the parent...
+    assert json.loads((probe_dir(parent, 4) / "probe.json").read_text())["step"] == 4  # ...after its pin
+    assert snapshot(parent / "logs").items() >= logs_before.items()  # earlier launches' files as they were
+    outside = {p.relative_to(parent).parts[0] for p in parent.iterdir()} - {"anneal"}
+    assert outside == {"checkpoints", "logs", "verified-shards.json"}  # no lease, no debris of the probe
+    assert sorted(p.name for p in (parent / "checkpoints").iterdir()) == [
+        "step-00000012.ckpt",
+        "step-00000016.ckpt",
+        "step-00000020.ckpt",
+    ]

@@ -79,7 +79,9 @@ def parent_config(run: RunDir) -> dict[str, Any]:
         raise UserError(f"{run.path}: no such run directory")
     config = run.latest_config()
     if not config:
-        raise UserError(f"{run.path}: no logs/version_<k>/config.yaml (is this a run directory of `pretrain fit`?)")
+        raise UserError(
+            f"{run.path}: no logs/version_<k>/config.yaml (is this a run directory of `pretrain fit`?)"
+        )
     return config
 
 
@@ -93,7 +95,9 @@ def schedule_of(config: dict[str, Any], run: RunDir) -> LRSchedule:
         cls = getattr(importlib.import_module(module_name), class_name)
         schedule = cls(**(spec.get("init_args") or {}))
     except (ImportError, AttributeError, TypeError, ValueError) as err:
-        raise UserError(f"{run.path}: cannot build its model.lr_schedule {spec['class_path']}: {err}") from None
+        raise UserError(
+            f"{run.path}: cannot build its model.lr_schedule {spec['class_path']}: {err}"
+        ) from None
     if not isinstance(schedule, WarmupStableDecay | Infinite):
         raise UserError(
             f"{run.path}: its LR schedule {class_name} has no constant phase to branch a decay from; "
@@ -112,7 +116,9 @@ def default_shape(schedule: LRSchedule) -> str:
     return "1-sqrt"
 
 
-def branch_schedule(spec: dict[str, Any], schedule: LRSchedule, decay_steps: int, shape: str) -> dict[str, Any]:
+def branch_schedule(
+    spec: dict[str, Any], schedule: LRSchedule, decay_steps: int, shape: str
+) -> dict[str, Any]:
     """The parent's `model.lr_schedule` with its decay moved to the last `decay_steps` steps."""
     init_args = dict(spec.get("init_args") or {})
     if isinstance(schedule, WarmupStableDecay):
@@ -152,7 +158,9 @@ def decay_steps(step: int, settings: Settings, tokens_per_step: int) -> int:
     return max(1, round(settings.fraction * step))
 
 
-def probe_config(config: dict[str, Any], run_dir: Path, probe: Probe, branch: dict[str, Any], pinned: Path) -> dict[str, Any]:
+def probe_config(
+    config: dict[str, Any], run_dir: Path, probe: Probe, branch: dict[str, Any], pinned: Path
+) -> dict[str, Any]:
     """The recipe of the probe: the parent's, with the overrides of the module docstring."""
     out = copy.deepcopy(config)
     out.update(
@@ -213,7 +221,9 @@ class Plan:
 
     def branch(self, probe: Probe) -> dict[str, Any]:
         """The probe's `model.lr_schedule`."""
-        return branch_schedule(self.config["model"]["lr_schedule"], self.schedule, probe.decay_steps, self.shape)
+        return branch_schedule(
+            self.config["model"]["lr_schedule"], self.schedule, probe.decay_steps, self.shape
+        )
 
     def describe(self) -> str:
         """The plan, printed before anything runs."""

@@ -38,7 +38,9 @@ def submit_probes(plan: Plan, nodes: int | None, gpus: int | None, dry_run: bool
         finally:
             lease.release()
         job_id = submit(resolve_job(str(recipe), cli, _branch_from(folder, probe)))
-        print(f"anneal: probe step-{probe.step}: submitted job {job_id} (pretrain status {folder})", flush=True)
+        print(
+            f"anneal: probe step-{probe.step}: submitted job {job_id} (pretrain status {folder})", flush=True
+        )
     return 0
 
 

@@ -40,8 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--tokens", type=int, metavar="T", help="decay over T tokens")
     parser.add_argument("--shape", help="decay shape: linear, cosine or 1-sqrt (default: the run's)")
     parser.add_argument("--tasks", help="lm-eval tasks to score each annealed model on, comma-separated")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan (and the job scripts); run nothing")
-    parser.add_argument("--submit", action="store_true", help="one SLURM job per probe instead of running here")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan (and the job scripts); run nothing"
+    )
+    parser.add_argument(
+        "--submit", action="store_true", help="one SLURM job per probe instead of running here"
+    )
     parser.add_argument("--nodes", type=int, help="--submit: nodes per probe job (default: the recipe's)")
     parser.add_argument("--gpus", type=int, help="--submit: GPUs per node (default: the recipe's)")
 
@@ -50,7 +54,9 @@ def _steps(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give step numbers separated by commas, e.g. 1000,2000") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give step numbers separated by commas, e.g. 1000,2000"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,12 +34,21 @@ class AnnealProbes(StepCallback):
     far with `shape` (default: the run's), scored on lm-eval `tasks` when given."""
 
     def __init__(
-        self, every_n_steps: int, fraction: float = 0.2, shape: str | None = None, tasks: list[str] | None = None
+        self,
+        every_n_steps: int,
+        fraction: float = 0.2,
+        shape: str | None = None,
+        tasks: list[str] | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps <= 0 or not 0.0 < fraction <= 1.0:
             raise ValueError("every_n_steps must be positive and fraction in (0, 1]")
-        self.every_n_steps, self.fraction, self.shape, self.tasks = every_n_steps, fraction, shape, tasks or []
+        self.every_n_steps, self.fraction, self.shape, self.tasks = (
+            every_n_steps,
+            fraction,
+            shape,
+            tasks or [],
+        )
         self._pending: list[int] = []
 
     def on_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
@@ -74,7 +83,15 @@ def _constant_phase(pl_module: L.LightningModule, step: int, max_steps: int) -> 
 def launch(run_dir: Path, step: int, args: list[str]) -> None:
     """Start `pretrain anneal RUN_DIR ARGS` detached (sbatch inside a SLURM job); one line either way."""
     in_job = "SLURM_JOB_ID" in os.environ
-    command = [sys.executable, "-m", "pretrain.cli", "anneal", str(run_dir), *args, *(["--submit"] if in_job else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.cli",
+        "anneal",
+        str(run_dir),
+        *args,
+        *(["--submit"] if in_job else []),
+    ]
     log = probe_dir(run_dir, step) / "launch.log"
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +104,13 @@ def launch(run_dir: Path, step: int, args: list[str]) -> None:
                 start_new_session=True,  # not killed with the training's process group
             )
     except OSError as err:
-        print(f"anneal probes: could not launch the probe of step {step} ({err}); training goes on", file=sys.stderr)
+        print(
+            f"anneal probes: could not launch the probe of step {step} ({err}); training goes on",
+            file=sys.stderr,
+        )
         return
     how = "submitting it as a SLURM job" if in_job else "locally at low priority"
-    print(f"anneal probes: launched the probe of step {step}, {how} (pid {process.pid}, log {log})", file=sys.stderr)
+    print(
+        f"anneal probes: launched the probe of step {step}, {how} (pid {process.pid}, log {log})",
+        file=sys.stderr,
+    )
