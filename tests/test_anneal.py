@@ -200,14 +200,14 @@ def test_the_callback_launches_a_detached_probe_for_a_published_checkpoint(tmp_p
 
 @pytest.fixture(scope="module")
 def parent(tiny_dataset, tmp_path_factory) -> Path:
-    """A 12-step WSD run in its constant phase, checkpoints at 4, 8 and 12."""
+    """A 12-step WSD run in its constant phase, checkpoints every 2 steps (all kept)."""
     tmp = tmp_path_factory.mktemp("anneal")
     config = recipe(
         tmp,
         tiny_dataset,
         tmp / "parent",
         model__lr_schedule=WSD,
-        checkpoint={"every_n_steps": 4, "keep_last": 3},
+        checkpoint={"every_n_steps": 2, "keep_last": 6},
     )
     run(["fit", "--config", str(config)])
     return tmp / "parent"
@@ -249,39 +249,39 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset, tmp_path):
     before = snapshot(parent)
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").write_bytes(b"half written")
-    probe_checkpoint = probe_dir(parent, 8) / "checkpoints" / "step-00000012.ckpt"
-    kill_after_checkpoint(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"], probe_checkpoint)
-    result = run(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"])
-    assert "step-8: 8,192 tokens so far, decay 8 steps (8,192 tokens), resumes" in result.stdout
+    probe_checkpoint = probe_dir(parent, 8) / "checkpoints" / "step-00000010.ckpt"
+    kill_after_checkpoint(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"], probe_checkpoint)
+    result = run(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"])
+    assert "step-8: 8,192 tokens so far, decay 4 steps (4,096 tokens), resumes" in result.stdout
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").unlink()
     assert snapshot(parent) == before  # the parent is untouched outside anneal/
 
-    decay = WSD | {"init_args": WSD["init_args"] | {"decay_steps": 8}}
+    decay = WSD | {"init_args": WSD["init_args"] | {"decay_steps": 4}}
     hand_made = recipe(
         tmp_path,
         tiny_dataset,
         tmp_path / "branch",
         model__lr_schedule=decay,
-        trainer__max_steps=16,
+        trainer__max_steps=12,
         branch_from=str(parent / "checkpoints" / "step-00000008.ckpt"),
-        validate_every_steps=8,
+        validate_every_steps=4,
     )
     run(["fit", "--config", str(hand_made)])
     assert train_losses(probe_dir(parent, 8)) == train_losses(tmp_path / "branch")  # bit for bit
     record = json.loads((probe_dir(parent, 8) / "probe.json").read_text())
-    assert record["step"] == 8 and record["anneal_tokens"] == 8192 and record["stable_val_loss"] is not None
+    assert record["step"] == 8 and record["anneal_tokens"] == 4096 and record["stable_val_loss"] is not None
     assert record["val_loss"] < record["stable_val_loss"]  # the decay lowers the loss
-    again = run(["anneal", str(parent), "--steps", "8", "--fraction", "1.0"])
+    again = run(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"])
     assert "step-8: done" in again.stdout and "0 probe(s) to run" in again.stdout
 
 
 @pytest.mark.slow
 def test_a_probe_beside_the_training_parent_changes_nothing_of_it(parent, tmp_path):
     """Runs after the test above (same parent): the parent trains on from 12 to 20 steps while the
-    probe of step 4 runs; retention (keep_last 3) prunes step 4, which the probe pinned first."""
+    probe of step 4 runs; retention (keep_last 6) prunes step 4, which the probe pinned first."""
     logs_before = snapshot(parent / "logs")
     probe = subprocess.Popen(
-        [PRETRAIN, "anneal", str(parent), "--steps", "4", "--fraction", "1.0"],
+        [PRETRAIN, "anneal", str(parent), "--steps", "4", "--fraction", "0.5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -303,7 +303,5 @@ def test_a_probe_beside_the_training_parent_changes_nothing_of_it(parent, tmp_pa
     outside = {p.relative_to(parent).parts[0] for p in parent.iterdir()} - {"anneal"}
     assert outside == {"checkpoints", "logs", "verified-shards.json"}  # no lease, no debris of the probe
     assert sorted(p.name for p in (parent / "checkpoints").iterdir()) == [
-        "step-00000012.ckpt",
-        "step-00000016.ckpt",
-        "step-00000020.ckpt",
+        f"step-{step:08d}.ckpt" for step in range(10, 21, 2)
     ]
