@@ -66,6 +66,10 @@ def test_plan_probes_the_constant_phase_with_an_exact_decay(tmp_path):
     config = probe_config(plan.config, run_dir, plan.probes[1], plan.branch(plan.probes[1]), Path("pin"))
     assert config["trainer"]["max_steps"] == 12 and config["branch_from"] == "pin"
     assert config["run_dir"] == str(probe_dir(run_dir, 8)) and config["slurm"]["job_name"].endswith("step-8")
+    automatic = {"class_path": "pretrain.train.callbacks.anneal_probes.AnnealProbes", "init_args": {}}
+    plan.config["trainer"]["callbacks"] = [automatic, {"class_path": "other"}]
+    config = probe_config(plan.config, run_dir, plan.probes[1], plan.branch(plan.probes[1]), Path("pin"))
+    assert config["trainer"]["callbacks"] == [{"class_path": "other"}]  # a probe launches no probes
     assert "2 probe(s) to run, 6,144 tokens" in plan.describe()
 
 
@@ -305,3 +309,27 @@ def test_a_probe_beside_the_training_parent_changes_nothing_of_it(parent, tmp_pa
     assert sorted(p.name for p in (parent / "checkpoints").iterdir()) == [
         f"step-{step:08d}.ckpt" for step in range(10, 21, 2)
     ]
+
+
+def test_the_callback_waits_for_the_published_checkpoint_of_a_constant_phase_step(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pretrain.train.callbacks import anneal_probes
+    from pretrain.train.schedules import WarmupStableDecay
+
+    launched = []
+    monkeypatch.setattr(anneal_probes, "launch", lambda run_dir, step, args: launched.append((step, args)))
+    callback = anneal_probes.AnnealProbes(every_n_steps=4, fraction=0.25, shape="linear")
+    trainer = SimpleNamespace(is_global_zero=True, max_steps=20, default_root_dir=str(tmp_path))
+    module = SimpleNamespace(lr_schedule=WarmupStableDecay(3e-3, 3e-4, warmup_steps=2, decay_fraction=0.2))
+    checkpoint = RunDir(tmp_path).checkpoint(4)
+    callback.on_optimizer_step(trainer, module, 4)
+    assert launched == []  # not before the checkpoint of step 4 is published
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"published")
+    callback.on_optimizer_step(trainer, module, 5)
+    assert launched == [(4, ["--steps", "4", "--fraction", "0.25", "--shape", "linear"])]
+    for step in (8, 12, 16, 20):  # the decay runs from step 16 to 20: the last checkpoint is not probed
+        RunDir(tmp_path).checkpoint(step).write_bytes(b"published")
+        callback.on_optimizer_step(trainer, module, step)
+    assert [step for step, _ in launched] == [4, 8, 12, 16]

@@ -5,8 +5,8 @@
         - class_path: pretrain.train.callbacks.anneal_probes.AnnealProbes
           init_args: {every_n_steps: 1000, fraction: 0.2}
 
-Off unless a recipe adds it. At every multiple of `every_n_steps` whose LR is still the constant
-phase's (a WarmupStableDecay or Infinite schedule), once the periodic checkpoint of that step is
+Off unless a recipe adds it. At every multiple of `every_n_steps` of the constant phase (a
+WarmupStableDecay or Infinite schedule whose LR was constant up to that step), once the periodic checkpoint of that step is
 published (`step-N.ckpt` exists: never a `.partial-` one), rank 0 launches
 `pretrain anneal RUN_DIR --steps N` (docs/anneal-probes.md): locally as a detached child at low
 priority (`nice`), its output in `RUN_DIR/anneal/step-N/launch.log`; inside a SLURM job with
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 
+from pretrain.anneal.plan import constant_phase_start
 from pretrain.anneal.result import probe_dir
 from pretrain.run_dir import RunDir
 from pretrain.train.callbacks.step_callback import StepCallback
@@ -72,12 +73,12 @@ class AnnealProbes(StepCallback):
 
 
 def _constant_phase(pl_module: L.LightningModule, step: int, max_steps: int) -> bool:
-    """Whether the LR of the steps around `step` is the schedule's constant LR."""
+    """Whether the steps before `step` ended in the constant phase (a decay may branch from it)."""
     schedule = getattr(pl_module, "lr_schedule", None)
     if not isinstance(schedule, WarmupStableDecay | Infinite):
         return False
     constant = schedule.max_lr if isinstance(schedule, WarmupStableDecay) else schedule.constant_lr
-    return schedule(step - 1, max_steps) == constant == schedule(step, max_steps)
+    return step >= constant_phase_start(schedule) and schedule(step - 1, max_steps) == constant
 
 
 def launch(run_dir: Path, step: int, args: list[str]) -> None:
