@@ -107,6 +107,9 @@ def test_a_step_in_the_decay_phase_is_left_out_or_refused(tmp_path):
         (WSD, Settings(fraction=0.0), r"--fraction 0.0: must be in \(0, 1\]"),
         (WSD, Settings(fraction=1.5), r"--fraction 1.5: must be in \(0, 1\]"),
         (WSD, Settings(steps=(6,)), "step-6 is not among .* pruned by the parent's retention"),
+        (WSD, Settings(tokens=0), "--tokens 0: must be a positive number of tokens"),
+        (WSD, Settings(every=0), "--every 0: must be a positive number of steps"),
+        (WSD, Settings(shape="exp"), "--shape exp: choose one of linear, cosine, 1-sqrt"),
     ],
 )
 def test_refusals_are_one_line(tmp_path, schedule, settings, message):
@@ -137,6 +140,17 @@ def test_a_pin_is_a_hard_link_that_outlives_the_parents_name(tmp_path):
     assert pinned.read_bytes() == b"weights 4"
     plan = make_plan(run_dir, Settings(steps=(4,)))  # the unfinished probe resumes from its pin
     assert [p.checkpoint for p in plan.probes] == [pinned]
+
+
+def test_a_probe_pinned_from_a_since_rewritten_checkpoint_is_named(tmp_path):
+    run_dir = fake_run(tmp_path, WSD)
+    pin(make_plan(run_dir, Settings(steps=(4,))).probes[0], probe_dir(run_dir, 4))
+    rewritten = run_dir / "checkpoints" / "step-00000004.ckpt"
+    rewritten.unlink()
+    rewritten.write_bytes(b"weights after a rollback")  # another checkpoint under the same name
+    probe = make_plan(run_dir, Settings(steps=(4,))).probes[0]
+    with pytest.raises(UserError, match="was started from another checkpoint step-4 .* move .* aside"):
+        pin(probe, probe_dir(run_dir, 4))
 
 
 def test_done_probes_are_skipped_and_a_damaged_record_is_redone(tmp_path, capsys):
