@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PRETRAIN, recipe, run, train_losses
+from helpers import PRETRAIN, recipe, require, run, train_losses
 
 from pretrain.anneal.plan import Settings, make_plan, probe_config
 from pretrain.anneal.probe import existing_probe, pin, run_probe
@@ -269,7 +269,9 @@ def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").write_bytes(b"half written")
     probe_checkpoint = probe_dir(parent, 8) / "checkpoints" / "step-00000010.ckpt"
     kill_after_checkpoint(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"], probe_checkpoint)
-    result = run(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"])
+    require("lm_eval")  # the rerun also scores the annealed model through `pretrain eval`'s path
+    tasks = ["--tasks", "pystdlib_next_line", "--limit", "8"]
+    result = run(["anneal", str(parent), "--steps", "8", "--fraction", "0.5", *tasks])
     assert "step-8: 8,192 tokens so far, decay 4 steps (4,096 tokens), resumes" in result.stdout
     (parent / "checkpoints" / ".partial-step-00000016.ckpt").unlink()
     assert snapshot(parent) == before  # the parent is untouched outside anneal/
@@ -289,6 +291,7 @@ def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset
     record = json.loads((probe_dir(parent, 8) / "probe.json").read_text())
     assert record["step"] == 8 and record["anneal_tokens"] == 4096 and record["stable_val_loss"] is not None
     assert record["val_loss"] < record["stable_val_loss"]  # the decay lowers the loss
+    assert set(record["downstream"]) == {"pystdlib_next_line/acc", "pystdlib_next_line/acc_norm"}
     again = run(["anneal", str(parent), "--steps", "8", "--fraction", "0.5"])
     assert "step-8: done" in again.stdout and "0 probe(s) to run" in again.stdout
 

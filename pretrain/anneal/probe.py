@@ -115,7 +115,7 @@ def prepare_probe(plan: Plan, probe: Probe) -> Path:
     return recipe
 
 
-def run_probe(plan: Plan, probe: Probe, tasks: list[str]) -> int:
+def run_probe(plan: Plan, probe: Probe, tasks: list[str], limit: int | None = None) -> int:
     """Run (or resume) one probe under its own lease and record it; `pretrain fit`'s exit code."""
     from pretrain.commands.fit import main as fit_main
 
@@ -130,13 +130,14 @@ def run_probe(plan: Plan, probe: Probe, tasks: list[str]) -> int:
     finally:
         lease.release()
     if code == 0:
-        result = finish_probe(plan.run.path, probe, tasks)
+        result = finish_probe(plan.run.path, probe, tasks, limit)
         print(f"anneal: probe step-{probe.step}: annealed val loss {result.val_loss:.4f}", flush=True)
     return code
 
 
-def finish_probe(run_dir: Path, probe: Probe, tasks: list[str]) -> ProbeResult:
-    """Read the finished probe's final validation (and score `tasks`), write its record."""
+def finish_probe(run_dir: Path, probe: Probe, tasks: list[str], limit: int | None = None) -> ProbeResult:
+    """Read the finished probe's final validation (and score `tasks`, at most `limit` examples
+    each), write its record."""
     folder = probe_dir(run_dir, probe.step)
     end = probe.step + probe.decay_steps
     per_source = _val_losses(RunDir(folder), end - 1, at_least=True)
@@ -150,7 +151,7 @@ def finish_probe(run_dir: Path, probe: Probe, tasks: list[str]) -> ProbeResult:
         val_loss=sum(per_source.values()) / len(per_source),
         stable_val_loss=_stable_val_loss(RunDir(run_dir), probe.step),
         val_loss_per_source=per_source,
-        downstream=_downstream(folder, end, tasks) if tasks else {},
+        downstream=_downstream(folder, end, tasks, limit) if tasks else {},
     )
     write_result(run_dir, result)
     return result
@@ -178,7 +179,7 @@ def _stable_val_loss(parent: RunDir, step: int) -> float | None:
     return sum(losses.values()) / len(losses) if losses else None
 
 
-def _downstream(folder: Path, end: int, tasks: list[str]) -> dict[str, float]:
+def _downstream(folder: Path, end: int, tasks: list[str], limit: int | None) -> dict[str, float]:
     """Scores of the probe's final checkpoint through `pretrain eval`'s run path (kept in the
     probe's own eval/ folder): `task/metric` -> score."""
     from pretrain.eval.backend import PretrainLM
@@ -192,7 +193,7 @@ def _downstream(folder: Path, end: int, tasks: list[str]) -> dict[str, float]:
         RunDir(folder),
         loaded,
         None,
-        None,
+        limit,
         every=end,
         log=lambda line: print(line, file=sys.stderr),
     )

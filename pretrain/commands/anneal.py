@@ -1,7 +1,7 @@
 """Anneal probes: what the run would score if its LR were decayed now (docs/anneal-probes.md).
 
     pretrain anneal RUN_DIR [--every K | --steps A,B,...] [--fraction F | --tokens T] [--shape S]
-                    [--tasks T1,T2] [--dry-run] [--submit [--nodes N] [--gpus G]]
+                    [--tasks T1,T2 [--limit N]] [--dry-run] [--submit [--nodes N] [--gpus G]]
 
 For checkpoints of the run's constant-LR phase (a WarmupStableDecay or Infinite schedule), runs
 a decay branch from the checkpoint with its optimizer state (`branch_from`): the shape of the
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--tokens", type=int, metavar="T", help="decay over T tokens")
     parser.add_argument("--shape", help="decay shape: linear, cosine or 1-sqrt (default: the run's)")
     parser.add_argument("--tasks", help="lm-eval tasks to score each annealed model on, comma-separated")
+    parser.add_argument("--limit", type=int, metavar="N", help="--tasks: at most N examples per task")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan (and the job scripts); run nothing"
     )
@@ -62,6 +63,8 @@ def _steps(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from pretrain.anneal.plan import Settings, make_plan
 
+    if args.limit is not None and args.limit <= 0:
+        raise UserError(f"--limit {args.limit}: must be a positive number of examples")
     if (args.nodes is not None or args.gpus is not None) and not args.submit:
         raise UserError("--nodes and --gpus go with --submit")
     settings = Settings(args.every, args.steps or (), args.fraction, args.tokens, args.shape)
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.anneal.probe import run_probe
 
     for probe in plan.probes:
-        code = run_probe(plan, probe, tasks)
+        code = run_probe(plan, probe, tasks, args.limit)
         if code != 0:
             print(f"pretrain anneal: probe step-{probe.step} did not finish (exit {code})", file=sys.stderr)
             return code
