@@ -286,7 +286,8 @@ def test_killed_probe_resumes_and_equals_a_hand_made_branch(parent, tiny_dataset
         branch_from=str(parent / "checkpoints" / "step-00000008.ckpt"),
         validate_every_steps=4,
     )
-    run(["fit", "--config", str(hand_made)])
+    branched = run(["fit", "--config", str(hand_made)])
+    assert "length changed" not in branched.stderr  # a branch's decay is no stretched schedule
     assert train_losses(probe_dir(parent, 8)) == train_losses(tmp_path / "branch")  # bit for bit
     record = json.loads((probe_dir(parent, 8) / "probe.json").read_text())
     assert record["step"] == 8 and record["anneal_tokens"] == 4096 and record["stable_val_loss"] is not None
