@@ -351,3 +351,30 @@ def test_the_callback_waits_for_the_published_checkpoint_of_a_constant_phase_ste
         RunDir(tmp_path).checkpoint(step).write_bytes(b"published")
         callback.on_optimizer_step(trainer, module, step)
     assert [step for step, _ in launched] == [4, 8, 12, 16]
+
+
+def test_a_shard_folder_is_pinned_file_by_file_and_copied_where_links_fail(tmp_path, monkeypatch, capsys):
+    import errno
+
+    run_dir = fake_run(tmp_path, WSD, steps=(8,))
+    folder = run_dir / "checkpoints" / "step-00000004.ckpt"  # an FSDP2 checkpoint: a folder of shards
+    (folder / "shards").mkdir(parents=True)
+    (folder / "meta.pt").write_bytes(b"meta")
+    (folder / "shards" / "0.distcp").write_bytes(b"shard 0")
+    probe = make_plan(run_dir, Settings(steps=(4,))).probes[0]
+    pinned = pin(probe, probe_dir(run_dir, 4))
+    assert (pinned / "shards" / "0.distcp").stat().st_ino == (folder / "shards" / "0.distcp").stat().st_ino
+
+    def no_links(source, destination):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    import torch
+
+    # a copy keeps the identity `pretrain fit` writes into a checkpoint (not its inode)
+    torch.save({"pretrain": {"checkpoint_id": "id-8"}}, run_dir / "checkpoints" / "step-00000008.ckpt")
+    monkeypatch.setattr(os, "link", no_links)
+    probe = make_plan(run_dir, Settings(steps=(8,))).probes[0]
+    copied = pin(probe, probe_dir(run_dir, 8))
+    assert copied.read_bytes() == probe.checkpoint.read_bytes()
+    assert copied.stat().st_ino != probe.checkpoint.stat().st_ino
+    assert "cannot hard-link" in capsys.readouterr().err
