@@ -535,3 +535,29 @@ def test_fit_under_srun_refuses_a_task_count_that_differs_from_the_recipe(cluste
     )
     assert result.returncode == 2
     assert "SLURM started 1 task(s) on 1 node(s), but the recipe trains on" in result.stderr
+
+
+@pytest.mark.slow
+def test_anneal_submit_runs_a_probe_as_a_requeueable_job(cluster, tiny_dataset, tmp_path):
+    """`pretrain anneal --submit`: the probe of a WSD run's checkpoint is a real job in the probe's
+    own run directory; the next `pretrain anneal` finds it finished and writes its record."""
+    from pretrain.anneal.result import probe_dir, read_results
+
+    wsd = {
+        "class_path": "pretrain.train.schedules.WarmupStableDecay",
+        "init_args": {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "decay_fraction": 0.0},
+    }
+    run_dir = tmp_path / "wsd"
+    slurm = {"env_setup": ENV_SETUP, "cpus_per_task": 1}
+    config = recipe(
+        tmp_path, tiny_dataset, run_dir, model__lr_schedule=wsd, trainer__max_steps=4, slurm=slurm
+    )
+    subprocess.run([PRETRAIN, "fit", "--config", str(config)], check=True, capture_output=True)
+    assert main(["anneal", str(run_dir), "--steps", "4", "--fraction", "0.5", "--submit"]) == 0
+    probe = probe_dir(run_dir, 4)
+    assert "--branch_from" in (probe / "slurm" / "train.sbatch").read_text()
+    job_id = json.loads((probe / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
+    assert wait_until_ended(job_id, probe)["JobState"] == "COMPLETED", job_logs(probe)
+    assert main(["anneal", str(run_dir), "--steps", "4", "--fraction", "0.5"]) == 0
+    (result,) = read_results(run_dir)
+    assert (result.step, result.anneal_tokens) == (4, 2048) and result.val_loss > 0

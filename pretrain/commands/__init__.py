@@ -29,6 +29,7 @@ COMMANDS = {
     "average": "average",
     "generate": "generate",
     "eval": "eval",
+    "anneal": "anneal",
 }
 
 

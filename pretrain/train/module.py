@@ -498,9 +498,10 @@ class PretrainModule(L.LightningModule):
 
     def _note_a_stretched_schedule(self, saved_max_steps: int | None, step: int) -> None:
         """A run resumed with another length recomputes its LR schedule over the new length: say what
-        that does to the LR at the resume step (a cosine stretched over more steps jumps up)."""
+        that does to the LR at the resume step (a cosine stretched over more steps jumps up). Not on a
+        branch's first launch (`branched_from` is set by `fit` only then): it sets its own schedule."""
         new = self.trainer.max_steps
-        if saved_max_steps in (None, new) or not self.trainer.is_global_zero:
+        if saved_max_steps in (None, new) or self.branched_from or not self.trainer.is_global_zero:
             return
         before, after = self.lr_schedule(step, saved_max_steps), self.lr_schedule(step, new)
         if abs(after - before) > 1e-3 * max(abs(before), 1e-12):
