@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 
+from pretrain.anneal.report import status_lines as anneal_lines
 from pretrain.plot import format_tokens
 from pretrain.run_dir import RunDir, describe_incidents
 
@@ -81,4 +82,5 @@ def status(run_dir: str | os.PathLike) -> str:
             eta = (max_steps - steps_done) * batch_tokens / rate
             text += f", ETA {_duration(eta)} of training at this rate (queue time not included)"
         lines.append(f"throughput  {text}")
+    lines += anneal_lines(run.path)
     return "\n".join(lines)
