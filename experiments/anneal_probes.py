@@ -4,8 +4,9 @@ The `tiny` preset with a warmup-stable-decay schedule (`WarmupStableDecay`, 20% 
 the end) on the pystdlib corpus, shortened to fit two shared CPU cores (sequences of 128 tokens,
 8 a step). Checkpoints are pinned at the probe steps, all in the constant phase. Then:
 
-  (a) the parent run trains (resumed, or skipped when it has finished: rerunning is cheap);
-  (b) `pretrain anneal PARENT --steps ... --fraction F` decays a branch from each probe step
+  (a) the parent run trains in the background (resumed, or skipped when it has finished);
+  (b) beside it, as soon as each probe step's checkpoint is published,
+      `pretrain anneal PARENT --steps N --fraction F` decays a branch from it
       (where the `anneal` command is not installed, the same branches are made by hand with
       `pretrain fit --branch_from` and the same schedule, and their records written);
   (c) each probe's annealed loss is reported beside the stable-phase loss, and the forecast made
@@ -25,8 +26,12 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+from pretrain import lease
 from pretrain.anneal.forecast import NoForecast
 from pretrain.anneal.report import anneal_view, fit, forecast_lines, table_lines, write_table
 from pretrain.anneal.result import ProbeResult, probe_dir, read_results, write_result
@@ -62,6 +67,36 @@ def run(command: list[str], what: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{what} failed:\n{result.stderr[-3000:]}")
+
+
+def finished(run_dir: Path) -> bool:
+    summary = RunDir(run_dir).summary() if run_dir.is_dir() else None
+    return summary is not None and bool(summary.max_steps) and summary.steps_done >= (summary.max_steps or 0)
+
+
+def start_parent(command: list[str], log: Path) -> subprocess.Popen | None:
+    """Start the parent run in the background (it resumes if interrupted); None if it has finished."""
+    parent = Path(command[command.index("--run_dir") + 1])
+    if finished(parent):
+        return None
+    owner = lease.read(RunDir(parent).lease_file)
+    if owner is not None and lease.gone_because(owner, lease.this_process()) is None:
+        print(f"the parent run is training already ({lease.describe_owner(owner)}): waiting for it")
+        return None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("a"))
+
+
+def has_checkpoint(run_dir: Path, step: int) -> bool:
+    return step in dict(RunDir(run_dir).list_checkpoints())
+
+
+def wait_for(what: str, done: Callable[[], bool], parent: subprocess.Popen | None) -> None:
+    """Poll until `done()`; stop if the parent run failed meanwhile."""
+    while not done():
+        if parent is not None and parent.poll() not in (None, 0):
+            sys.exit(f"the parent run failed (exit {parent.returncode}) before {what}: see its log")
+        time.sleep(10)
 
 
 def last_val(run_dir: Path, at_step: int | None = None) -> float:
@@ -129,12 +164,15 @@ def main() -> None:
     )
     args = parser.parse_args()
     parent = args.scratch / "parent"
-    summary = RunDir(parent).summary() if parent.is_dir() else None
-    if summary is None or not summary.max_steps or summary.steps_done < summary.max_steps:
-        run(fit_command(parent, args.data, args.steps, args.every, schedule()), "the parent run")
+    command = fit_command(parent, args.data, args.steps, args.every, schedule())
+    process = start_parent(command, args.scratch / "parent.log")
     stable_end = round(args.steps * 0.8)
     steps = [s for s in range(args.every, stable_end + 1, args.every) if s < stable_end]
-    how = probes(parent, args.data, steps, args.fraction)
+    how = ""
+    for step in steps:  # each probe beside the parent, as soon as its checkpoint is published
+        wait_for(f"step {step}", partial(has_checkpoint, parent, step), process)
+        how = probes(parent, args.data, [step], args.fraction)
+    wait_for("its end", lambda: finished(parent), process)
     results = read_results(parent)
     write_table(parent)
     last, earlier = results[-1], results[:-1]
