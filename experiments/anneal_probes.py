@@ -115,8 +115,9 @@ def probe_by_hand(parent: Path, data: Path, step: int, fraction: float) -> None:
     run(command + ["--branch_from", str(checkpoint)], f"probe at step {step}")
     tokens = SEQ_LEN * BATCH
     loss = last_val(folder)
+    stable = last_val(parent, step - 1)  # row k of the log is step k + 1
     record = ProbeResult(
-        step, f"by hand: step {step}", step * tokens, decay * tokens, loss, last_val(parent, step - 1)
+        step, f"by hand: step {step}", step * tokens, decay * tokens, loss, stable, {"pystdlib": loss}
     )
     write_result(parent, record)
 
