@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from pretrain.anneal.report import AnnealView
+
 # Line styles of validation sources; "--" is left for resume marks.
 _VAL_STYLES: tuple[Any, ...] = ("-", ":", "-.", (0, (3, 1, 1, 1, 1, 1)))
 # The metric that stands for a downstream task: the first of these it has, else its first by name.
@@ -137,6 +139,7 @@ def plot_runs(
     runs: Sequence[str | os.PathLike[str] | RunLog],
     out_path: str | os.PathLike[str],
     smoothing: float | None = None,
+    anneal: Sequence[AnnealView | None] = (),
 ) -> Figure:
     """Draw loss, learning rate and downstream scores of runs (directories or loaded logs), save a
     PNG, return the figure.
@@ -147,6 +150,9 @@ def plot_runs(
     downstream scores, a grid of one panel per task (titled by the task) with its headline metric
     (`downstream_headlines`), markers at the evaluations. One color per run; dashed vertical lines
     where a run resumed. Every line has a gid "<run>:<metric>[:raw|:smooth]" or "<run>:resume".
+    `anneal[i]`, where given (`pretrain.anneal.report.anneal_view`), adds run i's anneal probes:
+    annealed points and the forecast with its band on the loss panel ("if annealed now"), annealed
+    scores on the task panels (gids "<run>:anneal:...").
     """
     from matplotlib.ticker import FuncFormatter
 
@@ -154,6 +160,10 @@ def plot_runs(
     by_steps = any(TOKENS not in run.series for run in logs)
     sources = sorted({source for run in logs for source in run.val_sources()})
     headlines = downstream_headlines(logs)
+    for view in anneal:  # tasks only the probes were scored on get their panels too
+        for key in view.downstream if view is not None else ():
+            task, _, metric = key.rpartition("/")
+            headlines.setdefault(task, metric)
 
     fig, loss_ax, lr_ax, task_axes = _layout(len(headlines))
 
@@ -217,6 +227,8 @@ def plot_runs(
                 clip_on=False,
                 gid=f"{run.name}:incident:{incident['action']}",
             )
+        if i < len(anneal) and (view := anneal[i]) is not None and not by_steps:
+            _draw_anneal(loss_ax, dict(zip(headlines.items(), task_axes)), run.name, view, color)
         for step, tokens in run.resumes:
             for ax in (loss_ax, lr_ax, *task_axes):
                 ax.axvline(
@@ -260,6 +272,45 @@ def plot_runs(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=120)
     return fig
+
+
+def _draw_anneal(
+    loss_ax: Axes, task_axes: dict[tuple[str, str], Axes], name: str, view: AnnealView, color: str
+) -> None:
+    """A run's anneal probes: annealed losses (squares) and the forecast with its band, annealed scores."""
+    loss_ax.plot(
+        view.tokens,
+        view.val_loss,
+        ls="none",
+        marker="s",
+        ms=6,
+        mfc="white",
+        color=color,
+        label=f"{name} val if annealed now (probes)",
+        gid=f"{name}:anneal:val_loss",
+    )
+    if (curve := view.loss_curve) is not None:
+        loss_ax.plot(curve.tokens, curve.value, color=color, ls=":", lw=1.5, gid=f"{name}:anneal:forecast")
+        loss_ax.fill_between(
+            curve.tokens,
+            curve.low,
+            curve.high,
+            color=color,
+            alpha=0.15,
+            label=f"{name} forecast, {curve.level:.0%} band",
+            gid=f"{name}:anneal:band",
+        )
+    for (task, metric), ax in task_axes.items():
+        if (points := view.downstream.get(f"{task}/{metric}")) is not None:
+            ax.plot(
+                *points,
+                ls="none",
+                marker="s",
+                mfc="white",
+                color=color,
+                label=f"{name} if annealed now",
+                gid=f"{name}:anneal:{task}",
+            )
 
 
 def _x_of_steps(run: RunLog, steps: Sequence[int], by_steps: bool) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Plot training loss (raw and smoothed), validation loss per source, the learning rate and, where
 logged, downstream benchmark scores (one panel per task) of one or more runs against tokens seen,
-from RUN_DIR/logs/version_<k>/metrics.csv; print each run's latest values. `--time TIME.png` also
-draws where each launch's wall time went (RUN_DIR/goodput/, one stacked bar per launch).
+from RUN_DIR/logs/version_<k>/metrics.csv; print each run's latest values. A run's anneal probes
+(RUN_DIR/anneal/, docs/anneal-probes.md) are drawn with their forecast and its band. `--time
+TIME.png` also draws where each launch's wall time went (RUN_DIR/goodput/, one stacked bar per launch).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pretrain.anneal.report import anneal_view
     from pretrain.plot import plot_runs, plot_time, summarize
     from pretrain.run_dir import RunDir
 
     runs = [RunDir(run_dir).read_logs() for run_dir in args.run_dirs]
-    plot_runs(runs, args.out, args.smoothing)
+    plot_runs(runs, args.out, args.smoothing, [anneal_view(run_dir) for run_dir in args.run_dirs])
     print(f"wrote {args.out}")
     if args.time:
         plot_time(args.run_dirs, args.time)

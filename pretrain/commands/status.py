@@ -1,5 +1,6 @@
 """Report on a run directory: its latest SLURM job's state (squeue, else sacct), the last logged
-step and tokens seen, the newest checkpoint, the requeue count and an ETA from the logged throughput.
+step and tokens seen, the newest checkpoint, the requeue count and an ETA from the logged throughput;
+for a run with anneal probes, the newest probe and the forecast with its band (docs/anneal-probes.md).
 """
 
 from __future__ import annotations

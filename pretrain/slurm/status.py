@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 
+from pretrain.anneal.report import status_lines as anneal_lines
 from pretrain.plot import format_tokens
 from pretrain.run_dir import RunDir, describe_incidents
 from pretrain.run_dir.goodput import describe as describe_goodput
@@ -88,4 +89,5 @@ def status(run_dir: str | os.PathLike) -> str:
             f"{'goodput' if i == 0 else '':<12}{line}"
             for i, line in enumerate(describe_goodput(summary.goodput))
         ]
+    lines += anneal_lines(run.path)
     return "\n".join(lines)
