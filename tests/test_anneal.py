@@ -21,6 +21,7 @@ from pretrain.anneal.plan import Settings, make_plan, probe_config
 from pretrain.anneal.probe import existing_probe, pin, run_probe
 from pretrain.anneal.result import ProbeResult, probe_dir, write_result
 from pretrain.cli import main
+from pretrain.commands.fit import main as fit_main
 from pretrain.errors import UserError
 from pretrain.run_dir import RunDir
 
@@ -180,7 +181,7 @@ def test_the_second_anneal_on_a_probe_says_it_is_in_use(tmp_path):
         probe_dir(run_dir, 4).mkdir(parents=True)
         RunDir(probe_dir(run_dir, 4)).lease_file.write_text(json.dumps(lease))
         with pytest.raises(UserError, match="is in use by another"):
-            run_probe(plan, plan.probes[0], [])
+            run_probe(plan, plan.probes[0], fit_main, [])
     finally:
         other.kill()
         other.wait()

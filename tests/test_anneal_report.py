@@ -120,3 +120,14 @@ def test_plot_draws_probes_and_the_forecast_band(run: Path, tmp_path: Path) -> N
     out = tmp_path / "cli.png"
     plot_command.run(argparse.Namespace(run_dirs=[str(run)], out=str(out), smoothing=None))
     assert out.stat().st_size > 0
+
+
+def test_anneal_forecast_prints_the_band_and_writes_the_table_running_nothing(run: Path, capsys) -> None:
+    from pretrain.cli import main
+
+    assert main(["anneal", str(run), "--forecast", "--target", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert "annealed val loss at the planned end (8.192M tokens): " in out and "90% band" in out
+    assert "val loss 2.5 reached: " in out
+    assert "val loss 2.5 reached: " in (run / "anneal" / "table.md").read_text()
+    assert not list(run.glob("anneal/step-*/checkpoints"))  # no probe was run

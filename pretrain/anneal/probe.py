@@ -20,11 +20,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from pretrain.anneal.plan import Plan, Probe, probe_config
+from pretrain.anneal.report import write_table
 from pretrain.anneal.result import RECORD, ProbeResult, probe_dir, read_result, write_result
 from pretrain.errors import UserError
 from pretrain.files import DamagedRecord, write_atomic
@@ -115,10 +117,11 @@ def prepare_probe(plan: Plan, probe: Probe) -> Path:
     return recipe
 
 
-def run_probe(plan: Plan, probe: Probe, tasks: list[str], limit: int | None = None) -> int:
-    """Run (or resume) one probe under its own lease and record it; `pretrain fit`'s exit code."""
-    from pretrain.commands.fit import main as fit_main
-
+def run_probe(
+    plan: Plan, probe: Probe, fit: Callable[[list[str]], int], tasks: list[str], limit: int | None = None
+) -> int:
+    """Run (or resume) one probe under its own lease with `fit` (`pretrain fit`'s entry point, given by
+    the command: the core never imports commands) and record it; `fit`'s exit code."""
     folder = probe_dir(plan.run.path, probe.step)
     folder.mkdir(parents=True, exist_ok=True)
     lease = RunDir(folder)
@@ -126,7 +129,7 @@ def run_probe(plan: Plan, probe: Probe, tasks: list[str], limit: int | None = No
     try:
         recipe = prepare_probe(plan, probe)
         print(f"anneal: probe step-{probe.step}: pretrain fit --config {recipe}", file=sys.stderr, flush=True)
-        code = fit_main(["--config", str(recipe)])
+        code = fit(["--config", str(recipe)])
     finally:
         lease.release()
     if code == 0:
@@ -154,6 +157,7 @@ def finish_probe(run_dir: Path, probe: Probe, tasks: list[str], limit: int | Non
         downstream=_downstream(folder, end, tasks, limit) if tasks else {},
     )
     write_result(run_dir, result)
+    write_table(run_dir)
     return result
 
 

@@ -2,6 +2,7 @@
 
     pretrain anneal RUN_DIR [--every K | --steps A,B,...] [--fraction F | --tokens T] [--shape S]
                     [--tasks T1,T2 [--limit N]] [--dry-run] [--submit [--nodes N] [--gpus G]]
+                    [--target LOSS] [--forecast]
 
 For checkpoints of the run's constant-LR phase (a WarmupStableDecay or Infinite schedule), runs
 a decay branch from the checkpoint with its optimizer state (`branch_from`): the shape of the
@@ -12,6 +13,11 @@ probe.json. The parent may keep training meanwhile: a probe reads only published
 (pinned by a hard link), never takes the parent's lease, and writes only under RUN_DIR/anneal/.
 Running the command again skips the probes that are done and resumes the unfinished ones. The
 plan (probes, tokens, time at the run's tokens/s) is printed first; --dry-run stops there.
+
+When the probes are done, RUN_DIR/anneal/table.md lists them and the forecast is printed: the
+power law L(D) = E + A * D^-alpha fitted to (tokens, annealed loss), with its 90% band, at the
+run's planned end and, with --target LOSS, the tokens needed to reach LOSS. --forecast only
+prints the forecast of the probes already done and runs nothing.
 
 --submit: one SLURM job per probe (`pretrain submit`'s rendering, the recipe's geometry unless
 --nodes/--gpus), requeued like a training job; run `pretrain anneal RUN_DIR` again once the jobs
@@ -47,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--submit", action="store_true", help="one SLURM job per probe instead of running here"
     )
+    parser.add_argument(
+        "--target", type=float, metavar="LOSS", help="forecast the tokens needed to reach this annealed loss"
+    )
+    parser.add_argument(
+        "--forecast", action="store_true", help="print the forecast of the probes done so far; run nothing"
+    )
     parser.add_argument("--nodes", type=int, help="--submit: nodes per probe job (default: the recipe's)")
     parser.add_argument("--gpus", type=int, help="--submit: GPUs per node (default: the recipe's)")
 
@@ -62,7 +74,12 @@ def _steps(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.anneal.plan import Settings, make_plan
+    from pretrain.anneal.report import forecast_lines, write_table
 
+    if args.forecast:
+        write_table(args.run_dir, args.target)
+        print("\n".join(forecast_lines(args.run_dir, args.target)))
+        return 0
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit {args.limit}: must be a positive number of examples")
     if (args.nodes is not None or args.gpus is not None) and not args.submit:
@@ -78,10 +95,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     from pretrain.anneal.probe import run_probe
+    from pretrain.commands.fit import main as fit
 
     for probe in plan.probes:
-        code = run_probe(plan, probe, tasks, args.limit)
+        code = run_probe(plan, probe, fit, tasks, args.limit)
         if code != 0:
             print(f"pretrain anneal: probe step-{probe.step} did not finish (exit {code})", file=sys.stderr)
             return code
+    write_table(args.run_dir, args.target)
+    print("\n".join(forecast_lines(args.run_dir, args.target)))
     return 0
