@@ -133,6 +133,8 @@ def test_private_lightning_apis_still_exist():
         (strategy, "_data_parallel_size"),
         (strategy, "_tensor_parallel_size"),
         (strategy, "_save_distributed_checkpoint"),
+        (trainer, "_checkpoint_connector"),
+        (trainer._checkpoint_connector, "dump_checkpoint"),
     ]
     missing = [
         f"{type(owner).__name__ if not isinstance(owner, type) else owner.__name__}.{name}"

@@ -12,12 +12,16 @@ Lightning is bounded above to the minor version these are tested with (pyproject
   data-parallel (`pretrain.train.parallelize.FSDP2Strategy`).
 - `ModelParallelStrategy._save_distributed_checkpoint`: the constructor argument has no public
   getter; EMA/LaWA copies under FSDP2 need sharded checkpoints (`pretrain.train.callbacks.weight_copies`).
+- `Trainer._checkpoint_connector.dump_checkpoint` and `_METADATA_FILENAME`: an asynchronous save needs
+  the checkpoint dict without the write `Trainer.save_checkpoint` does at once, and writes FSDP2's
+  folder in Lightning's layout (`pretrain.train.callbacks.checkpoint_writer`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -37,3 +41,12 @@ def set_all_ranks_data_parallel(strategy: ModelParallelStrategy, world_size: int
 
 def saves_sharded_checkpoints(strategy: ModelParallelStrategy) -> bool:
     return bool(strategy._save_distributed_checkpoint)
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The dict `Trainer.save_checkpoint` would write (hooks included), without writing it: an
+    asynchronous save stages it and writes it in the background (`pretrain.train.callbacks.checkpoint_writer`)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+SHARDED_METADATA_FILENAME = _METADATA_FILENAME  # the non-tensor state beside an FSDP2 folder of shards
