@@ -5,6 +5,14 @@ Each checkpoint is written under its partial name in the run's checkpoints folde
 a rename is atomic, so any `step-*.ckpt` that exists is complete, and `--resume auto` can always
 trust the newest one. A leftover partial from a crash is removed by the next save.
 
+With `async_save` (the default) the step loop is blocked only while a copy of the state is staged
+in CPU memory; the copy is written in the background (`checkpoint_writer`) and published at a
+later step boundary, once every rank's write has completed (they agree with one all-reduce per
+step while a write is in flight). At most one write is in flight: the next save, a signal's save
+and the end of training wait for it first; pruning happens only after a publish. A background
+failure (a full disk) is raised at the next step boundary as the same one line as a synchronous
+one. `stall_seconds` and `saves` tell how long checkpoints blocked the loop this launch.
+
 `DirectCheckpointIO` writes a checkpoint file straight into that partial name. Lightning's default
 builds the whole file in memory first and has fsspec stage it in `$TMPDIR` before moving it: on a
 cluster whose `/tmp` is small (often RAM-backed) the first checkpoint of a large model fails
@@ -55,7 +63,9 @@ class PeriodicCheckpoint(StepCallback):
 
     Keeps the newest `keep_last` checkpoints plus pinned ones: steps listed in `pin_steps` and
     multiples of `pin_every_n_steps` (e.g. for LaWA / later evaluation), deleting the rest.
-    `run_dir` is set by `pretrain fit` (the recipe's `run_dir`).
+    `run_dir` is set by `pretrain fit` (the recipe's `run_dir`). `async_save`: write in the
+    background from a copy staged at the step boundary (one copy of the model and optimizer state
+    per process in CPU memory while a write is in flight); false writes while the loop waits.
     """
 
     def __init__(
