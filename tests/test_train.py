@@ -432,6 +432,36 @@ def test_a_checkpoint_in_flight_is_never_listed_and_never_leaves_zero_complete_o
     assert checkpoint.saves == 4 and checkpoint.stall_seconds > 0
 
 
+def test_a_write_in_flight_at_a_divergence_is_let_end_and_removed(tmp_path, capsys):
+    """A rollback goes back to a published checkpoint: the write still in flight belongs to the
+    abandoned path, so it ends (no thread outlives `fit`) and its partial is removed, nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from pretrain.train.callbacks.periodic_checkpoint import PendingWrite
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step-00000004.ckpt").write_bytes(b"published")
+    partial = folder / ".partial-step-00000008.ckpt"
+
+    def write() -> None:
+        time.sleep(0.3)
+        partial.write_bytes(b"late")
+
+    checkpoint = PeriodicCheckpoint(run_dir=tmp_path / "run", async_save=True)
+    module = SimpleNamespace(divergence=SimpleNamespace(action="rollback"))
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(barrier=lambda name: None), is_global_zero=True, lightning_module=module
+    )
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        checkpoint._pending = PendingWrite(folder / "step-00000008.ckpt", partial, executor.submit(write))
+        checkpoint.on_train_end(trainer, module)  # type: ignore[arg-type]
+    assert [p.name for p in folder.iterdir()] == ["step-00000004.ckpt"]
+    assert "divergence: discarded step-00000008.ckpt, still being written" in capsys.readouterr().err
+    assert checkpoint.stall_seconds >= 0.25  # waiting for the write blocked the loop
+
+
 def test_checkpoints_are_not_staged_in_tmpdir(tiny_dataset, tmp_path, monkeypatch):
     """A small or unusable $TMPDIR (a RAM-backed /tmp on a cluster) must not matter: checkpoints are
     written beside their destination."""
