@@ -70,11 +70,15 @@ def main_(argv: list[str] | None = None) -> None:
         for repeat in range(args.repeats):
             for async_save in (False, True):  # interleaved: drifting machine load hits both alike
                 run_dir = Path(scratch) / f"run-{repeat}-{async_save}"
-                stall, saves, wall = launch(run_dir, args.data.resolve(), async_save, args.steps, args.every)
+                stall, saves, end, wall = launch(
+                    run_dir, args.data.resolve(), async_save, args.steps, args.every
+                )
                 per_save[async_save].append(stall / saves)
                 mode = "async" if async_save else "sync "
                 print(
-                    f"{mode} launch {repeat}: {saves} saves, {stall / saves:.2f} s stall per save, {wall:.1f} s wall"
+                    f"{mode} launch {repeat}: {stall / saves:.2f} s stall per save in the loop ({saves} saves), "
+                    f"{end:.2f} s at the end of training, {wall:.1f} s wall",
+                    flush=True,
                 )
                 shutil.rmtree(run_dir)
     for async_save in (False, True):
