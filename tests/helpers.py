@@ -3,7 +3,7 @@
 - `require(module)` imports an optional component a test needs. Locally a missing component
   skips the test; in CI (`PRETRAIN_REQUIRE_ALL=1`, set by `.ci/run`) it fails it, so a broken
   install can never hide behind a skip. Only tests that truly need a GPU may skip in CI.
-- `recipe`, `run`, `train_losses`, `run_and_kill_after_checkpoint`: a tiny CPU recipe and the
+- `recipe`, `run`, `train_losses`, `run_and_kill_after_checkpoint` (`run_and_kill_when`): a tiny CPU recipe and the
   real `pretrain` command in a subprocess, for training tests.
 - `write_dataset`: synthetic datasets whose tokens name their own position (data order tests):
   a dataset's train stream is `offset + arange(n)` (uint32), so a window's first token tells
