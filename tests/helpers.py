@@ -3,7 +3,7 @@
 - `require(module)` imports an optional component a test needs. Locally a missing component
   skips the test; in CI (`PRETRAIN_REQUIRE_ALL=1`, set by `.ci/run`) it fails it, so a broken
   install can never hide behind a skip. Only tests that truly need a GPU may skip in CI.
-- `recipe`, `run`, `train_losses`, `run_and_kill_after_checkpoint`: a tiny CPU recipe and the
+- `recipe`, `run`, `train_losses`, `run_and_kill_after_checkpoint` (`run_and_kill_when`): a tiny CPU recipe and the
   real `pretrain` command in a subprocess, for training tests.
 - `write_dataset`: synthetic datasets whose tokens name their own position (data order tests):
   a dataset's train stream is `offset + arange(n)` (uint32), so a window's first token tells
@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -153,18 +154,26 @@ def logged_steps(run_dir: Path) -> int:
 def run_and_kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 240) -> None:
     """Start `pretrain ...`; SIGKILL its whole process group once `checkpoint` is published and
     the log holds every step up to it (a hard kill may lose the one log row being written)."""
+    step = int(checkpoint.name.split("-")[1].split(".")[0])
+    run_and_kill_when(
+        args,
+        lambda: checkpoint.exists() and logged_steps(checkpoint.parent.parent) >= step,
+        checkpoint.name,
+        timeout,
+    )
+
+
+def run_and_kill_when(args: list[str], ready: Callable[[], bool], what: str, timeout: float = 240) -> None:
+    """Start `pretrain ...` and SIGKILL its whole process group as soon as `ready()` holds."""
     process = subprocess.Popen(
         [PRETRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     deadline = time.monotonic() + timeout
-    step = int(checkpoint.name.split("-")[1].split(".")[0])
-    while not (checkpoint.exists() and logged_steps(checkpoint.parent.parent) >= step):
+    while not ready():
         if process.poll() is not None:
-            pytest.fail(
-                f"training exited before {checkpoint.name} appeared: {process.stderr.read().decode()[-2000:]}"
-            )
-        assert time.monotonic() < deadline, "timed out waiting for the checkpoint"
-        time.sleep(0.02)
+            pytest.fail(f"training exited before {what}: {process.stderr.read().decode()[-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     process.stderr.close()

@@ -136,6 +136,8 @@ def test_private_lightning_apis_still_exist():
         (strategy, "_save_distributed_checkpoint"),
         (torch.cuda.memory, "_record_memory_history"),
         (torch.cuda.memory, "_dump_snapshot"),
+        (trainer, "_checkpoint_connector"),
+        (trainer._checkpoint_connector, "dump_checkpoint"),
     ]
     missing = [
         f"{type(owner).__name__ if not isinstance(owner, type) else owner.__name__}.{name}"

@@ -32,6 +32,7 @@ from helpers import (
     require,
     run,
     run_and_kill_after_checkpoint,
+    run_and_kill_when,
     train_losses,
 )
 
@@ -72,17 +73,22 @@ def test_resume_with_another_attention_backend_continues_and_an_architecture_cha
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact_single_process(tiny_dataset, tmp_path, reference):
+    """Killed after a checkpoint, then killed while the next one is written in the background
+    (`checkpoint.async_save`): the partial is passed over and the run ends bit-identical."""
     run_dir = tmp_path / "killed"
     config = recipe(tmp_path, tiny_dataset, run_dir)
-    run_and_kill_after_checkpoint(
-        ["fit", "--config", str(config)], run_dir / "checkpoints" / "step-00000004.ckpt"
-    )
-    resumed = run(["fit", "--config", str(config)])  # --resume auto
-    assert "resuming from" in resumed.stderr
+    args = ["fit", "--config", str(config), "--checkpoint.async_save", "true"]
+    run_and_kill_after_checkpoint(args, run_dir / "checkpoints" / "step-00000004.ckpt")
+    partial = run_dir / "checkpoints" / ".partial-step-00000008.ckpt"
+    run_and_kill_when(args, partial.exists, "the asynchronous write of step 8")
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [4]  # the partial is not listed
+    resumed = run(args)  # --resume auto
+    assert f"resuming from {run_dir / 'checkpoints' / 'step-00000004.ckpt'}" in resumed.stderr
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(STEPS))
     assert losses == reference  # bit-identical per-step losses on CPU fp32
-    assert len(list((run_dir / "logs").glob("version_*"))) == 2
+    assert len(list((run_dir / "logs").glob("version_*"))) == 3
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))  # no debris
 
 
 @pytest.mark.slow
@@ -153,8 +159,9 @@ def test_fsdp2_two_processes_resume_exactly_and_continue_on_one(tiny_dataset, tm
 @pytest.mark.slow
 def test_fsdp2_killed_ten_times_at_random_points_ends_as_an_uninterrupted_run(tiny_dataset, tmp_path):
     """Fault injection: a 2-process FSDP2 run is SIGKILLed 10 times, after a random number of new
-    steps or (every third time) while a checkpoint is being written; relaunched, it ends with the
-    per-step losses of an uninterrupted run."""
+    steps or (every third time) while a checkpoint is being written in the background
+    (`checkpoint.async_save`, DCP's async_save); relaunched, it ends with the per-step losses of
+    an uninterrupted run."""
     import random
 
     require("torch.distributed")
@@ -164,7 +171,7 @@ def test_fsdp2_killed_ten_times_at_random_points_ends_as_an_uninterrupted_run(ti
         "trainer__strategy": "fsdp2",
         "trainer__max_steps": 160,  # more than 10 kills of at most 8 steps each can reach
         "validate_every_steps": 40,
-        "checkpoint": {"every_n_steps": 1, "keep_last": 2},
+        "checkpoint": {"every_n_steps": 1, "keep_last": 2, "async_save": True},
     }
     uninterrupted = tmp_path / "uninterrupted"
     run(["fit", "--config", str(recipe(tmp_path, tiny_dataset, uninterrupted, **changes))])
@@ -345,6 +352,120 @@ def test_checkpoints_keep_last_k_plus_pinned_and_ignore_partials(tiny_dataset, t
     assert info["tokenizer"] and checkpoint["PretrainDataModule"]["fingerprint"]
 
 
+def slow_background_writes(monkeypatch, seconds: float, observe=None) -> list:
+    """Make each background checkpoint write take `seconds` longer (training goes on meanwhile);
+    `observe(path)` runs in the writer thread as the write starts; what it returns is collected."""
+    from pretrain.train.callbacks import checkpoint_writer
+
+    real, seen = checkpoint_writer._save_file, []
+
+    def slow(checkpoint, path):
+        seen.append(observe(path) if observe else path)
+        time.sleep(seconds)
+        real(checkpoint, path)
+
+    monkeypatch.setattr(checkpoint_writer, "_save_file", slow)
+    return seen
+
+
+def test_an_asynchronous_checkpoint_holds_the_state_of_its_step(tiny_dataset, tmp_path, monkeypatch):
+    """The staged copy is taken at the step boundary: written while later steps change the weights,
+    an asynchronous checkpoint equals a synchronous one of the same step, tensor by tensor."""
+    checkpoints = {}
+    for mode in ("false", "true"):
+        run_dir = tmp_path / f"async-{mode}"
+        config = recipe(
+            tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2}
+        )
+        if mode == "true":
+            slow_background_writes(monkeypatch, 0.5)
+        assert main(["fit", "--config", str(config), "--checkpoint.async_save", mode]) == 0
+        checkpoints[mode] = [
+            torch.load(run_dir / "checkpoints" / f"step-{step:08d}.ckpt", weights_only=False)
+            for step in (2, 4)
+        ]
+    for sync, background in zip(checkpoints["false"], checkpoints["true"]):
+        assert sync["global_step"] == background["global_step"]
+        assert sync["state_dict"].keys() == background["state_dict"].keys()
+        for name, tensor in sync["state_dict"].items():
+            assert torch.equal(tensor, background["state_dict"][name]), name
+        for (_, a), (_, b) in zip(
+            sync["optimizer_states"][0]["state"].items(), background["optimizer_states"][0]["state"].items()
+        ):
+            assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_checkpoint_in_flight_is_never_listed_and_never_leaves_zero_complete_ones(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    """keep_last 1 and a checkpoint every step, each write slowed: while one is written, the
+    previous complete one is still there, the partial is not listed, and training goes on."""
+    run_dir = tmp_path / "in-flight"
+    folder = run_dir / "checkpoints"
+
+    def observe(partial: Path) -> tuple:
+        """What is listed as the write starts; whether the loop logs the step's row meanwhile."""
+        listed = [step for step, _ in list_checkpoints(folder)]
+        step, deadline = int(partial.name.split("-")[2].split(".")[0]), time.monotonic() + 60
+        while logged_steps(run_dir) < step and time.monotonic() < deadline:  # blocked if written in the loop
+            time.sleep(0.01)
+        return partial.name, listed, logged_steps(run_dir) >= step
+
+    seen = slow_background_writes(monkeypatch, 0.0, observe)
+    finished, teardown = [], PeriodicCheckpoint.teardown
+
+    def keep(self, *args, **kwargs):
+        finished.append(self)
+        teardown(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeriodicCheckpoint, "teardown", keep)
+    config = recipe(
+        tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 1, "keep_last": 1}
+    )
+    assert main(["fit", "--config", str(config), "--checkpoint.async_save", "true"]) == 0
+    assert [(name, listed) for name, listed, _ in seen] == [
+        (".partial-step-00000001.ckpt", []),
+        (".partial-step-00000002.ckpt", [1]),
+        (".partial-step-00000003.ckpt", [2]),
+        (".partial-step-00000004.ckpt", [3]),
+    ]
+    assert [step for step, _ in list_checkpoints(folder)] == [4] and not list(folder.glob(".partial-*"))
+    # Each write overlapped training: the loop went on to log the step's row while it was in flight.
+    assert all(went_on for *_, went_on in seen)
+    (checkpoint,) = finished
+    assert checkpoint.saves == 4 and checkpoint.stall_seconds > 0
+
+
+def test_a_write_in_flight_at_a_divergence_is_let_end_and_removed(tmp_path, capsys):
+    """A rollback goes back to a published checkpoint: the write still in flight belongs to the
+    abandoned path, so it ends (no thread outlives `fit`) and its partial is removed, nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from pretrain.train.callbacks.periodic_checkpoint import PendingWrite
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step-00000004.ckpt").write_bytes(b"published")
+    partial = folder / ".partial-step-00000008.ckpt"
+
+    def write() -> None:
+        time.sleep(0.3)
+        partial.write_bytes(b"late")
+
+    checkpoint = PeriodicCheckpoint(run_dir=tmp_path / "run", async_save=True)
+    module = SimpleNamespace(divergence=SimpleNamespace(action="rollback"))
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(barrier=lambda name: None), is_global_zero=True, lightning_module=module
+    )
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        checkpoint._pending = PendingWrite(folder / "step-00000008.ckpt", partial, executor.submit(write))
+        checkpoint.on_train_end(trainer, module)  # type: ignore[arg-type]
+    assert [p.name for p in folder.iterdir()] == ["step-00000004.ckpt"]
+    assert "divergence: discarded step-00000008.ckpt, still being written" in capsys.readouterr().err
+    assert checkpoint.stall_seconds >= 0.25  # waiting for the write blocked the loop
+
+
 def test_checkpoints_are_not_staged_in_tmpdir(tiny_dataset, tmp_path, monkeypatch):
     """A small or unusable $TMPDIR (a RAM-backed /tmp on a cluster) must not matter: checkpoints are
     written beside their destination."""
@@ -429,17 +550,22 @@ def test_a_file_under_a_run_checkpoint_name_that_the_run_did_not_write_is_set_as
     assert load_model_checkpoint(step4).meta["global_step"] == 4  # the run's own
 
 
+@pytest.mark.parametrize("async_save", ["true", "false"])
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_checkpoints(
-    tiny_dataset, tmp_path, monkeypatch, capsys
+    tiny_dataset, tmp_path, monkeypatch, capsys, async_save
 ):
+    """Also when the write fails in the background (`async_save`): the error surfaces at the next
+    step boundary (here the end of training) as the same one line."""
     import errno
+    import threading
 
     from pretrain.train.callbacks import periodic_checkpoint
 
-    real_save, saves = torch.save, []
+    real_save, saves, threads = torch.save, [], []
 
     def save_until_full(obj, path, *args, **kwargs):
         saves.append(path)
+        threads.append(threading.current_thread() is threading.main_thread())
         if len(saves) > 1:
             Path(path).write_bytes(b"half")  # the disk fills up mid-write
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -447,8 +573,15 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_earlier_che
 
     monkeypatch.setattr(periodic_checkpoint.torch, "save", save_until_full)
     run_dir = tmp_path / "full"
-    config = recipe(tmp_path, tiny_dataset, run_dir, trainer__max_steps=4, checkpoint={"every_n_steps": 2})
+    config = recipe(
+        tmp_path,
+        tiny_dataset,
+        run_dir,
+        trainer__max_steps=4,
+        checkpoint={"every_n_steps": 2, "async_save": async_save == "true"},
+    )
     assert main(["fit", "--config", str(config)]) == 2
+    assert threads[1] == (async_save == "false")  # the failing write ran in the background thread
     err = capsys.readouterr().err
     assert "no space left on the device writing checkpoint" in err and "step-00000004.ckpt" in err
     assert "earlier checkpoints are intact (newest: " in err and "step-00000002.ckpt" in err

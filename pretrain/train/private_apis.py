@@ -14,6 +14,9 @@ Lightning is bounded above to the minor version these are tested with (pyproject
   getter; EMA/LaWA copies under FSDP2 need sharded checkpoints (`pretrain.train.callbacks.weight_copies`).
 - `torch.cuda.memory._record_memory_history` / `_dump_snapshot`: torch's only way to take the CUDA
   memory snapshot that https://pytorch.org/memory_viz reads (`pretrain.train.callbacks.profiler`).
+- `Trainer._checkpoint_connector.dump_checkpoint` and `_METADATA_FILENAME`: an asynchronous save needs
+  the checkpoint dict without the write `Trainer.save_checkpoint` does at once, and writes FSDP2's
+  folder in Lightning's layout (`pretrain.train.callbacks.checkpoint_writer`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
@@ -52,3 +56,12 @@ def record_cuda_memory_history(enabled: bool) -> None:
 
 def dump_cuda_memory_snapshot(path: str) -> None:
     torch.cuda.memory._dump_snapshot(path)
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The dict `Trainer.save_checkpoint` would write (hooks included), without writing it: an
+    asynchronous save stages it and writes it in the background (`pretrain.train.callbacks.checkpoint_writer`)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+
+SHARDED_METADATA_FILENAME = _METADATA_FILENAME  # the non-tensor state beside an FSDP2 folder of shards

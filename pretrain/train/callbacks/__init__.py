@@ -2,6 +2,7 @@
 
 - `step_callback`: `StepCallback`, the base that tells callbacks "an optimizer step just finished";
 - `periodic_checkpoint`: checkpoints on a cadence, never half-written, pruned to the last K;
+- `checkpoint_writer`: its asynchronous writes (a staged copy written in the background);
 - `requeue`: on SIGUSR1/SIGTERM, a checkpoint at the next step boundary and a SLURM requeue;
 - `monitor`: per-step metrics (tokens, LR, epochs, tokens/s, MFU, memory);
 - `goodput`: where the launch's wall time goes (`RUN_DIR/goodput/launch-<k>.json`);

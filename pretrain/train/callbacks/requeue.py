@@ -12,8 +12,10 @@ itself, `scontrol requeue`) with SIGTERM, then SIGKILL `KillWait` seconds later.
 - At every optimizer-step boundary (and once when training starts, for a signal that came
   during start-up) all ranks agree on the flags with one all-reduce, so either every rank stops
   at the same step or none does. A flag set during a checkpoint write is read only after it.
-- On a stop, every rank saves through the run's `PeriodicCheckpoint.save` (atomic publish) and the trainer
-  stops. In `on_train_end`, after the step's metrics are logged, rank 0 runs
+- On a stop, every rank saves through the run's `PeriodicCheckpoint.save` (atomic publish; an
+  asynchronous write still in flight is finished and published first) and the trainer stops; the
+  checkpoint's own write ends, and is published, in `PeriodicCheckpoint.on_train_end`, before this
+  callback's `on_train_end` requeues the job. In `on_train_end`, after the step's metrics are logged, rank 0 runs
   `scontrol requeue $SLURM_JOB_ID` if the signal was SIGUSR1, the job's requeue count
   (`SLURM_RESTART_COUNT`) is below `max_requeues` and the launch made progress since the last
   requeue. SIGTERM requeues the same way only when SLURM is ending the job for its time limit
