@@ -131,6 +131,8 @@ class GoodputRecorder(StepCallback):
     def _account_others(self, trainer: L.Trainer) -> None:
         """Add the checkpoint stalls and downstream seconds since the last call to their phases."""
         stalls, downstream = self._stalls(trainer), self._downstream(trainer)
+        if stalls < self._checkpoint_seen:  # a rollback's new Trainer: its checkpointer counts from zero
+            self._checkpoint_seen = 0.0
         new_stalls, new_downstream = stalls - self._checkpoint_seen, downstream - self._downstream_seen
         self._checkpoint_seen, self._downstream_seen = stalls, downstream
         self.phases["checkpoint"] += new_stalls
