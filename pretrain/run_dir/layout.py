@@ -18,6 +18,8 @@ read and write them (checkpoints and their retention, the lease, the requeue rec
       requeue.json                          SLURM job id, requeue count and every stop on a signal
       owner.json                            the lease of the one `pretrain fit` that owns the run
       verified-shards.json                  how often the launches checked each shard (`pretrain.data.verify`)
+      compile_cache/                        `torch.compile`'s artifacts, reused by the next launch
+                                            (`pretrain.train.parallelize.use_compile_cache`; written by torch)
       slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
 
 How the logs are read: `pretrain.run_dir.logs`; the incidents: `pretrain.run_dir.incidents`.
@@ -141,6 +143,10 @@ class RunDir:
         return self.path / "verified-shards.json"
 
     # ---- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.path / "compile_cache"
 
     @property
     def checkpoints(self) -> Path:

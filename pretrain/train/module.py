@@ -86,6 +86,9 @@ class PretrainModule(L.LightningModule):
             recompute the cheap element-wise ops: norms, RoPE, SiLU; `pretrain.train.parallelize`);
             or "full" (keep only each block's input, recompute the whole block in backward).
         compile: `torch.compile` each transformer block.
+        compile_cache: with `compile`, where the compiled artifacts are kept for the next launch
+            (`pretrain.train.parallelize.use_compile_cache`); None: `RUN_DIR/compile_cache/`. A path
+            on a shared filesystem lets every node (and other runs of the same model) reuse them.
         loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
             logits of the whole micro-batch (`pretrain.model.loss`); None: all at once; "auto"
             (default): chunks of about 2^23 logits once a micro-batch's logits are larger
@@ -127,6 +130,7 @@ class PretrainModule(L.LightningModule):
         attention_backend: str = "sdpa",
         activation_checkpointing: str = "none",
         compile: bool = False,
+        compile_cache: str | None = None,
         loss_chunk_tokens: int | Literal["auto"] | None = "auto",
         sharding: str = "full",
         max_bad_steps: int = 10,
@@ -227,8 +231,15 @@ class PretrainModule(L.LightningModule):
             sharding=self.hparams["sharding"],
             bf16=trainer is not None and str(trainer.precision).startswith("bf16"),
             num_nodes=trainer.num_nodes if trainer is not None else 1,
+            compile_cache=self._compile_cache(trainer),
         )
         self.model = model
+
+    def _compile_cache(self, trainer: L.Trainer | None) -> Path | None:
+        """`compile_cache`, else the run directory's (`RunDir.compile_cache`); None outside a run."""
+        if self.hparams["compile_cache"]:
+            return Path(self.hparams["compile_cache"])
+        return RunDir(trainer.default_root_dir).compile_cache if trainer is not None else None
 
     def _attached_trainer(self) -> L.Trainer | None:
         try:
