@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from fit_overhead import fit_round  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
