@@ -184,5 +184,7 @@ def test_automatic_loss_chunks_only_large_logits_and_gives_the_plain_loss(capsys
     message = capsys.readouterr().err.strip().splitlines()
     assert message == [
         "model.loss_chunk_tokens auto: cross-entropy 1024 tokens at a time "
-        "(logits of a micro-batch: 2,048 tokens x 8,192 vocabulary)"
+        "(logits of a micro-batch: 2,048 tokens x 8,192 vocabulary, more than 2^23)"
     ]
+    module._forward(tokens[:, :4], targets[:, :4])  # 1024 tokens: not chunked, nothing said
+    assert capsys.readouterr().err == ""

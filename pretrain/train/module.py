@@ -555,17 +555,17 @@ class PretrainModule(L.LightningModule):
 
     def loss_chunk_tokens(self, n_tokens: int) -> int | None:
         """The loss chunk for a micro-batch of `n_tokens` tokens: the configured one, or under "auto"
-        the automatic choice, said in one line the first time per micro-batch size."""
+        the automatic choice, said in one line the first time it chunks a micro-batch size."""
         setting = self.hparams["loss_chunk_tokens"]
         if setting != "auto":
             return setting
         if n_tokens not in self._auto_chunks:
             chunk = self._auto_chunks[n_tokens] = auto_chunk_tokens(n_tokens, self.config.vocab_size)
-            if self._attached_trainer() is None or self.trainer.is_global_zero:
+            if chunk is not None and (self._attached_trainer() is None or self.trainer.is_global_zero):
                 logits = f"{n_tokens:,} tokens x {self.config.vocab_size:,} vocabulary"
-                decided = f"{chunk} tokens at a time" if chunk else "all at once"
                 print(
-                    f"model.loss_chunk_tokens auto: cross-entropy {decided} (logits of a micro-batch: {logits})",
+                    f"model.loss_chunk_tokens auto: cross-entropy {chunk} tokens at a time (logits of a "
+                    f"micro-batch: {logits}, more than 2^23)",
                     file=sys.stderr,
                 )
         return self._auto_chunks[n_tokens]
