@@ -188,3 +188,14 @@ def test_automatic_loss_chunks_only_large_logits_and_gives_the_plain_loss(capsys
     ]
     module._forward(tokens[:, :4], targets[:, :4])  # 1024 tokens: not chunked, nothing said
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting", [0, -5, "Auto", 2.5])
+def test_a_loss_chunk_setting_that_is_no_token_count_is_refused_in_one_line(setting):
+    from pretrain.errors import UserError
+    from pretrain.train.module import PretrainModule
+
+    with pytest.raises(
+        UserError, match="model.loss_chunk_tokens must be a positive token count, auto or null"
+    ):
+        PretrainModule(loss_chunk_tokens=setting)
