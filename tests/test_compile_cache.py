@@ -88,13 +88,23 @@ def test_a_run_keeps_its_compile_cache_in_the_run_dir_unless_the_recipe_names_on
         assert expected.is_dir()
 
 
-def test_a_compile_cache_path_with_spaces_is_passed_over_in_one_line(tmp_path, monkeypatch, capsys):
-    """Inductor's C++ build splits its command line on spaces: such a path would fail every compile."""
+@pytest.mark.parametrize("problem", ["a space", "a file"])
+def test_a_compile_cache_folder_that_cannot_serve_is_passed_over_in_one_line(
+    tmp_path, monkeypatch, capsys, problem
+):
+    """Spaces (inductor's C++ build splits its command line on them), a file in the way: the launch
+    compiles into torch's default cache and says why."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "torch's own")
-    use_compile_cache(tmp_path / "my runs" / "compile_cache")
+    cache = tmp_path / "cache"
+    if problem == "a space":
+        cache, why = tmp_path / "my runs" / "cache", "torch's C++ build cannot take a path with spaces"
+    else:
+        cache.write_text("mine")
+        why = "cannot create it (File exists)"
+    use_compile_cache(cache)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "torch's own"
-    assert not (tmp_path / "my runs").exists()
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"compile cache: not kept in {tmp_path / 'my runs' / 'compile_cache'}: torch's C++ build cannot take a "
-        "path with spaces; this launch uses torch's default cache (set model.compile_cache to a path without spaces)"
+        f"compile cache: not kept in {cache}: {why}; this launch uses torch's default cache "
+        "(set model.compile_cache to a writable path without spaces)"
     ]
+    assert problem != "a file" or cache.read_text() == "mine"

@@ -125,25 +125,34 @@ def parallelize(
 
 def use_compile_cache(directory: Path, verbose: bool = True) -> None:
     """Keep inductor's and Triton's compiled artifacts in `directory` (module docstring); say so.
-    A path with white space is passed over (inductor's C++ build splits its command line on it)."""
-    if any(char.isspace() for char in str(directory.resolve())):
+    A folder that cannot serve is passed over in one line: the launch compiles into torch's
+    default cache instead (compiling is never stopped by its cache)."""
+    problem = _compile_cache_problem(directory)
+    if problem is not None:
         if verbose:
             print(
-                f"compile cache: not kept in {directory}: torch's C++ build cannot take a path with spaces; "
-                "this launch uses torch's default cache (set model.compile_cache to a path without spaces)",
+                f"compile cache: not kept in {directory}: {problem}; this launch uses torch's default cache "
+                "(set model.compile_cache to a writable path without spaces)",
                 file=sys.stderr,
             )
         return
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"model.compile_cache {directory}: cannot create it ({err.strerror}); point it at a writable folder"
-        ) from None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
     os.environ["TRITON_CACHE_DIR"] = str(directory.resolve() / "triton")
     if verbose:
         print(f"compile cache: {directory} (reused by every launch of the run that sees it)", file=sys.stderr)
+
+
+def _compile_cache_problem(directory: Path) -> str | None:
+    """Why `directory` cannot hold the compile cache, or None."""
+    if any(char.isspace() for char in str(directory.resolve())):
+        return "torch's C++ build cannot take a path with spaces"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create it ({err.strerror})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return None
 
 
 def _fully_shard(
