@@ -24,9 +24,12 @@ keys every entry by a hash of the graph, the torch version, the device and its o
 so a foreign or stale entry is never used for a different graph; it writes every entry to a
 temporary name and renames it (`torch._inductor.codecache.write_atomic`), so ranks and nodes
 writing the same cache at once never leave a half-written entry; an entry it cannot read back is
-treated as a miss and compiled again (tests/test_train.py). torch's portable cache
+treated as a miss and compiled again (tests/test_compile_cache.py). torch's portable cache
 (`torch.compiler.save_cache_artifacts`) is not used: a directory on the shared filesystem already
-reaches every node, without a second copy to keep in step.
+reaches every node, without a second copy to keep in step. A folder that cannot hold the cache
+(a path with spaces, which inductor's C++ build splits on; one that cannot be created or written)
+is passed over in one line, and the launch compiles into torch's default cache. Settings a user
+gives torch (TORCHINDUCTOR_FX_GRAPH_CACHE=0 to debug, say) are left as they are.
 
 `fsdp2` (`trainer.strategy: fsdp2`) is Lightning's `ModelParallelStrategy` with every rank in
 one data-parallel mesh. Lightning's "auto" mesh is nodes x devices = data-parallel x
