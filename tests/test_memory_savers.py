@@ -155,3 +155,47 @@ def test_selective_checkpointing_recomputes_elementwise_ops_but_no_matmul():
     assert selective["silu"] == full["silu"] == CONFIG.n_layers
     assert selective["mm"] == none["mm"]  # matmul outputs were kept
     assert full["mm"] > none["mm"]  # full recomputes the block's matmuls
+
+
+def test_automatic_loss_chunks_only_large_logits_and_gives_the_plain_loss(capsys):
+    """`loss_chunk_tokens: auto` (the default) chunks 2048 tokens x 8192 logits (1024 at a time), not
+    1024 x 8192, says so once, and its loss and gradients are the plain ones."""
+    from pretrain.model.loss import auto_chunk_tokens
+    from pretrain.train.module import PretrainModule
+
+    assert auto_chunk_tokens(1024, 8192) is None
+    assert auto_chunk_tokens(2048, 8192) == 1024
+    assert auto_chunk_tokens(8 * 2048, 32000) == 256
+    module = PretrainModule(model_overrides={"max_seq_len": 256, "n_layers": 1}, seed=0)
+    module.configure_model()
+    assert module.hparams["loss_chunk_tokens"] == "auto"
+    tokens, targets = torch.randint(0, 8192, (2, 8, 256), generator=torch.Generator().manual_seed(0))
+    chunked = module._forward(tokens, targets)
+    assert chunked.logits is None  # the chunked form never builds the logits
+    chunked.loss.backward()
+    expected = gradients(module.model)
+    module.model.zero_grad()
+    plain = module.model(tokens, targets=targets)
+    plain.loss.backward()
+    assert abs(chunked.loss.item() - plain.loss.item()) < 1e-5
+    for got, want in zip(gradients(module.model), expected):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
+    module._forward(tokens, targets)
+    message = capsys.readouterr().err.strip().splitlines()
+    assert message == [
+        "model.loss_chunk_tokens auto: cross-entropy 1024 tokens at a time "
+        "(logits of a micro-batch: 2,048 tokens x 8,192 vocabulary, more than 2^23)"
+    ]
+    module._forward(tokens[:, :4], targets[:, :4])  # 1024 tokens: not chunked, nothing said
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting", [0, -5, "Auto", 2.5])
+def test_a_loss_chunk_setting_that_is_no_token_count_is_refused_in_one_line(setting):
+    from pretrain.errors import UserError
+    from pretrain.train.module import PretrainModule
+
+    with pytest.raises(
+        UserError, match="model.loss_chunk_tokens must be a positive token count, auto or null"
+    ):
+        PretrainModule(loss_chunk_tokens=setting)

@@ -9,6 +9,12 @@ gradients by the incoming gradient. It does the same matmuls as the plain form (
 two backward per chunk) with the same precision rules (matmuls in the autocast dtype, softmax in
 float32), so only the summation order differs. The stored gradients are float32 and the 1/N
 is applied in float32, so that nothing underflows before a loss scale (fp16) multiplies them.
+
+`auto_chunk_tokens` is the automatic choice (`model.loss_chunk_tokens: auto`, the default of
+`pretrain fit`): chunks whose logits hold about `AUTO_CHUNK_LOGITS` values (2^23: 32 MiB in
+float32; 1024 tokens at a vocabulary of 8192, 256 at 32000) once a micro-batch's logits are larger
+than that. On 2 CPU cores at the `tiny` shape (2048 tokens x 8192) this was measured faster than
+the plain form (docs/performance.md); on a GPU it bounds the logits' memory.
 """
 
 from __future__ import annotations
@@ -17,6 +23,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+AUTO_CHUNK_LOGITS = 2**23
+
+
+def auto_chunk_tokens(n_tokens: int, vocab_size: int) -> int | None:
+    """Tokens per chunk for `n_tokens` tokens over `vocab_size` logits: the largest power of two
+    whose chunk holds at most `AUTO_CHUNK_LOGITS` logits (at least 128 tokens), or None (no
+    chunking) when the logits of all `n_tokens` fit in one such chunk."""
+    if n_tokens * vocab_size <= AUTO_CHUNK_LOGITS:
+        return None
+    chunk = max(128, 1 << max(0, (AUTO_CHUNK_LOGITS // vocab_size).bit_length() - 1))
+    return None if chunk >= n_tokens else chunk
 
 
 def linear_cross_entropy(

@@ -20,6 +20,8 @@ read and write them (checkpoints and their retention, the lease, the requeue rec
       goodput/launch-<k>.json               where launch k's wall time went (`pretrain.run_dir.goodput`)
       profile/                              torch profiler traces of `--profile.steps A:B`
       verified-shards.json                  how often the launches checked each shard (`pretrain.data.verify`)
+      compile_cache/                        `torch.compile`'s artifacts, reused by the next launch
+                                            (`pretrain.train.parallelize.use_compile_cache`; written by torch)
       slurm/train.sbatch, slurm/jobs.jsonl  written by `pretrain submit`, with the jobs' .out/.err
 
 How the logs are read: `pretrain.run_dir.logs`; the incidents: `pretrain.run_dir.incidents`.
@@ -145,6 +147,10 @@ class RunDir:
         return self.path / "verified-shards.json"
 
     # ---- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.path / "compile_cache"
 
     @property
     def checkpoints(self) -> Path:

@@ -34,7 +34,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -45,6 +45,7 @@ from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig, LlamaOutput, get_preset
 from pretrain.model.attention import BACKENDS, document_ids
 from pretrain.model.checkpoint import load_model_checkpoint, open_checkpoint, training_checkpoint_problem
+from pretrain.model.loss import auto_chunk_tokens
 from pretrain.run_dir import RunDir
 from pretrain.train.datamodule import trainer_datamodule
 from pretrain.train.evaluation import LossSums
@@ -74,7 +75,7 @@ class PretrainModule(L.LightningModule):
         model: a preset name (`pretrain model-info` lists them).
         model_overrides: fields of `LlamaConfig` to change from the preset (e.g. `n_layers`).
         lr_schedule: LR as a function of the optimizer step (default: TinyLlama's cosine).
-        weight_decay, betas, eps: AdamW (fused on CUDA).
+        weight_decay, betas, eps: AdamW (torch's fused implementation on CPU and CUDA).
         decay_norms_and_embeddings: also apply weight decay to norm gains and the embedding.
         moe_aux_loss_coef: weight of the MoE load-balancing loss.
         document_masking: attend only within documents (EOS boundaries) of a packed sequence.
@@ -85,8 +86,13 @@ class PretrainModule(L.LightningModule):
             recompute the cheap element-wise ops: norms, RoPE, SiLU; `pretrain.train.parallelize`);
             or "full" (keep only each block's input, recompute the whole block in backward).
         compile: `torch.compile` each transformer block.
+        compile_cache: with `compile`, where the compiled artifacts are kept for the next launch
+            (`pretrain.train.parallelize.use_compile_cache`); None: `RUN_DIR/compile_cache/`. A path
+            on a shared filesystem lets every node (and other runs of the same model) reuse them.
         loss_chunk_tokens: compute the cross-entropy this many tokens at a time, never holding the
-            logits of the whole micro-batch (`pretrain.model.loss`); None: all at once.
+            logits of the whole micro-batch (`pretrain.model.loss`); None: all at once; "auto"
+            (default): chunks of about 2^23 logits once a micro-batch's logits are larger
+            (`pretrain.model.loss.auto_chunk_tokens`), said in one line when chosen.
         sharding: under FSDP2, "full" (shard over all ranks) or "hybrid" (replicate across nodes).
         max_bad_steps: a streak of this many bad steps in a row (non-finite, or loss spikes) is
             judged: a new loss level, or a divergence (`pretrain.train.spike_guard`).
@@ -124,7 +130,8 @@ class PretrainModule(L.LightningModule):
         attention_backend: str = "sdpa",
         activation_checkpointing: str = "none",
         compile: bool = False,
-        loss_chunk_tokens: int | None = None,
+        compile_cache: str | None = None,
+        loss_chunk_tokens: int | Literal["auto"] | None = "auto",
         sharding: str = "full",
         max_bad_steps: int = 10,
         spike_threshold: float | None = 6.0,
@@ -147,9 +154,11 @@ class PretrainModule(L.LightningModule):
             )
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
-        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+        if loss_chunk_tokens not in (None, "auto") and (
+            not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1
+        ):
             raise UserError(
-                f"model.loss_chunk_tokens must be a positive token count or null, got {loss_chunk_tokens}"
+                f"model.loss_chunk_tokens must be a positive token count, auto or null, got {loss_chunk_tokens!r}"
             )
         if sharding not in ("full", "hybrid"):
             raise UserError("model.sharding must be 'full' or 'hybrid'")
@@ -185,6 +194,7 @@ class PretrainModule(L.LightningModule):
         self.expansion: dict[str, Any] | None = None  # `pretrain expand`'s record, kept in checkpoints
         self.branched_from: str | None = None  # the checkpoint a `branch_from` run started from
         self._val_sums = LossSums()
+        self._auto_chunks: dict[int, int | None] = {}  # micro-batch tokens -> chosen chunk (auto)
 
     def setup(self, stage: str) -> None:
         data = trainer_datamodule(self.trainer)
@@ -221,8 +231,15 @@ class PretrainModule(L.LightningModule):
             sharding=self.hparams["sharding"],
             bf16=trainer is not None and str(trainer.precision).startswith("bf16"),
             num_nodes=trainer.num_nodes if trainer is not None else 1,
+            compile_cache=self._compile_cache(trainer),
         )
         self.model = model
+
+    def _compile_cache(self, trainer: L.Trainer | None) -> Path | None:
+        """`compile_cache`, else the run directory's (`RunDir.compile_cache`); None outside a run."""
+        if self.hparams["compile_cache"]:
+            return Path(self.hparams["compile_cache"])
+        return RunDir(trainer.default_root_dir).compile_cache if trainer is not None else None
 
     def _attached_trainer(self) -> L.Trainer | None:
         try:
@@ -295,7 +312,7 @@ class PretrainModule(L.LightningModule):
             {"params": decay, "weight_decay": self.hparams["weight_decay"]},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        fused = self.device.type == "cuda"
+        fused = self.device.type in ("cpu", "cuda")  # measured faster on CPU too (docs/performance.md)
         # lr=1.0: the LambdaLR factor below *is* the absolute learning rate.
         optimizer = torch.optim.AdamW(
             groups, lr=1.0, betas=tuple(self.hparams["betas"]), eps=self.hparams["eps"], fused=fused
@@ -534,8 +551,25 @@ class PretrainModule(L.LightningModule):
             assert self.eos_id is not None  # set in setup from the data module's tokenizer
             doc_ids = document_ids(inputs, self.eos_id)
         return self.model(
-            inputs, doc_ids, targets=targets, loss_chunk_tokens=self.hparams["loss_chunk_tokens"]
+            inputs, doc_ids, targets=targets, loss_chunk_tokens=self.loss_chunk_tokens(targets.numel())
         )
+
+    def loss_chunk_tokens(self, n_tokens: int) -> int | None:
+        """The loss chunk for a micro-batch of `n_tokens` tokens: the configured one, or under "auto"
+        the automatic choice, said in one line the first time it chunks a micro-batch size."""
+        setting = self.hparams["loss_chunk_tokens"]
+        if setting != "auto":
+            return setting
+        if n_tokens not in self._auto_chunks:
+            chunk = self._auto_chunks[n_tokens] = auto_chunk_tokens(n_tokens, self.config.vocab_size)
+            if chunk is not None and (self._attached_trainer() is None or self.trainer.is_global_zero):
+                logits = f"{n_tokens:,} tokens x {self.config.vocab_size:,} vocabulary"
+                print(
+                    f"model.loss_chunk_tokens auto: cross-entropy {chunk} tokens at a time (logits of a "
+                    f"micro-batch: {logits}, more than 2^23)",
+                    file=sys.stderr,
+                )
+        return self._auto_chunks[n_tokens]
 
     def on_validation_epoch_end(self) -> None:
         """Token-weighted mean loss per source over all ranks, and its perplexity."""

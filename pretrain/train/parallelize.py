@@ -14,6 +14,23 @@ Activation checkpointing of a block, full or selective:
   like element-wise ops.
 The block's own `forward` is wrapped, so parameter names (and checkpoints) do not change.
 
+Compile cache (`use_compile_cache`): with `compile`, inductor's FX-graph cache and AOT-autograd
+cache (on by default in torch) and, on a GPU, Triton's kernel cache are pointed at one directory
+the run names (`model.compile_cache`, default `RUN_DIR/compile_cache/`), so a relaunch of the run
+(a requeue, on any node that sees the path) loads the compiled graphs instead of compiling them
+again. Inductor reads the directory from the environment when it first compiles (the first
+forward), so setting it when the model is built is early enough. What makes this safe: inductor
+keys every entry by a hash of the graph, the torch version, the device and its own settings,
+so a foreign or stale entry is never used for a different graph; it writes every entry to a
+temporary name and renames it (`torch._inductor.codecache.write_atomic`), so ranks and nodes
+writing the same cache at once never leave a half-written entry; an entry it cannot read back is
+treated as a miss and compiled again (tests/test_compile_cache.py). torch's portable cache
+(`torch.compiler.save_cache_artifacts`) is not used: a directory on the shared filesystem already
+reaches every node, without a second copy to keep in step. A folder that cannot hold the cache
+(a path with spaces, which inductor's C++ build splits on; one that cannot be created or written)
+is passed over in one line, and the launch compiles into torch's default cache. Settings a user
+gives torch (TORCHINDUCTOR_FX_GRAPH_CACHE=0 to debug, say) are left as they are.
+
 `fsdp2` (`trainer.strategy: fsdp2`) is Lightning's `ModelParallelStrategy` with every rank in
 one data-parallel mesh. Lightning's "auto" mesh is nodes x devices = data-parallel x
 tensor-parallel; we use no tensor parallelism, so under that default the ranks of a node would
@@ -26,10 +43,12 @@ parameter) and reduce-scatters once per optimizer step instead of once per micro
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Generator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,11 +109,14 @@ def parallelize(
     sharding: str = "full",
     bf16: bool = False,
     num_nodes: int = 1,
+    compile_cache: Path | None = None,
 ) -> None:
-    """Apply activation checkpointing, compile and, under `ModelParallelStrategy`, FSDP2 to `model`
-    in place: per transformer block, then (FSDP2) on the root."""
+    """Apply activation checkpointing, compile (its cache in `compile_cache`, when given) and, under
+    `ModelParallelStrategy`, FSDP2 to `model` in place: per transformer block, then (FSDP2) on the root."""
     if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise UserError(f"model.activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}")
+    if compile and compile_cache is not None:
+        use_compile_cache(compile_cache, verbose=strategy is None or strategy.global_rank == 0)
     for block in model.layers:
         if activation_checkpointing != "none":
             checkpointed(block, selective=activation_checkpointing == "selective")
@@ -102,6 +124,38 @@ def parallelize(
             block.compile(fullgraph=False)
     if isinstance(strategy, ModelParallelStrategy):
         _fully_shard(model, strategy.device_mesh, sharding, bf16, num_nodes, strategy.global_rank == 0)
+
+
+def use_compile_cache(directory: Path, verbose: bool = True) -> None:
+    """Keep inductor's and Triton's compiled artifacts in `directory` (module docstring); say so.
+    A folder that cannot serve is passed over in one line: the launch compiles into torch's
+    default cache instead (compiling is never stopped by its cache)."""
+    problem = _compile_cache_problem(directory)
+    if problem is not None:
+        if verbose:
+            print(
+                f"compile cache: not kept in {directory}: {problem}; this launch uses torch's default cache "
+                "(set model.compile_cache to a writable path without spaces)",
+                file=sys.stderr,
+            )
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
+    os.environ["TRITON_CACHE_DIR"] = str(directory.resolve() / "triton")
+    if verbose:
+        print(f"compile cache: {directory} (reused by every launch of the run that sees it)", file=sys.stderr)
+
+
+def _compile_cache_problem(directory: Path) -> str | None:
+    """Why `directory` cannot hold the compile cache, or None."""
+    if any(char.isspace() for char in str(directory.resolve())):
+        return "torch's C++ build cannot take a path with spaces"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create it ({err.strerror})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return None
 
 
 def _fully_shard(
