@@ -6,9 +6,8 @@ the end) on the pystdlib corpus, shortened to fit two shared CPU cores (sequence
 
   (a) the parent run trains in the background (resumed, or skipped when it has finished);
   (b) beside it, as soon as each probe step's checkpoint is published,
-      `pretrain anneal PARENT --steps N --fraction F` decays a branch from it
-      (where the `anneal` command is not installed, the same branches are made by hand with
-      `pretrain fit --branch_from` and the same schedule, and their records written);
+      `pretrain anneal PARENT --steps N --fraction F` decays a branch from it, and the parent's
+      tokens/s beside a probe is compared with its tokens/s alone;
   (c) each probe's annealed loss is reported beside the stable-phase loss, and the forecast made
       from the probes before the last is compared with the last probe (error, inside the band?);
   (d) the parent's own decay at its planned end is the full run annealed: compared with the
@@ -22,8 +21,8 @@ Writes the plot (`pretrain plot` of the parent, probes and forecast drawn) and t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +33,10 @@ from pathlib import Path
 from pretrain import lease
 from pretrain.anneal.forecast import NoForecast
 from pretrain.anneal.report import anneal_view, fit, forecast_lines, table_lines, write_table
-from pretrain.anneal.result import ProbeResult, probe_dir, read_results, write_result
+from pretrain.anneal.result import ProbeResult, read_results
 from pretrain.plot import plot_runs
 from pretrain.run_dir import RunDir
+from pretrain.run_dir.goodput import ELAPSED
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = str(Path(sys.executable).with_name("pretrain"))
@@ -44,11 +44,9 @@ SEQ_LEN, BATCH = 128, 8  # 1,024 tokens a step
 VAL = "val/pystdlib/loss"
 
 
-def schedule(decay_steps: int | None = None) -> str:
-    """The WSD schedule: the parent's (20% decay at the end) or a probe's (decay over `decay_steps`)."""
+def schedule() -> str:
+    """The parent's WSD schedule: a 20% 1-sqrt decay at the end."""
     args = {"max_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 10, "decay_fraction": 0.2}
-    if decay_steps is not None:
-        args["decay_steps"] = decay_steps
     return json.dumps({"class_path": "pretrain.train.schedules.WarmupStableDecay", "init_args": args})
 
 
@@ -106,36 +104,40 @@ def last_val(run_dir: Path, at_step: int | None = None) -> float:
     return float(values[-1])
 
 
-def probe_by_hand(parent: Path, data: Path, step: int, fraction: float) -> None:
-    """What `pretrain anneal` does for one probe, with `pretrain fit --branch_from` (module docstring)."""
-    decay = round(fraction * step)
-    folder = probe_dir(parent, step)
-    command = fit_command(folder, data, step + decay, decay, schedule(decay))
-    checkpoint = dict(RunDir(parent).list_checkpoints())[step]
-    run(command + ["--branch_from", str(checkpoint)], f"probe at step {step}")
-    tokens = SEQ_LEN * BATCH
-    loss = last_val(folder)
-    stable = last_val(parent, step - 1)  # row k of the log is step k + 1
-    record = ProbeResult(
-        step, f"by hand: step {step}", step * tokens, decay * tokens, loss, stable, {"pystdlib": loss}
-    )
-    write_result(parent, record)
+def probe(parent: Path, step: int, fraction: float) -> tuple[float, float]:
+    """`pretrain anneal` of one step's checkpoint, beside the training parent; its wall-clock window."""
+    began = time.time()
+    run([PRETRAIN, "anneal", str(parent), "--steps", str(step), "--fraction", str(fraction)], f"probe {step}")
+    return began, time.time()
 
 
-def probes(parent: Path, data: Path, steps: list[int], fraction: float) -> str:
-    """Run the probes with `pretrain anneal` where it is installed, else by hand; which way."""
-    if importlib.util.find_spec("pretrain.commands.anneal") is not None:
-        wanted = ",".join(map(str, steps))
-        run(
-            [PRETRAIN, "anneal", str(parent), "--steps", wanted, "--fraction", str(fraction)],
-            "pretrain anneal",
-        )
-        return "pretrain anneal"
-    done = {r.step for r in read_results(parent)}
-    for step in steps:
-        if step not in done:
-            probe_by_hand(parent, data, step, fraction)
-    return "pretrain fit --branch_from (by hand)"
+def overhead(
+    parent: Path, started: float, windows: list[tuple[float, float]], every: int
+) -> dict[str, object]:
+    """The parent's tokens/s over its steps that ran beside a probe against those that ran alone.
+
+    Step times come from the parent's `goodput/elapsed_s` column (seconds since its process start,
+    which is `started`); steps that validate or checkpoint (and the one after) are left out."""
+    series = RunDir(parent).read_logs().series[ELAPSED]
+    ends = {int(step) + 1: started + float(value) for step, value in zip(series.steps, series.values)}
+    beside: list[float] = []
+    alone: list[float] = []
+    for step, end in ends.items():
+        if step - 1 not in ends or step % every in (0, 1):
+            continue
+        seconds = end - ends[step - 1]
+        busy = any(lo <= end - seconds and end <= hi for lo, hi in windows)
+        (beside if busy else alone).append(seconds)
+    if not beside or not alone:
+        return {"overhead": "not measured (no step ran wholly beside a probe, or none alone)"}
+    rate = lambda times: SEQ_LEN * BATCH / statistics.median(times)  # noqa: E731
+    return {
+        "parent_tokens_per_s_alone": round(rate(alone)),
+        "parent_tokens_per_s_beside_a_probe": round(rate(beside)),
+        "ratio": round(rate(beside) / rate(alone), 3),
+        "steps_alone": len(alone),
+        "steps_beside": len(beside),
+    }
 
 
 def check(results: list[ProbeResult], tokens: float, truth: float) -> dict[str, object]:
@@ -166,13 +168,14 @@ def main() -> None:
     args = parser.parse_args()
     parent = args.scratch / "parent"
     command = fit_command(parent, args.data, args.steps, args.every, schedule())
+    started = time.time()
     process = start_parent(command, args.scratch / "parent.log")
     stable_end = round(args.steps * 0.8)
     steps = [s for s in range(args.every, stable_end + 1, args.every) if s < stable_end]
-    how = ""
+    windows = []
     for step in steps:  # each probe beside the parent, as soon as its checkpoint is published
         wait_for(f"step {step}", partial(has_checkpoint, parent, step), process)
-        how = probes(parent, args.data, [step], args.fraction)
+        windows.append(probe(parent, step, args.fraction))
     wait_for("its end", lambda: finished(parent), process)
     results = read_results(parent)
     write_table(parent)
@@ -180,7 +183,7 @@ def main() -> None:
     planned = args.steps * SEQ_LEN * BATCH
     numbers = {
         "parent": {"steps": args.steps, "tokens": planned, "schedule": "WSD, 20% 1-sqrt decay"},
-        "probes_by": how,
+        "probes_by": "pretrain anneal, each beside the training parent",
         "fraction": args.fraction,
         "probes": [
             {
@@ -194,6 +197,9 @@ def main() -> None:
         "last_probe_from_the_earlier": check(earlier, last.tokens, last.val_loss),
         "full_run_from_all_probes": check(results, planned, last_val(parent)),
         "forecast_lines": forecast_lines(parent),
+        "parent_beside_probes": overhead(parent, started, windows, args.every)
+        if process is not None
+        else {"overhead": "not measured (the parent was not started by this run)"},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     log = RunDir(parent).read_logs()
