@@ -3,7 +3,8 @@
 The shape (issue 22): the `tiny` preset with 8 heads, 4 KV heads, MLP 704, vocabulary 8192, seq 256,
 8 sequences per optimizer step (one micro-batch), fp32, constant LR, one process. litgpt runs from
 its own virtual environment (`.venv-litgpt/`, git-ignored), made on first use: `torch==2.13.0`
-first, then `litgpt` with torch pinned by a constraint so that pip never pulls another torch.
+first, then `litgpt` and `litdata` (its token-set reader; not the `[extra]` set, whose resolution pip
+backtracks through for a long time) with torch pinned by a constraint so that pip never pulls another torch.
 
 Data: the same tokens. The recipe's token shards are copied into a litdata-optimized token set
 (`litdata.optimize`, what litgpt's `LitData` module reads), so both train on the pystdlib tokens;
@@ -77,7 +78,10 @@ def litgpt_python() -> Path:
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
             constraints.write(f"torch=={TORCH_VERSION}\n")
             constraints.flush()
-            subprocess.run(pip + ["-c", constraints.name, f"litgpt[extra]=={LITGPT_VERSION}"], check=True)
+            subprocess.run(pip + ["-c", constraints.name, f"litgpt=={LITGPT_VERSION}", "litdata"], check=True)
+        # PyPI's torchvision (pulled by litdata) does not import beside the local CPU torch build
+        # ("operator torchvision::nms does not exist"), and litgpt pretrain does not need it.
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision"], check=True)
     return python
 
 
@@ -99,19 +103,22 @@ if __name__ == "__main__":
 
 def litdata_tokens(python: Path, shards: list[Path], out: Path) -> None:
     """Our uint16 token shards as a litdata token set in `out`/train and `out`/val."""
+    script = out / "optimize.py"  # a file: litdata's workers are spawned and re-import the main module
+    out.mkdir(parents=True, exist_ok=True)
+    script.write_text(OPTIMIZE)
     for split in ("train", "val"):
         if not (out / split / "index.json").exists():
-            subprocess.run([str(python), "-c", OPTIMIZE, str(out / split), *map(str, shards)], check=True)
+            subprocess.run([str(python), str(script), str(out / split), *map(str, shards)], check=True)
 
 
 def litgpt_round(python: Path, data: Path, steps: int, warmup: int) -> float:
     """Steady-state tokens/s of one `litgpt pretrain` run (module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "model.yaml"
-        config.write_text(yaml.safe_dump(LITGPT_CONFIG))
-        args = [str(python), "-m", "litgpt", "pretrain", "--model_config", str(config)]
+        args = [str(python), "-m", "litgpt", "pretrain", LITGPT_CONFIG["name"]]  # a name is required; the
+        args += ["--model_config", json.dumps(LITGPT_CONFIG)]  # config given beside it overrides it
         args += ["--out_dir", str(Path(tmp) / "out"), "--precision", "32-true", "--devices", "1"]
         args += ["--data", "LitData", "--data.data_path", str(data), "--data.num_workers", "1"]
+        args += ["--data.split_names", json.dumps(["train", "val"])]
         args += ["--train.global_batch_size", str(BATCH), "--train.micro_batch_size", str(BATCH)]
         args += ["--train.max_seq_length", str(SEQ_LEN), "--train.max_tokens", str(steps * BATCH * SEQ_LEN)]
         args += [
