@@ -140,10 +140,10 @@ def overhead(
     }
 
 
-def check(results: list[ProbeResult], tokens: float, truth: float) -> dict[str, object]:
+def check(parent: Path, results: list[ProbeResult], tokens: float, truth: float) -> dict[str, object]:
     """The forecast from `results` at `tokens` against the measured `truth`."""
     try:
-        band = fit(results).at(tokens)
+        band = fit(results, run=RunDir(parent)).at(tokens)
     except NoForecast as why:
         return {"forecast": str(why)}
     return {
@@ -194,8 +194,8 @@ def main() -> None:
             }
             for r in results
         ],
-        "last_probe_from_the_earlier": check(earlier, last.tokens, last.val_loss),
-        "full_run_from_all_probes": check(results, planned, last_val(parent)),
+        "last_probe_from_the_earlier": check(parent, earlier, last.tokens, last.val_loss),
+        "full_run_from_all_probes": check(parent, results, planned, last_val(parent)),
         "forecast_lines": forecast_lines(parent),
         "parent_beside_probes": overhead(parent, started, windows, args.every)
         if process is not None

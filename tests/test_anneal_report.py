@@ -11,11 +11,20 @@ import pytest
 import yaml
 from test_plot import lines_by_gid, train_row, write_metrics
 
-from pretrain.anneal.report import anneal_view, forecast_lines, status_lines, write_table
+from pretrain.anneal.forecast import NOISE_FLOOR
+from pretrain.anneal.report import (
+    anneal_view,
+    fit,
+    forecast_lines,
+    status_lines,
+    validation_noise,
+    write_table,
+)
 from pretrain.anneal.result import ProbeResult, probe_dir, write_result
 from pretrain.commands import plot as plot_command
 from pretrain.errors import UserError
 from pretrain.plot import plot_runs
+from pretrain.run_dir import RunDir
 from pretrain.slurm.status import status
 
 BATCH = 4096
@@ -118,7 +127,7 @@ def test_plot_draws_probes_and_the_forecast_band(run: Path, tmp_path: Path) -> N
     band = [c for ax in fig.axes for c in ax.collections if c.get_gid() == "run:anneal:band"]
     assert len(band) == 1 and "90% band" in band[0].get_label()
     out = tmp_path / "cli.png"
-    plot_command.run(argparse.Namespace(run_dirs=[str(run)], out=str(out), smoothing=None))
+    plot_command.run(argparse.Namespace(run_dirs=[str(run)], out=str(out), smoothing=None, time=None))
     assert out.stat().st_size > 0
 
 
@@ -131,3 +140,26 @@ def test_anneal_forecast_prints_the_band_and_writes_the_table_running_nothing(ru
     assert "val loss 2.5 reached: " in out
     assert "val loss 2.5 reached: " in (run / "anneal" / "table.md").read_text()
     assert not list(run.glob("anneal/step-*/checkpoints"))  # no probe was run
+
+
+def test_three_probes_take_their_noise_from_the_parents_validations(tmp_path: Path) -> None:
+    """Three probes fit the law exactly; the band's noise comes from the parent's own validation
+    losses between the probes (their second differences), so a noisy parent gives a wider band."""
+    rng = np.random.default_rng(0)
+    bands = {}
+    for noise in (0.0, 0.05):
+        run = tmp_path / f"noise-{noise}"
+        rows = [train_row(s, 4.0, BATCH) for s in range(1, 601, 50)]
+        rows += [
+            {"step": s - 1, "val/pystdlib/loss": annealed(s * BATCH) + 0.3 + noise * rng.standard_normal()}
+            for s in range(200, 601, 20)
+        ]
+        write_metrics(run / "logs/version_0/metrics.csv", rows)
+        config = {"trainer": {"max_steps": MAX_STEPS}, "data": {"global_batch_tokens": BATCH}}
+        (run / "logs/version_0/config.yaml").write_text(yaml.safe_dump(config))
+        results = [probe(step) for step in (200, 400, 600)]
+        noise_seen = validation_noise(RunDir(run), results)
+        assert noise_seen == pytest.approx(max(noise, NOISE_FLOOR), rel=0.5)
+        band = fit(results, run=RunDir(run)).at(MAX_STEPS * BATCH)
+        bands[noise] = band.high - band.low
+    assert bands[0.05] > 1.5 * bands[0.0]

@@ -15,8 +15,11 @@ bootstrap keeps them and redraws each loss as the fitted curve plus Gaussian noi
 (`replicates` times). Case resampling is not used: with 3 to 6 probes, a resample often holds
 fewer than 3 distinct D and cannot be fitted. The noise's sigma is the fit's residual standard
 deviation (`sqrt(SSE / (n - 3))`), redrawn per replicate from its chi-square law (so a sigma
-measured on few points widens the band, as a t interval would), and never below `noise_floor`:
-with exactly 3 probes the curve passes through all of them and leaves no residual to measure.
+measured on few points widens the band, as a t interval would), and never below the
+leave-one-out error (each point predicted from the others, E and A refitted at the fitted alpha)
+nor `noise_floor`: with exactly 3 probes the curve passes through all of them and leaves no
+residual to measure, but how far each probe lies from the curve through the others still shows
+how much the points disagree with the law.
 A band is the central `level` quantile range of the replicates' predictions.
 """
 
@@ -194,11 +197,22 @@ def fit_forecast(
         sigmas = sigma * np.sqrt(dof / rng.chisquare(dof, replicates))
     else:
         sigmas = np.zeros(replicates)
-    sigmas = np.maximum(sigmas, noise_floor)
+    sigmas = np.maximum(sigmas, max(noise_floor, _leave_one_out(scaled, y, alpha, floor)))
     fitted = e + a * scaled**-alpha
     noisy = fitted[None, :] + rng.standard_normal((replicates, n)) * sigmas[:, None]
     be, ba, balpha, _ = _fit_many(scaled, noisy, floor)
     return Forecast(law, be, ba, balpha, n, level)
+
+
+def _leave_one_out(scaled: np.ndarray, y: np.ndarray, alpha: float, floor: float) -> float:
+    """RMS error of predicting each point from the others (E and A refitted at `alpha`)."""
+    x = scaled**-alpha
+    errors = []
+    for i in range(len(y)):
+        others = np.arange(len(y)) != i
+        e, a, _ = _solve(x[others], y[others], floor)
+        errors.append(float(e + a * x[i] - y[i]))
+    return math.sqrt(float(np.mean(np.square(errors))))
 
 
 def format_band(band: Band, digits: int = 3) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.anneal.forecast import Band, Forecast, NoForecast, fit_forecast, format_band
+from pretrain.anneal.forecast import NOISE_FLOOR, Band, Forecast, NoForecast, fit_forecast, format_band
 from pretrain.anneal.result import ANNEAL_DIR, ProbeResult, read_results
 from pretrain.errors import UserError
 from pretrain.eval.metrics import headline_metric, is_score
@@ -67,11 +67,37 @@ def _points(results: list[ProbeResult], key: str | None) -> tuple[np.ndarray, np
     return np.array([r.tokens for r in chosen], dtype=float), np.array(values, dtype=float)
 
 
-def fit(results: list[ProbeResult], key: str | None = None) -> Forecast:
-    """The forecast of the annealed loss (key None) or of a downstream score ("task/metric")."""
+def fit(results: list[ProbeResult], key: str | None = None, run: RunDir | None = None) -> Forecast:
+    """The forecast of the annealed loss (key None) or of a downstream score ("task/metric"); for
+    the loss, the parent `run`'s validations set the least noise assumed (`validation_noise`)."""
     tokens, values = _points(results, key)
     higher = key is not None and not any(word in key for word in LOWER_IS_BETTER)
-    return fit_forecast(tokens, values, higher_is_better=higher)
+    floor = NOISE_FLOOR if key is not None or run is None else validation_noise(run, results)
+    return fit_forecast(tokens, values, higher_is_better=higher, noise_floor=floor)
+
+
+def validation_noise(run: RunDir, results: list[ProbeResult]) -> float:
+    """The noise of one validation loss, from the parent's own validations between the first and
+    the last probe (all in the constant phase): the RMS of their second differences over sqrt(6),
+    which a straight trend cancels. What curvature is left only widens the band. Three probes fit
+    the three-parameter law exactly and leave no residual to measure noise with; this keeps their
+    band from resting on `NOISE_FLOOR` alone. Fewer than 3 validations there: `NOISE_FLOOR`."""
+    try:
+        log = run.read_logs()
+    except UserError:
+        return NOISE_FLOOR
+    first, last = min(r.step for r in results), max(r.step for r in results)
+    means: dict[int, list[float]] = {}
+    for source in log.val_sources():
+        series = log.series[f"val/{source}/loss"]
+        for step, value in zip(series.steps, series.values):
+            if first <= step + 1 <= last:  # a validation after optimizer step k is logged at k - 1
+                means.setdefault(int(step), []).append(float(value))
+    values = np.array([sum(v) / len(v) for _, v in sorted(means.items())])
+    if len(values) < 3:
+        return NOISE_FLOOR
+    second = np.diff(values, n=2)
+    return max(NOISE_FLOOR, math.sqrt(float(np.mean(second**2)) / 6))
 
 
 def planned_tokens(run: RunDir) -> int | None:
@@ -111,7 +137,7 @@ def forecast_lines(run_dir: str | os.PathLike, target: float | None = None) -> l
     if not results:
         return ["forecast: no finished probe yet (run `pretrain anneal RUN_DIR`)"]
     try:
-        forecast = fit(results)
+        forecast = fit(results, run=RunDir(run_dir))
     except NoForecast as why:
         return [f"forecast: {why}"]
     planned = planned_tokens(RunDir(run_dir))
@@ -192,7 +218,7 @@ def anneal_view(run_dir: str | os.PathLike) -> AnnealView | None:
         return None
     tokens, losses = _points(results, None)
     try:
-        forecast: Forecast | None = fit(results)
+        forecast: Forecast | None = fit(results, run=RunDir(run_dir))
     except NoForecast as why:
         print(f"{run_dir}: anneal forecast not drawn: {why}")
         forecast = None
