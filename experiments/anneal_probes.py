@@ -105,9 +105,11 @@ def last_val(run_dir: Path, at_step: int | None = None) -> float:
 
 
 def probe(parent: Path, step: int, fraction: float) -> tuple[float, float]:
-    """`pretrain anneal` of one step's checkpoint, beside the training parent; its wall-clock window."""
+    """`nice pretrain anneal` of one step's checkpoint, beside the training parent (as the automatic
+    probes callback runs it); its wall-clock window."""
     began = time.time()
-    run([PRETRAIN, "anneal", str(parent), "--steps", str(step), "--fraction", str(fraction)], f"probe {step}")
+    command = [PRETRAIN, "anneal", str(parent), "--steps", str(step), "--fraction", str(fraction)]
+    run(["nice", "-n", "19", *command], f"probe {step}")  # as the automatic probes run: the parent first
     return began, time.time()
 
 
