@@ -324,7 +324,7 @@ def test_a_probe_beside_the_training_parent_changes_nothing_of_it(parent, tmp_pa
     assert json.loads((probe_dir(parent, 4) / "probe.json").read_text())["step"] == 4  # ...after its pin
     assert snapshot(parent / "logs").items() >= logs_before.items()  # earlier launches' files as they were
     outside = {p.relative_to(parent).parts[0] for p in parent.iterdir()} - {"anneal"}
-    assert outside == {"checkpoints", "logs", "verified-shards.json"}  # no lease, no debris of the probe
+    assert outside == {"checkpoints", "goodput", "logs", "verified-shards.json"}  # no lease, no probe debris
     assert sorted(p.name for p in (parent / "checkpoints").iterdir()) == [
         f"step-{step:08d}.ckpt" for step in range(10, 21, 2)
     ]
