@@ -146,11 +146,12 @@ class RunDir:
         """The record of the shards this run's launches checked (`pretrain.data.verify.VerifiedShards`)."""
         return self.path / "verified-shards.json"
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-
     @property
     def compile_cache(self) -> Path:
+        """Where `model.compile` keeps its compiled graphs by default, so a relaunch loads them."""
         return self.path / "compile_cache"
+
+    # ---- checkpoints ----------------------------------------------------------------------------
 
     @property
     def checkpoints(self) -> Path:
