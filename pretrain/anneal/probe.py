@@ -130,11 +130,12 @@ def run_probe(
         recipe = prepare_probe(plan, probe)
         print(f"anneal: probe step-{probe.step}: pretrain fit --config {recipe}", file=sys.stderr, flush=True)
         code = fit(["--config", str(recipe)])
+        if code == 0:
+            lease.acquire()  # `pretrain fit` released the probe's lease as it ended: hold it while recording
+            result = finish_probe(plan.run.path, probe, tasks, limit)
+            print(f"anneal: probe step-{probe.step}: annealed val loss {result.val_loss:.4f}", flush=True)
     finally:
         lease.release()
-    if code == 0:
-        result = finish_probe(plan.run.path, probe, tasks, limit)
-        print(f"anneal: probe step-{probe.step}: annealed val loss {result.val_loss:.4f}", flush=True)
     return code
 
 
